@@ -1,0 +1,1 @@
+"""Client side: images to the wire format, gated inference, calibration and benchmarks."""

@@ -1,0 +1,172 @@
+"""Export a classifier to a self-contained serving ONNX graph and check it against PyTorch.
+
+The graph takes ``IMAGE`` uint8 [N, S, S, 3] (RGB, wire size S) and returns ``PROBS`` float32 [N, C]:
+resize S -> the model's resolution, normalise with the model's mean/std, the model, softmax. So the
+server needs no preprocessing code and both models of a pair take the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .macs import count_macs
+from .specs import ExportError, LoadedModel, ModelInfo
+
+# Triton 24.10 (the NGC release docker/ names) ships onnxruntime 1.19, which reads IR <= 10 and
+# opset <= 21; IR 8 with opset 17 loads there and in every newer onnxruntime.
+ONNX_OPSET = 17
+ONNX_IR_VERSION = 8
+INPUT_NAME = "IMAGE"
+OUTPUT_NAME = "PROBS"
+METADATA_PREFIX = "littlebig."
+PARITY_MAX_ABS_DIFF = 1e-4
+
+
+class ServingWrapper(nn.Module):
+    """uint8 NHWC wire images -> class probabilities, with the model's own preprocessing inside."""
+
+    def __init__(self, model: nn.Module, info: ModelInfo, wire_size: int):
+        super().__init__()
+        self.model = model
+        self.resolution = info.resolution
+        self.wire_size = wire_size
+        mean = torch.tensor(info.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(info.std, dtype=torch.float32).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std folded into one multiply-add.
+        self.register_buffer("scale", 1.0 / (255.0 * std))
+        self.register_buffer("shift", -mean / std)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).float()
+        if self.wire_size != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        x = x * self.scale + self.shift
+        return torch.softmax(self.model(x).float(), dim=1)
+
+
+@dataclasses.dataclass
+class ExportResult:
+    path: Path
+    info: ModelInfo
+    wire_size: int
+    macs: int
+    parity: dict
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "spec": self.info.spec,
+            "weights": self.info.weights,
+            "resolution": str(self.info.resolution),
+            "wire_size": str(self.wire_size),
+            "num_classes": str(self.info.num_classes),
+            "mean": json.dumps(list(self.info.mean)),
+            "std": json.dumps(list(self.info.std)),
+            "crop_pct": repr(self.info.crop_pct),
+            "macs": str(self.macs),
+            "parity": json.dumps(self.parity),
+        }
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The littlebig.* metadata of an exported file (without the prefix)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {
+        p.key.removeprefix(METADATA_PREFIX): p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)
+    }
+
+
+def ort_session(path: str | Path, threads: int = 0):
+    """An onnxruntime CPU session that does not spin: idle spinning threads steal cores from the
+    other model of the cascade (measured: a lite0->lite2 cascade ran slower than lite2 alone)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def parity_check(wrapper: ServingWrapper, path: Path, images: np.ndarray, batch_size: int = 8) -> dict:
+    """Compare PyTorch and onnxruntime on the same wire images (batched, so the dynamic axis is used)."""
+    session = ort_session(path)
+    torch_probs, ort_probs = [], []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            torch_probs.append(wrapper(torch.from_numpy(chunk)).numpy())
+            ort_probs.append(session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0])
+    t, o = np.concatenate(torch_probs), np.concatenate(ort_probs)
+    return {
+        "images": int(len(images)),
+        "argmax_agreement": float(np.mean(t.argmax(1) == o.argmax(1))),
+        "max_abs_diff": float(np.abs(t - o).max()),
+        "max_abs_diff_limit": PARITY_MAX_ABS_DIFF,
+    }
+
+
+def export_onnx(
+    loaded: LoadedModel,
+    out: str | Path,
+    *,
+    wire_size: int,
+    parity_images: np.ndarray,
+    log=print,
+) -> ExportResult:
+    """Export ``loaded`` to ``out``, count its MACs, check parity, and record both in the file."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if wire_size < 1:
+        raise ExportError(f"wire size must be positive, got {wire_size}")
+    if parity_images.dtype != np.uint8 or parity_images.shape[1:] != (wire_size, wire_size, 3):
+        raise ExportError(
+            f"parity images must be uint8 [N, {wire_size}, {wire_size}, 3], got {parity_images.dtype} {parity_images.shape}"
+        )
+    wrapper = ServingWrapper(loaded.module, loaded.info, wire_size).eval()
+    macs = count_macs(loaded.module, loaded.info.resolution)
+    log(f"{loaded.info.spec}: {macs / 1e9:.3f} GMACs per image at {loaded.info.resolution}px")
+
+    example = torch.from_numpy(parity_images[:2])
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated in favour of the dynamo one, but it is the one
+        # that exports every timm/torchvision classifier with a dynamic batch axis reliably.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(out),
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )
+    model = onnx.load(str(out))
+    model.ir_version = ONNX_IR_VERSION
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+
+    parity = parity_check(wrapper, out, parity_images)
+    result = ExportResult(out, loaded.info, wire_size, macs, parity)
+    log(
+        f"parity vs PyTorch on {parity['images']} images: argmax agreement "
+        f"{parity['argmax_agreement']:.1%}, max |dprob| {parity['max_abs_diff']:.2e} (limit {PARITY_MAX_ABS_DIFF:.0e})"
+    )
+    if parity["argmax_agreement"] < 1.0 or parity["max_abs_diff"] > PARITY_MAX_ABS_DIFF:
+        out.unlink()
+        raise ExportError(f"ONNX export of {loaded.info.spec} disagrees with PyTorch: {parity}")
+
+    onnx.helper.set_model_props(model, {METADATA_PREFIX + k: v for k, v in result.metadata().items()})
+    onnx.save(model, str(out))
+    out.with_suffix(".json").write_text(json.dumps(result.metadata() | {"parity": parity}, indent=2) + "\n")
+    return result

@@ -1,0 +1,234 @@
+"""Start and stop a Triton Inference Server for a model repository.
+
+Finds a ``tritonserver`` binary (on PATH, under /opt/tritonserver, or the one that ships inside the
+``nvidia-pytriton`` wheel), binds it to loopback on free ports, waits until it is ready and stops it
+cleanly. Usable as a context manager::
+
+    with TritonServer("repo") as server:
+        print(server.grpc_url)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+# Python-backend shared memory: each python model instance gets a region of this size that grows in
+# these steps. 64 images of 260x260x3 uint8 are 13 MB; start big enough that a full batch needs no growth.
+DEFAULT_BACKEND_CONFIG = (
+    "python,shm-default-byte-size=33554432",
+    "python,shm-growth-byte-size=16777216",
+)
+
+
+class ServerError(RuntimeError):
+    """The server could not be found, started or did not become ready."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonInstall:
+    """Where the server binary is and which backend directory it needs (None: its own default)."""
+
+    binary: Path
+    backend_dir: Path | None
+    env: dict[str, str]
+
+
+def _pytriton_install() -> TritonInstall | None:
+    # Only the wheel's bundled server files are used; importing pytriton itself would pull in its
+    # own dependencies (installed without them on purpose), so it is located, not imported.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    if not binary.exists():
+        return None
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"nvidia-pytriton has no python backend stub for Python {version} ({stub})")
+    # The wheel keeps the python backend and its per-Python-version stubs apart; Triton wants them
+    # in one folder. Links, not copies: a copied stub cannot find the libcudart it is linked with.
+    backend_dir = Path(tempfile.gettempdir()) / f"littlebig-backends-{os.getuid()}-py{version}"
+    python_dir = backend_dir / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    links = {
+        "libtriton_python.so": root / "backends" / "python" / "libtriton_python.so",
+        "triton_python_backend_utils.py": root / "backends" / "python" / "triton_python_backend_utils.py",
+        "triton_python_backend_stub": stub,
+    }
+    for name, target in links.items():
+        link = python_dir / name
+        if link.is_symlink() and link.resolve() == target.resolve():
+            continue
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        link.symlink_to(target)
+    # The stub embeds Python and takes its packages from the first python on PATH: this venv's.
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return TritonInstall(binary=binary, backend_dir=backend_dir, env=env)
+
+
+def find_tritonserver() -> TritonInstall:
+    """Locate a server: PATH first, then the NGC container's location, then the pytriton wheel."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonInstall(Path(on_path), None, {})
+    ngc = Path("/opt/tritonserver/bin/tritonserver")
+    if ngc.exists():
+        return TritonInstall(ngc, None, {})
+    bundled = _pytriton_install()
+    if bundled:
+        return bundled
+    raise ServerError(
+        "no tritonserver found: not on PATH, not in /opt/tritonserver, and the nvidia-pytriton wheel "
+        "is not installed (pip install --no-deps nvidia-pytriton==0.7.0)"
+    )
+
+
+class TritonServer:
+    """A tritonserver process serving one model repository on loopback."""
+
+    def __init__(
+        self,
+        repository: str | os.PathLike,
+        *,
+        host: str = "127.0.0.1",
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        log_file: str | os.PathLike | None = None,
+        explicit_model_control: bool = True,
+        extra_args: tuple[str, ...] = (),
+        startup_timeout_s: float = 180.0,
+    ):
+        self.repository = Path(repository).resolve()
+        if not self.repository.is_dir():
+            raise ServerError(f"model repository {self.repository} does not exist")
+        self.host = host
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        if log_file is None:
+            log_file = Path(tempfile.mkdtemp(prefix="littlebig-triton-")) / "tritonserver.log"
+        self.log_file = Path(log_file)
+        self.explicit_model_control = explicit_model_control
+        self.extra_args = tuple(extra_args)
+        self.startup_timeout_s = startup_timeout_s
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self, install: TritonInstall) -> list[str]:
+        cmd = [
+            str(install.binary),
+            f"--model-repository={self.repository}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true",
+            "--log-verbose=0",
+        ]
+        if install.backend_dir is not None:
+            cmd.append(f"--backend-directory={install.backend_dir}")
+        cmd += [f"--backend-config={c}" for c in DEFAULT_BACKEND_CONFIG]
+        if self.explicit_model_control:
+            # Explicit control lets calibration reload the gate with a new threshold (repository API);
+            # every model in the repository is still loaded at start.
+            cmd += ["--model-control-mode=explicit", "--load-model=*"]
+        return cmd + list(self.extra_args)
+
+    def start(self) -> "TritonServer":
+        install = find_tritonserver()
+        env = {**os.environ, **install.env}
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command(install),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it in order
+            )
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(
+                    f"tritonserver exited with code {self.process.returncode} while starting; "
+                    f"log {self.log_file}:\n{self.log_tail()}"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise ServerError(
+            f"tritonserver not ready after {self.startup_timeout_s:.0f}s; log {self.log_file}:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        # SIGINT is Triton's graceful shutdown: it stops accepting, drains in-flight requests, unloads.
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
