@@ -201,8 +201,12 @@ def load_model(
     weights: str | Path | None = None,
     random_init: bool = False,
     num_classes: int | None = None,
+    resolution: int | None = None,
 ) -> LoadedModel:
-    """Build the model a SPEC names, in eval mode, with its preprocessing described."""
+    """Build the model a SPEC names, in eval mode, with its preprocessing described.
+
+    ``resolution`` overrides the resolution the model is fed (convolutional models accept any).
+    """
     family, sep, name = spec.partition(":")
     if not sep or family not in LOADERS or not name:
         raise ExportError(
@@ -213,4 +217,8 @@ def load_model(
         raise ExportError("--weights and --random-init exclude each other")
     loaded = LOADERS[family](name, spec, str(weights) if weights else None, random_init, num_classes)
     loaded.module.eval()
+    if resolution is not None:
+        if resolution < 8:
+            raise ExportError(f"resolution must be >= 8, got {resolution}")
+        loaded.info = dataclasses.replace(loaded.info, resolution=resolution)
     return loaded

@@ -1,0 +1,137 @@
+"""Gated inference against a running Triton server, over gRPC (default) or HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from .images import ImageLike, to_wire_batch
+
+GATE_MODEL = "littlebig"
+ROUTE_NAMES = {0: "little", 1: "big"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    class_index: int
+    confidence: float
+    route: int  # 0: little answered, 1: escalated to big
+    probs: np.ndarray | None = None
+
+    @property
+    def route_name(self) -> str:
+        return ROUTE_NAMES[self.route]
+
+
+@dataclasses.dataclass(frozen=True)
+class GateInfo:
+    """What the served gate says about itself (its config parameters)."""
+
+    wire_size: int
+    crop_pct: float
+    num_classes: int
+    threshold: float
+    macs_little: int
+    macs_big: int
+
+
+def _module(protocol: str):
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    elif protocol == "http":
+        import tritonclient.http as module
+    else:
+        raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+    return module
+
+
+class LittleBigClient:
+    """Send images to the gate and get per-image class, confidence and route back."""
+
+    def __init__(self, url: str, protocol: str = "grpc", model: str = GATE_MODEL):
+        self.protocol = protocol
+        self.model = model
+        self._tc = _module(protocol)
+        self.client = self._tc.InferenceServerClient(url)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "LittleBigClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def model_config(self, model: str | None = None) -> dict:
+        if self.protocol == "grpc":
+            return self._tc.InferenceServerClient.get_model_config(self.client, model or self.model, as_json=True)["config"]
+        return self.client.get_model_config(model or self.model)
+
+    def gate_info(self) -> GateInfo:
+        params = {k: v["string_value"] for k, v in self.model_config().get("parameters", {}).items()}
+        return GateInfo(
+            wire_size=int(params["wire_size"]),
+            crop_pct=float(params["crop_pct"]),
+            num_classes=int(params["num_classes"]),
+            threshold=float(params["threshold"]),
+            macs_little=int(params["macs_little"]),
+            macs_big=int(params["macs_big"]),
+        )
+
+    def infer(
+        self,
+        batch: np.ndarray,
+        *,
+        threshold: float | str | None = None,
+        return_probs: bool = False,
+        model: str | None = None,
+        outputs: Sequence[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """One request with a ready wire batch (uint8 [N, S, S, 3]); returns output name -> array."""
+        tc = self._tc
+        image = tc.InferInput("IMAGE", list(batch.shape), _triton_dtype(batch.dtype))
+        image.set_data_from_numpy(batch)
+        if outputs is None:
+            outputs = ["CLASS", "CONFIDENCE", "ROUTE"] + (["PROBS"] if return_probs else [])
+        requested = [tc.InferRequestedOutput(name) for name in outputs]
+        parameters = None if threshold is None else {"threshold": threshold}
+        result = self.client.infer(model or self.model, [image], outputs=requested, parameters=parameters)
+        return {name: result.as_numpy(name) for name in outputs}
+
+    def classify(
+        self,
+        images: Sequence[ImageLike] | np.ndarray,
+        *,
+        threshold: float | None = None,
+        return_probs: bool = False,
+        batch_size: int = 16,
+        info: GateInfo | None = None,
+    ) -> list[Prediction]:
+        """Paths, PIL images or uint8 arrays -> one Prediction each, sent in batches of ``batch_size``."""
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            wire = images
+        else:
+            info = info or self.gate_info()
+            wire = to_wire_batch(list(images), info.wire_size, info.crop_pct)
+        predictions = []
+        for start in range(0, len(wire), batch_size):
+            out = self.infer(wire[start : start + batch_size], threshold=threshold, return_probs=return_probs)
+            for row in range(len(out["CLASS"])):
+                predictions.append(
+                    Prediction(
+                        class_index=int(out["CLASS"][row, 0]),
+                        confidence=float(out["CONFIDENCE"][row, 0]),
+                        route=int(out["ROUTE"][row, 0]),
+                        probs=out["PROBS"][row] if return_probs else None,
+                    )
+                )
+        return predictions
+
+
+def _triton_dtype(dtype: np.dtype) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return np_to_triton_dtype(np.dtype(dtype))

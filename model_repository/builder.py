@@ -1,0 +1,224 @@
+"""Write a Triton model repository for a Little-Big pair: `little`, `big` and the gate `littlebig`.
+
+Every config.pbtxt is built as Triton's own ModelConfig protobuf and printed with text_format, so
+field names and types are checked by the schema rather than by string pasting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+RUNTIMES = ("python", "onnxruntime", "tensorrt")
+LITTLE, BIG, GATE = "little", "big", "littlebig"
+
+
+class RepositoryError(ValueError):
+    """The pair or the options cannot make a working repository."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What the builder needs from an exported ONNX file (read from its littlebig.* metadata)."""
+
+    path: Path
+    wire_size: int
+    num_classes: int
+    macs: int
+    crop_pct: float
+
+    @classmethod
+    def from_onnx(cls, path: str | Path) -> "ModelFacts":
+        from littlebig.export import read_metadata
+
+        path = Path(path)
+        if not path.is_file():
+            raise RepositoryError(f"ONNX file {path} does not exist")
+        meta = read_metadata(path)
+        missing = {"wire_size", "num_classes", "macs"} - meta.keys()
+        if missing:
+            raise RepositoryError(
+                f"{path} lacks littlebig metadata ({', '.join(sorted(missing))}): export it with `littlebig export`"
+            )
+        return cls(path, int(meta["wire_size"]), int(meta["num_classes"]), int(meta["macs"]), float(meta.get("crop_pct", 0.875)))
+
+
+@dataclasses.dataclass(frozen=True)
+class RepositoryOptions:
+    runtime: str = "python"
+    max_batch_size: int = 64
+    threshold: float = 0.5
+    ensemble_weight: float = 1.0
+    gate_instances: int = 1
+    little_instances: int = 1
+    big_instances: int = 1
+    # Dynamic-batching queue delays: how long a model waits for more requests to fill a batch.
+    gate_queue_delay_us: int = 0
+    little_queue_delay_us: int = 0
+    big_queue_delay_us: int = 0
+    # onnxruntime threads per python-runtime instance (0: onnxruntime's default, one per core).
+    intra_op_threads: int = 0
+
+    def validate(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise RepositoryError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.max_batch_size < 1:
+            raise RepositoryError(f"max batch size must be >= 1, got {self.max_batch_size}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise RepositoryError(f"threshold must be in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.ensemble_weight <= 1.0:
+            raise RepositoryError(f"ensemble weight must be in [0, 1], got {self.ensemble_weight}")
+        for name in ("gate_instances", "little_instances", "big_instances"):
+            if getattr(self, name) < 1:
+                raise RepositoryError(f"{name.replace('_', ' ')} must be >= 1")
+
+
+def _tensor(cls, name: str, data_type: int, dims: list[int]):
+    return cls(name=name, data_type=data_type, dims=dims)
+
+
+def _parameters(config: mc.ModelConfig, values: dict[str, object]) -> None:
+    for key, value in values.items():
+        config.parameters[key].string_value = str(value)
+
+
+def classifier_config(name: str, facts: ModelFacts, options: RepositoryOptions, instances: int, queue_delay_us: int) -> mc.ModelConfig:
+    """Config of `little` or `big`: IMAGE uint8 [S, S, 3] -> PROBS float32 [C], dynamic batch."""
+    config = mc.ModelConfig(name=name, max_batch_size=options.max_batch_size)
+    config.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_UINT8, [facts.wire_size, facts.wire_size, 3]))
+    config.output.append(_tensor(mc.ModelOutput, "PROBS", mc.TYPE_FP32, [facts.num_classes]))
+    config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    group = config.instance_group.add(count=instances)
+    if options.runtime == "python":
+        config.backend = "python"
+        group.kind = mc.ModelInstanceGroup.KIND_CPU
+        _parameters(config, {"onnx_file": "model.onnx", "intra_op_threads": options.intra_op_threads})
+    elif options.runtime == "onnxruntime":
+        config.platform = "onnxruntime_onnx"
+        config.default_model_filename = "model.onnx"
+        group.kind = mc.ModelInstanceGroup.KIND_AUTO  # GPU where there is one
+    else:
+        config.platform = "tensorrt_plan"
+        config.default_model_filename = "model.plan"
+        group.kind = mc.ModelInstanceGroup.KIND_GPU
+    _parameters(config, {"macs": facts.macs})
+    return config
+
+
+def gate_config(little: ModelFacts, big: ModelFacts, options: RepositoryOptions) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=GATE, backend="python", max_batch_size=options.max_batch_size)
+    size = little.wire_size
+    config.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_UINT8, [size, size, 3]))
+    config.output.extend(
+        [
+            _tensor(mc.ModelOutput, "CLASS", mc.TYPE_INT64, [1]),
+            _tensor(mc.ModelOutput, "CONFIDENCE", mc.TYPE_FP32, [1]),
+            _tensor(mc.ModelOutput, "ROUTE", mc.TYPE_INT32, [1]),
+            _tensor(mc.ModelOutput, "PROBS", mc.TYPE_FP32, [little.num_classes]),
+        ]
+    )
+    config.dynamic_batching.max_queue_delay_microseconds = options.gate_queue_delay_us
+    config.instance_group.add(count=options.gate_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    _parameters(
+        config,
+        {
+            "little_model": LITTLE,
+            "big_model": BIG,
+            "threshold": repr(float(options.threshold)),
+            "ensemble_weight": repr(float(options.ensemble_weight)),
+            "macs_little": little.macs,
+            "macs_big": big.macs,
+            "wire_size": size,
+            "crop_pct": repr(little.crop_pct),
+            "num_classes": little.num_classes,
+        },
+    )
+    return config
+
+
+def config_text(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def read_config(path: str | Path) -> mc.ModelConfig:
+    return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+
+
+def write_config(model_dir: Path, config: mc.ModelConfig) -> None:
+    (model_dir / "config.pbtxt").write_text(config_text(config))
+
+
+def _template(name: str) -> Path:
+    return Path(resources.files("littlebig.model_repository") / name / "1" / "model.py")
+
+
+def check_pair(little: ModelFacts, big: ModelFacts) -> None:
+    if little.wire_size != big.wire_size:
+        raise RepositoryError(
+            f"wire sizes differ: little {little.path} takes {little.wire_size}px, big {big.path} takes "
+            f"{big.wire_size}px; export both with the same --wire-size"
+        )
+    if little.num_classes != big.num_classes:
+        raise RepositoryError(
+            f"class counts differ: little {little.path} has {little.num_classes}, big {big.path} has {big.num_classes}"
+        )
+
+
+def build_repository(
+    little_onnx: str | Path,
+    big_onnx: str | Path,
+    out: str | Path,
+    options: RepositoryOptions = RepositoryOptions(),
+    *,
+    little_plan: str | Path | None = None,
+    big_plan: str | Path | None = None,
+) -> Path:
+    """Write `little`, `big` and `littlebig` under ``out`` (replacing those three folders)."""
+    options.validate()
+    little, big = ModelFacts.from_onnx(little_onnx), ModelFacts.from_onnx(big_onnx)
+    check_pair(little, big)
+    out = Path(out)
+    plans = {LITTLE: little_plan, BIG: big_plan}
+    for name, facts, instances, delay in (
+        (LITTLE, little, options.little_instances, options.little_queue_delay_us),
+        (BIG, big, options.big_instances, options.big_queue_delay_us),
+    ):
+        model_dir = out / name
+        shutil.rmtree(model_dir, ignore_errors=True)
+        (model_dir / "1").mkdir(parents=True)
+        write_config(model_dir, classifier_config(name, facts, options, instances, delay))
+        if options.runtime == "tensorrt":
+            # Plans are built on a GPU with the container's TensorRT (docker/build_plans.sh); the ONNX
+            # travels beside the version folder as the plan's source.
+            shutil.copyfile(facts.path, model_dir / "model.onnx")
+            if plans[name]:
+                shutil.copyfile(plans[name], model_dir / "1" / "model.plan")
+        else:
+            shutil.copyfile(facts.path, model_dir / "1" / "model.onnx")
+            if options.runtime == "python":
+                shutil.copyfile(_template("python_runtime"), model_dir / "1" / "model.py")
+
+    gate_dir = out / GATE
+    shutil.rmtree(gate_dir, ignore_errors=True)
+    (gate_dir / "1").mkdir(parents=True)
+    write_config(gate_dir, gate_config(little, big, options))
+    shutil.copyfile(_template(GATE), gate_dir / "1" / "model.py")
+    return out
+
+
+def set_threshold(repository: str | Path, threshold: float) -> mc.ModelConfig:
+    """Write T into the gate's config.pbtxt; returns the new config."""
+    if not 0.0 <= threshold <= 1.0:
+        raise RepositoryError(f"threshold must be in [0, 1], got {threshold}")
+    path = Path(repository) / GATE / "config.pbtxt"
+    if not path.is_file():
+        raise RepositoryError(f"{path} does not exist: not a littlebig repository")
+    config = read_config(path)
+    config.parameters["threshold"].string_value = repr(float(threshold))
+    path.write_text(config_text(config))
+    return config

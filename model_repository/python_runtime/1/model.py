@@ -1,0 +1,39 @@
+"""An exported ONNX classifier served by the Python backend with onnxruntime.
+
+Used for `little` and `big` where Triton has no onnxruntime backend (the CPU server that ships in the
+nvidia-pytriton wheel). In the NGC container the same ONNX file runs on the native onnxruntime_onnx
+backend instead. All requests of one execute call run as one onnxruntime batch.
+
+Config parameters: onnx_file (default model.onnx, in the version folder), intra_op_threads (0: ORT's default).
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx"))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        # Idle spinning threads steal the cores the other model of the cascade needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+
+    def execute(self, requests):
+        images = [pb_utils.get_input_tensor_by_name(r, "IMAGE").as_numpy() for r in requests]
+        batch = images[0] if len(images) == 1 else np.concatenate(images)
+        probs = self.session.run(["PROBS"], {"IMAGE": batch})[0]
+        responses, start = [], 0
+        for image in images:
+            rows = probs[start : start + len(image)]
+            start += len(image)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("PROBS", rows)]))
+        return responses

@@ -1,0 +1,63 @@
+"""Bad requests get an error that names the problem; other requests still get answers."""
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from .conftest import WIRE
+from .test_serving import gate_counts, send_concurrently
+
+
+def infer_raw(url, inputs, parameters=None):
+    with grpcclient.InferenceServerClient(url) as client:
+        return client.infer("littlebig", inputs, parameters=parameters)
+
+
+def image_input(array, dtype="UINT8"):
+    tensor = grpcclient.InferInput("IMAGE", list(array.shape), dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def test_wrong_dtype_is_named(server):
+    with pytest.raises(InferenceServerException, match=r"(?i)IMAGE.*(FP32|data-?type).*UINT8|UINT8.*FP32"):
+        infer_raw(server.grpc_url, [image_input(np.zeros((1, WIRE, WIRE, 3), np.float32), "FP32")])
+
+
+def test_wrong_shape_is_named(server):
+    with pytest.raises(InferenceServerException, match=r"(?i)IMAGE.*shape|shape.*IMAGE"):
+        infer_raw(server.grpc_url, [image_input(np.zeros((1, WIRE // 2, WIRE, 3), np.uint8))])
+
+
+def test_missing_input_is_named(server):
+    with pytest.raises(InferenceServerException, match=r"(?i)expected 1 inputs but got 0|IMAGE"):
+        infer_raw(server.grpc_url, [])
+
+
+@pytest.mark.parametrize("threshold", ["abc", -0.1, 1.5, "nan"])
+def test_bad_threshold_is_named(server, offline, threshold):
+    with pytest.raises(InferenceServerException, match=r"threshold .*must be"):
+        infer_raw(server.grpc_url, [image_input(offline.images[:2])], parameters={"threshold": threshold})
+
+
+def test_bad_requests_do_not_fail_their_batch_neighbours(server, offline):
+    good_t = float(np.median(offline.little.max(1)))
+    plan = [("good", good_t), ("bad", "abc"), ("good", 0.0), ("bad", -0.1), ("good", "1"), ("bad", 1.5)]
+    requests = [(offline.images[i * 4 : (i + 1) * 4], t) for i, (_, t) in enumerate(plan)]
+    _, executions_before = gate_counts(server.grpc_url)
+    results = send_concurrently(server.grpc_url, requests)
+    _, executions_after = gate_counts(server.grpc_url)
+    assert executions_after - executions_before < len(plan)  # they really shared execute calls
+
+    for i, ((kind, threshold), (result, error)) in enumerate(zip(plan, results)):
+        if kind == "bad":
+            assert result is None and error is not None
+            assert "threshold" in error.message() and repr(threshold).strip("'") in error.message()
+        else:
+            assert error is None, error
+            _, _, route = offline.cascade(float(threshold))
+            np.testing.assert_array_equal(result.as_numpy("ROUTE")[:, 0], route[i * 4 : (i + 1) * 4])
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        assert client.is_server_ready() and client.is_model_ready("littlebig")

@@ -1,0 +1,128 @@
+import shutil
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from littlebig.export import export_onnx, load_model
+from littlebig.model_repository.builder import (
+    RepositoryError,
+    RepositoryOptions,
+    build_repository,
+    read_config,
+    set_threshold,
+)
+
+from .conftest import NUM_CLASSES, WIRE, wire_images
+
+
+def params(config):
+    return {k: v.string_value for k, v in config.parameters.items()}
+
+
+def test_python_runtime_repository_layout_and_configs(pair, tmp_path):
+    options = RepositoryOptions(runtime="python", max_batch_size=32, threshold=0.25, big_queue_delay_us=700)
+    repo = build_repository(pair.little, pair.big, tmp_path / "repo", options)
+    for name in ("little", "big", "littlebig"):
+        assert (repo / name / "config.pbtxt").is_file()
+        assert (repo / name / "1" / "model.py").is_file()
+    assert (repo / "little" / "1" / "model.onnx").read_bytes() == pair.little.read_bytes()
+
+    little = read_config(repo / "little" / "config.pbtxt")
+    assert little.name == "little" and little.backend == "python" and little.max_batch_size == 32
+    assert little.input[0].name == "IMAGE" and little.input[0].data_type == mc.TYPE_UINT8
+    assert list(little.input[0].dims) == [WIRE, WIRE, 3]
+    assert list(little.output[0].dims) == [NUM_CLASSES]
+    assert little.HasField("dynamic_batching")
+    assert int(params(little)["macs"]) == pair.little_macs
+    big = read_config(repo / "big" / "config.pbtxt")
+    assert big.dynamic_batching.max_queue_delay_microseconds == 700
+
+    gate = read_config(repo / "littlebig" / "config.pbtxt")
+    assert gate.backend == "python" and gate.HasField("dynamic_batching") and gate.max_batch_size == 32
+    assert [o.name for o in gate.output] == ["CLASS", "CONFIDENCE", "ROUTE", "PROBS"]
+    p = params(gate)
+    assert p["little_model"] == "little" and p["big_model"] == "big"
+    assert float(p["threshold"]) == 0.25
+    assert int(p["macs_little"]) == pair.little_macs and int(p["macs_big"]) == pair.big_macs
+    assert int(p["wire_size"]) == WIRE
+
+
+def test_config_text_round_trips_through_the_protobuf(pair, tmp_path):
+    repo = build_repository(pair.little, pair.big, tmp_path / "repo")
+    for name in ("little", "big", "littlebig"):
+        text = (repo / name / "config.pbtxt").read_text()
+        parsed = text_format.Parse(text, mc.ModelConfig())
+        assert text_format.MessageToString(parsed) == text
+        assert parsed.name == name
+
+
+def test_native_runtime_configs(pair, tmp_path):
+    repo = build_repository(pair.little, pair.big, tmp_path / "ort", RepositoryOptions(runtime="onnxruntime"))
+    little = read_config(repo / "little" / "config.pbtxt")
+    assert little.platform == "onnxruntime_onnx" and not little.backend
+    assert not (repo / "little" / "1" / "model.py").exists()
+    assert (repo / "little" / "1" / "model.onnx").is_file()
+
+    repo = build_repository(pair.little, pair.big, tmp_path / "trt", RepositoryOptions(runtime="tensorrt"))
+    big = read_config(repo / "big" / "config.pbtxt")
+    assert big.platform == "tensorrt_plan" and big.default_model_filename == "model.plan"
+    assert big.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    # The gate is the same file whatever runs little and big.
+    gate_py = (repo / "littlebig" / "1" / "model.py").read_text()
+    assert gate_py == (tmp_path / "ort" / "littlebig" / "1" / "model.py").read_text()
+
+
+def test_pair_with_different_wire_sizes_is_refused(pair, tmp_path):
+    other = load_model("timm:resnet10t", random_init=True, num_classes=NUM_CLASSES, resolution=32)
+    odd = export_onnx(other, tmp_path / "odd.onnx", wire_size=32, parity_images=wire_images(2)[:, :32, :32].copy(), log=lambda *_: None)
+    with pytest.raises(RepositoryError, match="wire sizes differ"):
+        build_repository(pair.little, odd.path, tmp_path / "repo")
+
+
+def test_pair_with_different_class_counts_is_refused(pair, tmp_path):
+    other = load_model("timm:resnet10t", random_init=True, num_classes=NUM_CLASSES + 1, resolution=WIRE)
+    odd = export_onnx(other, tmp_path / "odd.onnx", wire_size=WIRE, parity_images=wire_images(2), log=lambda *_: None)
+    with pytest.raises(RepositoryError, match="class counts differ"):
+        build_repository(odd.path, pair.big, tmp_path / "repo")
+
+
+def test_files_without_littlebig_metadata_are_refused(pair, tmp_path):
+    import onnx
+
+    bare = onnx.load(str(pair.little))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    with pytest.raises(RepositoryError, match="littlebig export"):
+        build_repository(tmp_path / "bare.onnx", pair.big, tmp_path / "repo")
+    with pytest.raises(RepositoryError, match="does not exist"):
+        build_repository(tmp_path / "absent.onnx", pair.big, tmp_path / "repo")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (RepositoryOptions(runtime="tflite"), "runtime"),
+        (RepositoryOptions(threshold=1.5), "threshold"),
+        (RepositoryOptions(max_batch_size=0), "max batch size"),
+        (RepositoryOptions(ensemble_weight=-0.1), "ensemble weight"),
+    ],
+)
+def test_bad_options_are_refused(pair, tmp_path, options, message):
+    with pytest.raises(RepositoryError, match=message):
+        build_repository(pair.little, pair.big, tmp_path / "repo", options)
+
+
+def test_set_threshold_rewrites_only_the_gate_threshold(pair, tmp_path):
+    repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(threshold=0.5))
+    before = read_config(repo / "littlebig" / "config.pbtxt")
+    set_threshold(repo, 0.375)
+    after = read_config(repo / "littlebig" / "config.pbtxt")
+    assert float(params(after)["threshold"]) == 0.375
+    after.parameters["threshold"].string_value = before.parameters["threshold"].string_value
+    assert after == before
+    with pytest.raises(RepositoryError, match=r"\[0, 1\]"):
+        set_threshold(repo, -0.1)
+    shutil.rmtree(repo / "littlebig")
+    with pytest.raises(RepositoryError, match="not a littlebig repository"):
+        set_threshold(repo, 0.5)

@@ -1,0 +1,178 @@
+"""The served cascade against an offline onnxruntime computation of Eq. 4 on the same ONNX files."""
+
+from __future__ import annotations
+
+import queue
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from littlebig.client.infer import LittleBigClient
+from littlebig.server import ServerError, TritonServer
+
+BATCH = 16
+
+
+def serve_all(client: LittleBigClient, images: np.ndarray, threshold=None, return_probs=False):
+    outs = [client.infer(images[i : i + BATCH], threshold=threshold, return_probs=return_probs) for i in range(0, len(images), BATCH)]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def assert_matches_offline(out, offline, thresholds):
+    cls, conf, route = offline.cascade(thresholds)
+    np.testing.assert_array_equal(out["ROUTE"][:, 0], route)
+    np.testing.assert_array_equal(out["CLASS"][:, 0], cls)
+    # Same ONNX, same onnxruntime, but batch composition may differ: allow float noise only.
+    np.testing.assert_allclose(out["CONFIDENCE"][:, 0], conf, rtol=0, atol=2e-6)
+
+
+def test_config_threshold_matches_offline_cascade(server, offline, served_threshold):
+    with LittleBigClient(server.grpc_url) as client:
+        out = serve_all(client, offline.images)
+    assert_matches_offline(out, offline, served_threshold)
+    routes = np.bincount(out["ROUTE"][:, 0], minlength=2)
+    assert routes[0] > 50 and routes[1] > 50, routes  # both models really answered
+
+
+@pytest.mark.parametrize("quantile", [0.1, 0.8])
+def test_request_threshold_overrides_config(server, offline, quantile):
+    threshold = float(np.quantile(offline.little.max(1), quantile))
+    with LittleBigClient(server.grpc_url) as client:
+        out = serve_all(client, offline.images, threshold=threshold)
+    assert_matches_offline(out, offline, threshold)
+    assert out["ROUTE"].mean() == pytest.approx(quantile, abs=0.02)
+
+
+def test_threshold_zero_routes_everything_to_little(server, offline):
+    with LittleBigClient(server.http_url, "http") as client:
+        out = serve_all(client, offline.images, threshold=0.0)
+    assert not out["ROUTE"].any()
+    np.testing.assert_array_equal(out["CLASS"][:, 0], offline.little.argmax(1))
+
+
+def test_threshold_one_escalates_every_unsure_row(server, offline):
+    with LittleBigClient(server.grpc_url) as client:
+        out = serve_all(client, offline.images, threshold="1")
+    unsure = offline.little.max(1) < 1.0
+    np.testing.assert_array_equal(out["ROUTE"][:, 0], unsure.astype(np.int32))
+    np.testing.assert_array_equal(out["CLASS"][unsure, 0], offline.big.argmax(1)[unsure])
+
+
+def test_probs_only_when_requested_and_from_the_answering_model(server, offline, served_threshold):
+    images = offline.images[:BATCH]
+    with LittleBigClient(server.grpc_url) as client:
+        with_probs = client.infer(images, return_probs=True)
+        without = client.infer(images)
+    assert "PROBS" not in without
+    _, _, route = offline.cascade(served_threshold)
+    expected = np.where(route[:BATCH, None] == 1, offline.big[:BATCH], offline.little[:BATCH])
+    np.testing.assert_allclose(with_probs["PROBS"], expected, atol=2e-6)
+
+
+def send_concurrently(url, requests):
+    """Fire all (images, threshold) requests at once over async gRPC; return results in order."""
+    client = grpcclient.InferenceServerClient(url)
+    done: queue.Queue = queue.Queue()
+    for index, (images, threshold) in enumerate(requests):
+        image = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
+        image.set_data_from_numpy(images)
+        outputs = [grpcclient.InferRequestedOutput(n) for n in ("CLASS", "CONFIDENCE", "ROUTE")]
+        params = None if threshold is None else {"threshold": threshold}
+        client.async_infer(
+            "littlebig", [image], callback=lambda result, error, i=index: done.put((i, result, error)), outputs=outputs, parameters=params
+        )
+    results = [None] * len(requests)
+    for _ in requests:
+        index, result, error = done.get(timeout=60)
+        results[index] = (result, error)
+    client.close()
+    return results
+
+
+def gate_counts(url):
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics("littlebig").model_stats[0]
+    return stats.inference_count, stats.execution_count
+
+
+def test_concurrent_requests_with_own_thresholds_share_a_batch(server, offline):
+    conf = offline.little.max(1)
+    thresholds = [0.0, float(np.quantile(conf, 0.3)), float(np.quantile(conf, 0.6)), "1.0", None, float(np.quantile(conf, 0.9))]
+    chunks = [slice(i * 8, (i + 1) * 8) for i in range(len(thresholds))]
+    rows_before, executions_before = gate_counts(server.grpc_url)
+    results = send_concurrently(server.grpc_url, [(offline.images[s], t) for s, t in zip(chunks, thresholds)])
+    rows_after, executions_after = gate_counts(server.grpc_url)
+    assert rows_after - rows_before == 8 * len(thresholds)
+    # The gate's queue delay gathered the concurrent requests: fewer executions than requests.
+    assert executions_after - executions_before < len(thresholds)
+
+    config_threshold = float(LittleBigClient(server.grpc_url).gate_info().threshold)
+    for rows, threshold, (result, error) in zip(chunks, thresholds, results):
+        assert error is None, error
+        t = config_threshold if threshold is None else float(threshold)
+        cls, conf_expected, route = offline.cascade(t)
+        np.testing.assert_array_equal(result.as_numpy("ROUTE")[:, 0], route[rows])
+        np.testing.assert_array_equal(result.as_numpy("CLASS")[:, 0], cls[rows])
+        np.testing.assert_allclose(result.as_numpy("CONFIDENCE")[:, 0], conf_expected[rows], atol=2e-6)
+
+
+def test_classify_library_takes_paths_pil_images_and_arrays(server, tmp_path):
+    from PIL import Image
+
+    from littlebig.client.images import sample_photos
+
+    photos = sample_photos(["chelsea", "coffee", "camera"])
+    path = tmp_path / "cat.png"
+    Image.fromarray(photos["chelsea"]).save(path)
+    with LittleBigClient(server.grpc_url) as client:
+        by_path, by_pil, by_array = (
+            client.classify([source])[0]
+            for source in (path, Image.fromarray(photos["chelsea"]), photos["chelsea"])
+        )
+        assert by_path == by_pil == by_array
+        batch = client.classify(list(photos.values()), batch_size=2)
+    assert len(batch) == 3 and all(p.route in (0, 1) for p in batch)
+
+
+def test_metrics_count_rows_by_route(server, offline):
+    def scrape():
+        text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line.startswith("littlebig_rows_total"):
+                values[line.split('route="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+        return values
+
+    before = scrape()
+    with LittleBigClient(server.grpc_url) as client:
+        out = client.infer(offline.images[:32], threshold=float(np.median(offline.little.max(1))))
+    after = scrape()
+    escalated = int(out["ROUTE"].sum())
+    assert after["big"] - before.get("big", 0) == escalated
+    assert after["little"] - before.get("little", 0) == 32 - escalated
+
+
+def test_launcher_stops_the_server_and_reports_missing_repository(repository, tmp_path):
+    with TritonServer(repository, log_file=tmp_path / "log.txt") as second:
+        assert second.is_ready()
+        process = second.process
+    assert process.poll() is not None
+    assert "Started GRPCInferenceService" in (tmp_path / "log.txt").read_text()
+    with pytest.raises(ServerError, match="does not exist"):
+        TritonServer(tmp_path / "absent")
+
+
+def test_row_whose_confidence_equals_t_stays_with_little(server, offline):
+    """Eq. 4 answers with little when its max prob >= T: equality is not escalated."""
+    images = offline.images[:BATCH]
+    with LittleBigClient(server.grpc_url) as client:
+        served = client.infer(images, threshold=0.0)["CONFIDENCE"][:, 0]
+        k = int(np.argsort(served)[BATCH // 2])
+        exact = float(served[k])  # a float32 value, exactly representable as the request's T
+        at_t = client.infer(images, threshold=exact)["ROUTE"][:, 0]
+        above_t = client.infer(images, threshold=float(np.nextafter(exact, 1.0)))["ROUTE"][:, 0]
+    assert at_t[k] == 0
+    assert above_t[k] == 1
+    np.testing.assert_array_equal(at_t, (served < exact).astype(np.int32))
