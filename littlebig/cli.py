@@ -157,6 +157,43 @@ def cmd_demo(args) -> None:
         )
 
 
+def cmd_calibrate(args) -> None:
+    from littlebig.client.calibrate import Criterion, calibrate
+
+    criterion = Criterion(
+        max_acc_drop=args.max_acc_drop,
+        target_escalation=args.target_escalation,
+        min_agreement=args.min_agreement,
+        confidence_level=args.confidence_level,
+    )
+    calibrate(
+        args.url,
+        args.data,
+        args.out,
+        criterion,
+        labels_csv=args.labels_csv,
+        classes=args.classes,
+        eval_data=args.eval_data,
+        eval_labels_csv=args.eval_labels_csv,
+        apply=args.apply,
+        repository=args.repo,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        refresh=args.recollect,
+    )
+
+
+def cmd_threshold(args) -> None:
+    from littlebig.client.control import apply_threshold, served_threshold
+
+    if args.value is None:
+        print(f"{served_threshold(args.url):.6f}")
+        return
+    written = apply_threshold(args.url, args.value, repository=args.repo)
+    print(f"server now runs T={served_threshold(args.url):.6f}" + (f"; wrote {written}" if written else
+          "; repository not found on this machine (pass --repo to update its config.pbtxt)"))
+
+
 def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", choices=["python", "onnxruntime", "tensorrt"], default="python",
                         help="how little/big run: python (onnxruntime in the python backend; the bundled CPU "
@@ -216,6 +253,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="class names, one per line (default: ImageNet names for 1000 classes)")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("calibrate", help="choose T on a labelled image set through the running server")
+    p.add_argument("--url", default="127.0.0.1:8001", help="server gRPC address")
+    p.add_argument("--data", required=True, help="image folder (ImageFolder, wnid files + classes.tsv, or with --labels-csv)")
+    p.add_argument("--labels-csv", help="CSV of file,label for --data")
+    p.add_argument("--classes", help="class list (one name per line, or a classes.tsv) to map names to indices")
+    p.add_argument("--out", required=True, help="folder for report.json, table.txt, PNGs and cached probabilities")
+    p.add_argument("--max-acc-drop", type=float, default=0.0, help="cheapest T with accuracy >= big's minus this (default 0)")
+    p.add_argument("--target-escalation", type=float, help="label-free: T = this quantile of little's confidence")
+    p.add_argument("--min-agreement", type=float, help="label-free: cheapest T agreeing with big on this share")
+    p.add_argument("--confidence-level", type=float, help="use an upper bound on the drop at this level (e.g. 0.95)")
+    p.add_argument("--eval-data", help="second labelled set to check the chosen T on")
+    p.add_argument("--eval-labels-csv", help="CSV of file,label for --eval-data")
+    p.add_argument("--apply", action="store_true", help="switch the running server to the chosen T and write it to the repository")
+    p.add_argument("--repo", help="repository folder to update with --apply (default: the one the gate records)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--recollect", action="store_true", help="ask the server again even if cached probabilities exist")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("threshold", help="show or set the served threshold T (no downtime)")
+    p.add_argument("value", nargs="?", type=float, help="new T in [0, 1]; omit to show the current one")
+    p.add_argument("--url", default="127.0.0.1:8001", help="server gRPC address")
+    p.add_argument("--repo", help="repository folder to update (default: the one the gate records)")
+    p.set_defaults(func=cmd_threshold)
 
     p = sub.add_parser("demo", help="EfficientNet-Lite0 -> Lite2 end to end: export, repository, serve, classify")
     p.add_argument("--workdir", default="runs/demo")

@@ -110,7 +110,7 @@ def classifier_config(name: str, facts: ModelFacts, options: RepositoryOptions, 
     return config
 
 
-def gate_config(little: ModelFacts, big: ModelFacts, options: RepositoryOptions) -> mc.ModelConfig:
+def gate_config(little: ModelFacts, big: ModelFacts, options: RepositoryOptions, repository: Path | None = None) -> mc.ModelConfig:
     config = mc.ModelConfig(name=GATE, backend="python", max_batch_size=options.max_batch_size)
     size = little.wire_size
     config.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_UINT8, [size, size, 3]))
@@ -138,6 +138,9 @@ def gate_config(little: ModelFacts, big: ModelFacts, options: RepositoryOptions)
             "num_classes": little.num_classes,
         },
     )
+    if repository is not None:
+        # Lets `littlebig calibrate --apply` find the file to update when it runs on this machine.
+        _parameters(config, {"repository_path": repository.resolve()})
     return config
 
 
@@ -206,7 +209,7 @@ def build_repository(
     gate_dir = out / GATE
     shutil.rmtree(gate_dir, ignore_errors=True)
     (gate_dir / "1").mkdir(parents=True)
-    write_config(gate_dir, gate_config(little, big, options))
+    write_config(gate_dir, gate_config(little, big, options, out))
     shutil.copyfile(_template(GATE), gate_dir / "1" / "model.py")
     return out
 

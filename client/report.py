@@ -1,0 +1,92 @@
+"""Calibration report: report.json, a text table and the paper's figures as PNGs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .thresholds import Outcomes, Sweep
+
+TABLE_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)
+
+
+def table(s: Sweep, outcomes: Outcomes, chosen: int) -> str:
+    """A row per tenth of T plus the chosen T, like the paper's accuracy-vs-MACs tables."""
+    rows = sorted({int(np.searchsorted(s.thresholds, t, side="left")) for t in TABLE_GRID} | {chosen})
+    lines = [f"{'T':>8} {'p(T)':>7} {'accuracy':>9} {'agree':>7} {'GMACs':>7} {'rel.MACs':>9}"]
+    for i in rows:
+        if i >= len(s.thresholds):
+            continue
+        acc = "-" if s.accuracy is None else f"{s.accuracy[i]:.4f}"
+        mark = "  <- chosen" if i == chosen else ""
+        lines.append(
+            f"{s.thresholds[i]:8.4f} {s.escalation[i]:7.3f} {acc:>9} {s.agreement[i]:7.3f} "
+            f"{s.gmacs[i]:7.3f} {s.relative_macs[i]:9.3f}{mark}"
+        )
+    big = f"accuracy {outcomes.big_correct.mean():.4f}, " if outcomes.has_labels else ""
+    lines.append(f"big alone: {big}{outcomes.macs_big / 1e9:.3f} GMACs")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def plot_curves(path: Path, s: Sweep, outcomes: Outcomes, chosen: int, evaluation: dict | None = None) -> None:
+    """Paper Figure 3: p(T) vs T, relative MACs vs T, accuracy vs GMACs (big and chosen T marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 3 if s.accuracy is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    t = s.thresholds
+    axes[0].plot(t, s.escalation)
+    axes[0].set(xlabel="threshold T", ylabel="p(T): share sent to big", title="Escalation share")
+    axes[1].plot(t, s.relative_macs)
+    axes[1].axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[1].set(xlabel="threshold T", ylabel="MACs / MACs of big", title="Relative MACs")
+    for ax in axes[:2]:
+        ax.axvline(t[chosen], color="tab:red", lw=0.8, ls=":", label=f"chosen T={t[chosen]:.3f}")
+        ax.legend(loc="best")
+    if s.accuracy is not None:
+        ax = axes[2]
+        ax.plot(s.gmacs, s.accuracy * 100, label="Little-Big over T")
+        big_gmacs = outcomes.macs_big / 1e9
+        ax.scatter([big_gmacs], [outcomes.big_correct.mean() * 100], color="black", zorder=3, label="big alone")
+        ax.scatter([outcomes.macs_little / 1e9], [outcomes.little_correct.mean() * 100], color="grey", zorder=3, label="little alone")
+        ax.scatter([s.gmacs[chosen]], [s.accuracy[chosen] * 100], color="tab:red", marker="*", s=150, zorder=4,
+                   label=f"chosen T={t[chosen]:.3f}")
+        if evaluation and evaluation.get("accuracy", {}).get("cascade") is not None:
+            ax.scatter([evaluation["gmacs"]["cascade"]], [evaluation["accuracy"]["cascade"] * 100], color="tab:green",
+                       marker="D", zorder=4, label="chosen T on eval set")
+            ax.scatter([evaluation["gmacs"]["big"]], [evaluation["accuracy"]["big"] * 100], color="tab:green",
+                       marker="x", zorder=4, label="big on eval set")
+        ax.set(xlabel="GMACs per image", ylabel="top-1 accuracy (%)", title="Accuracy vs MACs")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_confidence_histogram(path: Path, outcomes: Outcomes, bins: int = 10) -> None:
+    """Paper Figure 2 (right): little's confidence for its mistakes that big corrects vs the rest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corrected = ~outcomes.little_correct & outcomes.big_correct
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist([outcomes.confidence[corrected], outcomes.confidence[~corrected]], bins=edges, density=True,
+            label=[f"little wrong, big right (n={corrected.sum()})", f"rest (n={(~corrected).sum()})"])
+    ax.set(xlabel="little's confidence (max softmax probability)", ylabel="density",
+           title="Where big helps: little's confidence")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,204 @@
+"""Calibration through a real server with a little and a big model trained on scikit-learn's digits."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from littlebig.client.calibrate import Criterion, calibrate
+from littlebig.client.control import served_threshold
+from littlebig.client.datasets import load_image_set
+from littlebig.client.infer import LittleBigClient
+from littlebig.export import LoadedModel, ModelInfo, export_onnx, ort_session
+from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config
+from littlebig.server import TritonServer
+
+SIZE = 8  # digits are 8x8; the wire images are 8x8x3 and need no resizing
+
+
+def digits_as_uint8():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # 0..16 -> 0..255
+    return images, digits.target.astype(np.int64)
+
+
+def train(module: nn.Module, images: np.ndarray, labels: np.ndarray, steps: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    x = torch.from_numpy(np.repeat(images[:, None], 3, axis=1)).float() / 255.0
+    y = torch.from_numpy(labels)
+    optimiser = torch.optim.Adam(module.parameters(), lr=0.02)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(module(x), y).backward()
+        optimiser.step()
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def digits_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    images, labels = digits_as_uint8()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(images))
+    train_idx, calib_idx, eval_idx = order[:700], order[700:1300], order[1300:]
+    # little sees a 4x4 average-pooled digit through a linear layer; big is an MLP on all 8x8 pixels.
+    little = train(nn.Sequential(nn.AvgPool2d(2), nn.Flatten(), nn.Linear(48, 10)), images[train_idx], labels[train_idx], 150, 1)
+    big = train(
+        nn.Sequential(nn.Flatten(), nn.Linear(192, 128), nn.ReLU(), nn.Linear(128, 10)), images[train_idx], labels[train_idx], 150, 2
+    )
+    info = dict(resolution=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_classes=10, crop_pct=1.0, weights="trained in test")
+    parity = np.repeat(images[:16, :, :, None], 3, axis=3)
+    paths = {}
+    for role, module in (("little", little), ("big", big)):
+        loaded = LoadedModel(module, ModelInfo(spec=f"local:digits-{role}", **info))
+        paths[role] = export_onnx(loaded, root / f"{role}.onnx", wire_size=SIZE, parity_images=parity, log=lambda *_: None).path
+
+    for name, idx in (("calib", calib_idx), ("eval", eval_idx)):
+        for i in idx:  # ImageFolder layout: <set>/<class>/<n>.png
+            folder = root / name / str(labels[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(folder / f"{i:04d}.png")
+
+    repo = build_repository(
+        paths["little"], paths["big"], root / "repository",
+        RepositoryOptions(runtime="python", threshold=0.5, max_batch_size=64, intra_op_threads=1),
+    )
+    with TritonServer(repo, log_file=root / "tritonserver.log") as server:
+        yield root, server, paths
+
+
+def offline_probs(path, image_set):
+    wire = np.stack([np.repeat(np.asarray(Image.open(p).convert("L"))[:, :, None], 3, axis=2) for p in image_set.paths])
+    return ort_session(path).run(["PROBS"], {"IMAGE": wire})[0], wire
+
+
+@pytest.fixture(scope="module")
+def report(digits_setup):
+    root, server, _ = digits_setup
+    return calibrate(
+        server.grpc_url, root / "calib", root / "out", Criterion(max_acc_drop=0.0),
+        eval_data=root / "eval", show_progress=False, log=lambda *_: None,
+    )
+
+
+def test_report_matches_offline_computation(digits_setup, report):
+    root, _, paths = digits_setup
+    calib = load_image_set(root / "calib")
+    little, _ = offline_probs(paths["little"], calib)
+    big, _ = offline_probs(paths["big"], calib)
+    acc_little = float((little.argmax(1) == calib.labels).mean())
+    acc_big = float((big.argmax(1) == calib.labels).mean())
+    assert report["accuracy"]["little"] == pytest.approx(acc_little, abs=1e-12)
+    assert report["accuracy"]["big"] == pytest.approx(acc_big, abs=1e-12)
+    assert acc_big > acc_little  # a meaningful pair: big is better
+    # Eq. 4 at the chosen T reproduces the cascade accuracy and the escalation share.
+    t = report["threshold"]
+    escalate = little.max(1).astype(np.float64) < t
+    answers = np.where(escalate, big.argmax(1), little.argmax(1))
+    assert report["escalation"] == pytest.approx(escalate.mean(), abs=1e-12)
+    assert report["accuracy"]["cascade"] == pytest.approx((answers == calib.labels).mean(), abs=1e-12)
+    assert report["accuracy"]["cascade"] >= acc_big  # --max-acc-drop 0
+    assert 0.0 < report["escalation"] < 1.0
+    gm = report["gmacs"]
+    assert gm["cascade"] == pytest.approx(gm["little"] + report["escalation"] * gm["big"])
+    assert report["macs_reduction"] == pytest.approx(1 - gm["cascade"] / gm["big"])
+    # Cheapest: one fewer escalation would lose accuracy against big.
+    conf_sorted = np.sort(little.max(1)[escalate])
+    if len(conf_sorted):
+        t_lower = float(conf_sorted[-1])  # keep the most confident escalated image with little instead
+        answers_lower = np.where(little.max(1) < t_lower, big.argmax(1), little.argmax(1))
+        assert (answers_lower == calib.labels).mean() < acc_big
+
+
+def test_report_files_and_generalisation_block(digits_setup, report):
+    root = digits_setup[0]
+    out = root / "out"
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["threshold"] == report["threshold"]
+    for key in ("threshold", "escalation", "accuracy", "gmacs", "macs_reduction", "bound", "eval"):
+        assert key in saved
+    assert saved["eval"]["threshold"] == saved["threshold"]
+    assert saved["eval"]["images"] == len(load_image_set(root / "eval"))
+    assert saved["corrected_mistakes"]["mean_confidence_corrected"] < saved["corrected_mistakes"]["mean_confidence_rest"]
+    for png in ("curves.png", "confidence_histogram.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<- chosen" in (out / "table.txt").read_text()
+    assert (out / "calibration.npz").is_file()
+
+
+def test_cached_probabilities_are_reused_without_server(digits_setup, report):
+    root = digits_setup[0]
+    again = calibrate("127.0.0.1:1", root / "calib", root / "out", Criterion(max_acc_drop=0.0), show_progress=False, log=lambda *_: None)
+    assert again["threshold"] == report["threshold"]
+
+
+def test_label_free_and_bounded_modes(digits_setup, report):
+    root, server, _ = digits_setup
+    budget = calibrate(server.grpc_url, root / "calib", root / "out", Criterion(target_escalation=0.3), show_progress=False, log=lambda *_: None)
+    assert budget["escalation"] == pytest.approx(0.3, abs=0.01)
+    agree = calibrate(server.grpc_url, root / "calib", root / "out", Criterion(min_agreement=0.99), show_progress=False, log=lambda *_: None)
+    assert agree["agreement_with_big"] >= 0.99
+    bounded = calibrate(
+        server.grpc_url, root / "calib", root / "out", Criterion(max_acc_drop=0.02, confidence_level=0.9), show_progress=False, log=lambda *_: None
+    )
+    assert bounded["bound"]["level"] == 0.9 and "Clopper-Pearson" in bounded["bound"]["method"]
+    assert bounded["bound"]["upper_drop"] <= 0.02
+    # the guarantee costs escalations compared with the point estimate at the same tolerance
+    point = calibrate(server.grpc_url, root / "calib", root / "out", Criterion(max_acc_drop=0.02), show_progress=False, log=lambda *_: None)
+    assert bounded["escalation"] >= point["escalation"]
+
+
+def test_apply_live_with_no_failed_request_then_served_answers_reproduce_report(digits_setup, report):
+    root, server, _ = digits_setup
+    calib = load_image_set(root / "calib")
+    wire = np.stack([np.repeat(np.asarray(Image.open(p).convert("L"))[:, :, None], 3, axis=2) for p in calib.paths])
+    assert served_threshold(server.grpc_url) == 0.5
+
+    failures, answered, stop = [], [0], threading.Event()
+
+    def traffic():
+        with LittleBigClient(server.grpc_url) as client:
+            deadline = time.monotonic() + 60  # bounded in time and count
+            while not stop.is_set() and time.monotonic() < deadline and answered[0] < 5000:
+                try:
+                    client.infer(wire[:8])
+                    answered[0] += 1
+                except Exception as err:  # any failed request is what this test is about
+                    failures.append(repr(err))
+
+    threads = [threading.Thread(target=traffic) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    before = answered[0]
+    applied = calibrate(
+        server.grpc_url, root / "calib", root / "out", Criterion(max_acc_drop=0.0), apply=True, show_progress=False, log=lambda *_: None
+    )
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert answered[0] > before + 10  # requests really flowed during the switch
+
+    t = applied["threshold"]
+    assert served_threshold(server.grpc_url) == t
+    config = read_config(root / "repository" / "littlebig" / "config.pbtxt")
+    assert float(config.parameters["threshold"].string_value) == t
+    assert applied["applied"]["config"] == str(root / "repository" / "littlebig" / "config.pbtxt")
+
+    with LittleBigClient(server.grpc_url) as client:
+        predictions = client.classify(wire, batch_size=32)  # no per-request T: the applied config T
+    served_accuracy = np.mean([p.class_index for p in predictions] == calib.labels)
+    served_escalation = np.mean([p.route for p in predictions])
+    assert served_accuracy == report["accuracy"]["cascade"]
+    assert served_escalation == report["escalation"]

@@ -1,0 +1,164 @@
+"""Threshold analysis on synthetic arrays with hand-computed answers, and the bound's coverage."""
+
+import numpy as np
+import pytest
+
+from littlebig.client import thresholds as th
+
+
+def hand_case() -> th.Outcomes:
+    # row:            0     1     2     3
+    # little conf:   0.9   0.6   0.3   0.5
+    # little right:   1     0     0     1
+    # big right:      1     1     1     0
+    # agree:          1     0     0     0
+    return th.Outcomes(
+        confidence=np.array([0.9, 0.6, 0.3, 0.5], np.float32),
+        little_correct=np.array([1, 0, 0, 1], bool),
+        big_correct=np.array([1, 1, 1, 0], bool),
+        agree=np.array([1, 0, 0, 0], bool),
+        macs_little=1_000_000_000,
+        macs_big=4_000_000_000,
+    )
+
+
+def test_sweep_matches_hand_computation():
+    o = hand_case()
+    s = th.sweep(o, np.array([0.0, 0.3, 0.31, 0.5, 0.55, 0.6, 0.85, 1.0]))
+    # conf < T escalates: T=0 none; 0.3 none (0.3 is kept: >= T); 0.31 row 2; 0.5 row 2; 0.55 rows 2, 3;
+    # 0.6 rows 2, 3; 0.85 rows 1, 2, 3; 1.0 all.
+    np.testing.assert_allclose(s.escalation, [0, 0, 0.25, 0.25, 0.5, 0.5, 0.75, 1.0])
+    # e.g. T=0.55: row 0 little (right), row 1 little (wrong), rows 2, 3 big (right, wrong) -> 0.5
+    np.testing.assert_allclose(s.accuracy, [0.5, 0.5, 0.75, 0.75, 0.5, 0.5, 0.75, 0.75])
+    np.testing.assert_allclose(s.agreement, [0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0, 1.0])
+    np.testing.assert_allclose(s.gmacs, 1.0 + 4.0 * s.escalation)
+    np.testing.assert_allclose(s.relative_macs, (1.0 + 4.0 * s.escalation) / 4.0)
+
+
+def test_cheapest_threshold_without_accuracy_loss():
+    o = hand_case()
+    s = th.sweep(o)
+    choice = th.choose_max_acc_drop(s, big_accuracy=0.75, max_drop=0.0)
+    summary = th.summary(s, o, choice.index)
+    # One escalation (row 2, conf 0.3) already reaches big's 0.75. Every T in (0.3, 0.5] does that;
+    # the choice settles in the middle of that interval.
+    assert choice.met
+    assert summary["threshold"] == pytest.approx(0.4)
+    assert summary["escalation"] == 0.25
+    assert summary["accuracy"] == {"little": 0.5, "big": 0.75, "cascade": 0.75}
+    assert summary["gmacs"]["cascade"] == pytest.approx(2.0)
+    assert summary["macs_reduction"] == pytest.approx(0.5)
+    # Allowing a 0.25 drop needs no escalation at all: the cheapest T escalates nothing.
+    loose = th.choose_max_acc_drop(s, 0.75, 0.25)
+    assert s.escalation[loose.index] == 0 and s.thresholds[loose.index] == pytest.approx(0.15)
+
+
+def test_exceeding_big_is_allowed_and_infeasible_is_flagged():
+    o = hand_case()
+    s = th.sweep(o)
+    assert th.choose_max_acc_drop(s, 0.75, 0.0).met
+    impossible = th.choose_max_acc_drop(s, big_accuracy=1.01, max_drop=0.0)
+    assert not impossible.met and s.escalation[impossible.index] == 1.0
+
+
+def test_label_free_choices():
+    o = hand_case()
+    s = th.sweep(o)
+    half = th.choose_target_escalation(s, o.confidence, 0.5)
+    assert s.escalation[half.index] == 0.5 and s.thresholds[half.index] == pytest.approx(0.55)
+    assert s.escalation[th.choose_target_escalation(s, o.confidence, 0.0).index] == 0.0
+    assert s.escalation[th.choose_target_escalation(s, o.confidence, 1.0).index] == 1.0
+    agree = th.choose_min_agreement(s, 0.75)
+    assert s.escalation[agree.index] == 0.5 and s.thresholds[agree.index] == pytest.approx(0.55)
+    with pytest.raises(ValueError):
+        th.choose_target_escalation(s, o.confidence, 1.5)
+
+
+def test_candidates_hold_the_grid_and_every_confidence():
+    conf = np.array([0.123456, 0.5, 0.5, 0.999], np.float32)
+    c = th.candidate_thresholds(conf, grid_points=50)
+    assert len(np.intersect1d(c, np.linspace(0, 1, 50))) == 50
+    assert set(conf.astype(np.float64)) <= set(c)
+    assert (0.5 + float(np.float32(0.999))) / 2 in set(c)  # midpoints between neighbours
+    assert np.all(np.diff(c) > 0)
+
+
+def test_sweep_equals_brute_force_with_ties():
+    rng = np.random.default_rng(0)
+    n, classes = 300, 5
+    little = rng.dirichlet(np.ones(classes) * 0.7, size=n).astype(np.float32)
+    little[:40] = little[0]  # ties in confidence
+    big = rng.dirichlet(np.ones(classes) * 0.5, size=n).astype(np.float32)
+    labels = rng.integers(0, classes, n)
+    o = th.Outcomes.from_probs(little, big, labels, 10, 30)
+    s = th.sweep(o)
+    for i in range(0, len(s.thresholds), 7):
+        escalate = o.confidence.astype(np.float64) < s.thresholds[i]
+        answer = np.where(escalate, big.argmax(1), little.argmax(1))
+        assert s.escalation[i] == escalate.mean()
+        assert s.accuracy[i] == pytest.approx((answer == labels).mean(), abs=1e-12)
+        assert s.agreement[i] == pytest.approx((answer == big.argmax(1)).mean(), abs=1e-12)
+
+
+def test_upper_bound_covers_the_true_drop_at_a_fixed_threshold():
+    """Paired rows: lost w.p. 0.06, gained w.p. 0.03 -> true drop 0.03. The 90% bound must be
+    >= 0.03 in at least ~90% of simulated calibration sets."""
+    rng = np.random.default_rng(1)
+    n, reps, level = 400, 2000, 0.9
+    draws = rng.multinomial(n, [0.06, 0.03, 0.91], size=reps)
+    upper = th.drop_upper_bound(draws[:, 0], draws[:, 1], n, level)
+    coverage = np.mean(upper >= 0.03)
+    assert coverage >= level
+    # and it is a bound, not a blanket: it is usually below a trivial answer
+    assert np.median(upper) < 0.1
+
+
+def population(size: int, rng):
+    """A population where little's confidence predicts when big helps (as in the paper, Section 3)."""
+    conf = rng.uniform(0.05, 1.0, size).astype(np.float32)
+    little_right = rng.uniform(size=size) < conf
+    big_right = rng.uniform(size=size) < np.clip(conf + 0.25, 0, 0.97)
+    return conf, little_right, big_right
+
+
+def test_learn_then_test_choice_holds_its_level():
+    """Choosing the cheapest certified T among many must still give P(true drop > D) <= 1 - level."""
+    rng = np.random.default_rng(2)
+    conf, little_right, big_right = population(200_000, rng)
+    max_drop, level, n, reps = 0.02, 0.9, 500, 300
+    violations = 0
+    for _ in range(reps):
+        idx = rng.integers(0, len(conf), n)
+        o = th.Outcomes(conf[idx], little_right[idx], big_right[idx], little_right[idx] == big_right[idx], 1, 4)
+        s = th.sweep(o)
+        choice = th.choose_with_bound(s, n, max_drop, level)
+        t = s.thresholds[choice.index]
+        kept = conf.astype(np.float64) >= t
+        true_drop = np.mean(kept & big_right & ~little_right) - np.mean(kept & little_right & ~big_right)
+        violations += true_drop > max_drop
+    # Monte-Carlo slack of three standard errors around the allowed 10%.
+    assert violations / reps <= (1 - level) + 3 * np.sqrt(level * (1 - level) / reps)
+
+
+def test_point_estimate_choice_violates_more_often_than_the_bound():
+    """The bound must matter: the plain 'accuracy >= big - D' pick is more often unsafe."""
+    rng = np.random.default_rng(3)
+    conf, little_right, big_right = population(200_000, rng)
+    n, reps = 300, 150
+    unsafe_point = unsafe_bound = 0
+    for _ in range(reps):
+        idx = rng.integers(0, len(conf), n)
+        o = th.Outcomes(conf[idx], little_right[idx], big_right[idx], little_right[idx] == big_right[idx], 1, 4)
+        s = th.sweep(o)
+        for choice, counter in (
+            (th.choose_max_acc_drop(s, o.big_correct.mean(), 0.01), "point"),
+            (th.choose_with_bound(s, n, 0.01, 0.9), "bound"),
+        ):
+            kept = conf.astype(np.float64) >= s.thresholds[choice.index]
+            drop = np.mean(kept & big_right & ~little_right) - np.mean(kept & little_right & ~big_right)
+            if drop > 0.01:
+                if counter == "point":
+                    unsafe_point += 1
+                else:
+                    unsafe_bound += 1
+    assert unsafe_bound < unsafe_point
