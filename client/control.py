@@ -21,8 +21,10 @@ def served_threshold(url: str, model: str = GATE_MODEL) -> float:
     return float(config["parameters"]["threshold"]["string_value"])
 
 
-def apply_threshold(url: str, threshold: float, *, repository: str | Path | None = None, model: str = GATE_MODEL) -> Path | None:
-    """Switch the running gate to ``threshold``; write it into the repository's config.pbtxt.
+def apply_threshold(
+    url: str, threshold: float, *, repository: str | Path | None = None, model: str = GATE_MODEL, persist: bool = True
+) -> Path | None:
+    """Switch the running gate to ``threshold``; with ``persist``, write it into the repository's config.pbtxt.
 
     The repository is ``repository`` or else the path the gate's config records (``repository_path``)
     when it exists on this machine. Returns the config file written, or None.
@@ -40,6 +42,8 @@ def apply_threshold(url: str, threshold: float, *, repository: str | Path | None
         if not client.is_model_ready(model):
             raise RuntimeError(f"model {model!r} is not ready after switching to threshold {threshold}")
 
+    if not persist:
+        return None
     if repository is None and "repository_path" in params:
         recorded = Path(params["repository_path"]["string_value"])
         repository = recorded if (recorded / model / "config.pbtxt").is_file() else None

@@ -49,6 +49,7 @@ def _repository_options(args):
         big_instances=args.big_instances,
         big_queue_delay_us=args.big_queue_delay_us,
         intra_op_threads=args.intra_op_threads,
+        big_nice=args.big_nice,
     )
 
 
@@ -194,7 +195,26 @@ def cmd_threshold(args) -> None:
           "; repository not found on this machine (pass --repo to update its config.pbtxt)"))
 
 
+def cmd_bench(args) -> None:
+    from littlebig.client.benchmark import bench
+
+    host = args.url.rsplit(":", 1)[0]
+    bench(
+        args.url,
+        args.data,
+        args.out,
+        concurrencies=[int(c) for c in args.concurrency.split(",")],
+        metrics_url=args.metrics_url or f"http://{host}:8002/metrics",
+        n_images=args.images,
+        threshold=args.threshold,
+        measurement_ms=args.measurement_ms,
+        rounds=args.rounds,
+    )
+
+
 def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
+    from littlebig.model_repository.builder import RepositoryOptions
+
     parser.add_argument("--runtime", choices=["python", "onnxruntime", "tensorrt"], default="python",
                         help="how little/big run: python (onnxruntime in the python backend; the bundled CPU "
                         "server), onnxruntime (native backend, NGC container), tensorrt (plans built on a GPU)")
@@ -202,12 +222,15 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.5, help="confidence threshold T in [0, 1]")
     parser.add_argument("--ensemble-weight", type=float, default=1.0,
                         help="w of the Little-Big ensemble (paper Eq. 8); 1 answers escalated rows with big alone")
-    parser.add_argument("--gate-instances", type=int, default=1)
-    parser.add_argument("--little-instances", type=int, default=1)
-    parser.add_argument("--big-instances", type=int, default=1)
+    defaults = RepositoryOptions()
+    parser.add_argument("--gate-instances", type=int, default=defaults.gate_instances)
+    parser.add_argument("--little-instances", type=int, default=defaults.little_instances)
+    parser.add_argument("--big-instances", type=int, default=defaults.big_instances)
     parser.add_argument("--big-queue-delay-us", type=int, default=0,
                         help="how long big's dynamic batcher waits to merge escalated rows of several gate batches")
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (python runtime)")
+    parser.add_argument("--big-nice", type=int, default=0,
+                        help="CPU priority increment for big's python-runtime process (CPU servers)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", help="repository folder to update (default: the one the gate records)")
     p.set_defaults(func=cmd_threshold)
 
+    p = sub.add_parser("bench", help="perf_analyzer: big vs little vs the gate, ideal speedup S* and the achieved fraction")
+    p.add_argument("--url", default="127.0.0.1:8001", help="server gRPC address")
+    p.add_argument("--metrics-url", help="server metrics URL (default http://HOST:8002/metrics)")
+    p.add_argument("--data", required=True, help="folder of real images (sent in the wire format)")
+    p.add_argument("--images", type=int, default=64, help="how many images perf_analyzer cycles through")
+    p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated concurrency levels")
+    p.add_argument("--threshold", type=float, help="run the gate at this T (switched live, restored after)")
+    p.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer measurement window")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved runs per model and concurrency (medians reported)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("demo", help="EfficientNet-Lite0 -> Lite2 end to end: export, repository, serve, classify")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--data", help="folder of your images (default: photographs bundled with scikit-image)")
@@ -290,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from littlebig.client.benchmark import BenchmarkError
     from littlebig.export import ExportError
     from littlebig.model_repository.builder import RepositoryError
     from littlebig.server import ServerError
@@ -297,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ExportError, RepositoryError, ServerError, FileNotFoundError, ValueError) as err:
+    except (ExportError, RepositoryError, ServerError, BenchmarkError, FileNotFoundError, ValueError) as err:
         print(f"littlebig {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -136,13 +136,15 @@ def test_classify_library_takes_paths_pil_images_and_arrays(server, tmp_path):
     assert len(batch) == 3 and all(p.route in (0, 1) for p in batch)
 
 
-def test_metrics_count_rows_by_route(server, offline):
+def test_metrics_count_rows_by_route_and_macs(server, offline, pair):
     def scrape():
         text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-        values = {}
+        values = {"little": 0.0, "big": 0.0, "macs": 0.0}
         for line in text.splitlines():
             if line.startswith("littlebig_rows_total"):
                 values[line.split('route="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+            elif line.startswith("littlebig_macs_total"):
+                values["macs"] = float(line.rsplit(" ", 1)[1])
         return values
 
     before = scrape()
@@ -150,8 +152,11 @@ def test_metrics_count_rows_by_route(server, offline):
         out = client.infer(offline.images[:32], threshold=float(np.median(offline.little.max(1))))
     after = scrape()
     escalated = int(out["ROUTE"].sum())
-    assert after["big"] - before.get("big", 0) == escalated
-    assert after["little"] - before.get("little", 0) == 32 - escalated
+    assert 0 < escalated < 32
+    assert after["big"] - before["big"] == escalated
+    assert after["little"] - before["little"] == 32 - escalated
+    # Eq. 5: little on every row, big on the escalated ones
+    assert after["macs"] - before["macs"] == pytest.approx(32 * pair.little_macs + escalated * pair.big_macs, rel=1e-9)
 
 
 def test_launcher_stops_the_server_and_reports_missing_repository(repository, tmp_path):
@@ -176,3 +181,22 @@ def test_row_whose_confidence_equals_t_stays_with_little(server, offline):
     assert at_t[k] == 0
     assert above_t[k] == 1
     np.testing.assert_array_equal(at_t, (served < exact).astype(np.int32))
+
+
+def test_ensemble_weight_mixes_probabilities_of_escalated_rows(pair, offline, tmp_path):
+    """Little-Big Ensemble (paper Eq. 8): an escalated row answers (1 - w) p_little + w p_big."""
+    from littlebig.model_repository.builder import RepositoryOptions, build_repository
+
+    w = 0.25
+    repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(ensemble_weight=w, gate_instances=1))
+    threshold = float(np.median(offline.little.max(1)))
+    images = offline.images[:BATCH]
+    with TritonServer(repo, log_file=tmp_path / "log.txt") as ensemble_server:
+        with LittleBigClient(ensemble_server.grpc_url) as client:
+            out = client.infer(images, threshold=threshold, return_probs=True)
+    escalated = offline.little[:BATCH].max(1) < threshold
+    expected = np.where(escalated[:, None], (1 - w) * offline.little[:BATCH] + w * offline.big[:BATCH], offline.little[:BATCH])
+    np.testing.assert_array_equal(out["ROUTE"][:, 0], escalated.astype(np.int32))
+    np.testing.assert_allclose(out["PROBS"], expected, atol=2e-6)
+    np.testing.assert_array_equal(out["CLASS"][:, 0], expected.argmax(1))
+    np.testing.assert_allclose(out["CONFIDENCE"][:, 0], expected.max(1), atol=2e-6)

@@ -1,8 +1,9 @@
 """Little-Big gate: a Triton Python-backend (BLS) model.
 
 For all requests of one execute call: their IMAGE rows are concatenated, `little` runs once on the
-whole batch, rows whose max probability is below the threshold T go to `big` in one more call, and
-the answers are scattered back to their requests in order (paper Eq. 4). With ensemble_weight w < 1
+whole batch, rows whose max probability is below the threshold T go to `big` in one more call
+(paper Eq. 4). Requests that little answers entirely are sent back before big runs; the others
+after it. With ensemble_weight w < 1
 an escalated row's answer is (1 - w) * p_little + w * p_big (paper Eq. 8).
 
 Self-contained (numpy + triton_python_backend_utils) so the same file runs in the NGC container.
@@ -51,6 +52,8 @@ class TritonPythonModel:
         except RequestError as err:
             raise pb_utils.TritonModelException(str(err)) from None
         self.ensemble_weight = float(params.get("ensemble_weight", "1"))
+        # MACs per image of each model (recorded by the repository builder), for the live cost metric.
+        self.macs = {ROUTE_LITTLE: int(params.get("macs_little", "0")), ROUTE_BIG: int(params.get("macs_big", "0"))}
         if not 0.0 <= self.ensemble_weight <= 1.0:
             raise pb_utils.TritonModelException(f"ensemble_weight must be in [0, 1], got {self.ensemble_weight}")
         image_input = next(i for i in config["input"] if i["name"] == "IMAGE")
@@ -69,6 +72,12 @@ class TritonPythonModel:
             description="Rows (images) answered, by the model that answered them",
             kind=pb_utils.MetricFamily.COUNTER,
         )
+        macs = pb_utils.MetricFamily(
+            name="littlebig_macs_total",
+            description="Multiply-accumulates spent (little on every row, big on escalated rows); "
+            "divided by littlebig_rows_total it is the live cost per image (paper Eq. 5)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
         threshold = pb_utils.MetricFamily(
             name="littlebig_threshold",
             description="Confidence threshold T in force (config value; requests may override it)",
@@ -80,10 +89,11 @@ class TritonPythonModel:
             ROUTE_LITTLE: rows.Metric(labels={**labels, "route": "little"}),
             ROUTE_BIG: rows.Metric(labels={**labels, "route": "big"}),
         }
+        self.metric_macs = macs.Metric(labels=labels)
         self.metric_threshold = threshold.Metric(labels=labels)
         self.metric_threshold.set(self.threshold)
         # Keep the families alive as long as their metrics.
-        self._metric_families = (requests, rows, threshold)
+        self._metric_families = (requests, rows, macs, threshold)
 
     def _parse_request(self, request):
         tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
@@ -112,66 +122,89 @@ class TritonPythonModel:
             raise RuntimeError(f"model '{model_name}' failed: {response.error().message()}")
         return pb_utils.get_output_tensor_by_name(response, "PROBS").as_numpy()
 
-    def _cascade(self, images, thresholds, want_probs):
-        counts = [len(x) for x in images]
-        batch = images[0] if len(images) == 1 else np.concatenate(images)
-        # Compare in float64 so T means exactly the number that was sent (no rounding to float32).
-        row_threshold = np.repeat(np.asarray(thresholds, dtype=np.float64), counts)
-        probs = self._infer(self.little_model, batch)
-        confidence = probs.max(axis=1)
-        label = probs.argmax(axis=1)
-        escalate = np.flatnonzero(confidence.astype(np.float64) < row_threshold)
-        route = np.zeros(len(batch), dtype=np.int32)
+    def _count(self, response):
+        (self.metric_error if response.has_error() else self.metric_ok).increment(1)
+        return response
+
+    def _send(self, request, response):
+        # A non-decoupled model may send one final response per request through the request's
+        # sender instead of returning it; it leaves at once, so it does not wait for big.
+        request.get_response_sender().send(self._count(response), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    @staticmethod
+    def _error(message):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+
+    @staticmethod
+    def _answer(rows, label, confidence, route, probs, want_probs):
+        outputs = [
+            pb_utils.Tensor("CLASS", label[rows].reshape(-1, 1)),
+            pb_utils.Tensor("CONFIDENCE", confidence[rows].reshape(-1, 1)),
+            pb_utils.Tensor("ROUTE", route[rows].reshape(-1, 1)),
+        ]
         if want_probs:
-            probs = np.array(probs)  # the child's output buffer may be read-only
-        if len(escalate):
-            big_probs = self._infer(self.big_model, batch[escalate])
-            if self.ensemble_weight != 1.0:
-                big_probs = (1.0 - self.ensemble_weight) * probs[escalate] + self.ensemble_weight * big_probs
-            confidence[escalate] = big_probs.max(axis=1)
-            label[escalate] = big_probs.argmax(axis=1)
-            route[escalate] = ROUTE_BIG
-            if want_probs:
-                probs[escalate] = big_probs
-        self.metric_rows[ROUTE_LITTLE].increment(len(batch) - len(escalate))
-        self.metric_rows[ROUTE_BIG].increment(len(escalate))
-        return counts, label.astype(np.int64), confidence.astype(np.float32), route, probs
+            outputs.append(pb_utils.Tensor("PROBS", np.ascontiguousarray(probs[rows])))
+        return pb_utils.InferenceResponse(output_tensors=outputs)
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        images, thresholds, owners, wants_probs = [], [], [], []
+        accepted = []  # (index, image, threshold, want_probs)
         for index, request in enumerate(requests):
             try:
-                image, threshold, want_probs = self._parse_request(request)
+                accepted.append((index,) + self._parse_request(request))
             except RequestError as err:
-                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err)))
-                continue
-            images.append(image)
-            thresholds.append(threshold)
-            owners.append(index)
-            wants_probs.append(want_probs)
+                responses[index] = self._error(str(err))
+        if not accepted:
+            return [self._count(r) for r in responses]
 
-        if images:
-            try:
-                counts, label, confidence, route, probs = self._cascade(images, thresholds, any(wants_probs))
-            except RuntimeError as err:
-                for index in owners:
-                    responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err)))
+        images = [a[1] for a in accepted]
+        ends = np.cumsum([len(x) for x in images])
+        rows_of = [slice(end - len(x), end) for end, x in zip(ends, images)]
+        batch = images[0] if len(images) == 1 else np.concatenate(images)
+        # Compare in float64 so T means exactly the number that was sent (no rounding to float32).
+        row_threshold = np.repeat(np.asarray([a[2] for a in accepted], dtype=np.float64), [len(x) for x in images])
+        try:
+            probs = self._infer(self.little_model, batch)
+        except RuntimeError as err:
+            for index, *_ in accepted:
+                responses[index] = self._error(str(err))
+            return [self._count(r) for r in responses]
+
+        confidence = probs.max(axis=1)
+        label = probs.argmax(axis=1).astype(np.int64)
+        escalated = confidence.astype(np.float64) < row_threshold
+        route = escalated.astype(np.int32)
+        escalate = np.flatnonzero(escalated)
+        self.metric_rows[ROUTE_LITTLE].increment(len(batch) - len(escalate))
+        self.metric_macs.increment(len(batch) * self.macs[ROUTE_LITTLE])
+        waiting = []
+        for (index, _, _, want_probs), rows in zip(accepted, rows_of):
+            if escalated[rows].any():
+                waiting.append((index, rows, want_probs))
             else:
-                start = 0
-                for index, count, want_probs in zip(owners, counts, wants_probs):
-                    rows = slice(start, start + count)
-                    start += count
-                    outputs = [
-                        pb_utils.Tensor("CLASS", label[rows].reshape(-1, 1)),
-                        pb_utils.Tensor("CONFIDENCE", confidence[rows].reshape(-1, 1)),
-                        pb_utils.Tensor("ROUTE", route[rows].reshape(-1, 1)),
-                    ]
-                    if want_probs:
-                        outputs.append(pb_utils.Tensor("PROBS", np.ascontiguousarray(probs[rows])))
-                    responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
+                responses[index] = self._answer(rows, label, confidence, route, probs, want_probs)
+        if not waiting:
+            return [self._count(r) for r in responses]  # one message back for the whole batch
 
-        failed = sum(1 for r in responses if r.has_error())
-        self.metric_ok.increment(len(responses) - failed)
-        self.metric_error.increment(failed)
-        return responses
+        # Some rows need big: everything already decided leaves now, the rest after big.
+        for index, response in enumerate(responses):
+            if response is not None:
+                self._send(requests[index], response)
+        try:
+            big_probs = self._infer(self.big_model, batch[escalate])
+        except RuntimeError as err:
+            for index, _, _ in waiting:
+                self._send(requests[index], self._error(str(err)))
+            return None
+        if self.ensemble_weight != 1.0:
+            big_probs = (1.0 - self.ensemble_weight) * probs[escalate] + self.ensemble_weight * big_probs
+        confidence[escalate] = big_probs.max(axis=1)
+        label[escalate] = big_probs.argmax(axis=1)
+        if any(want_probs for _, _, want_probs in waiting):
+            probs = np.array(probs)  # the child's output buffer may be read-only
+            probs[escalate] = big_probs
+        self.metric_rows[ROUTE_BIG].increment(len(escalate))
+        self.metric_macs.increment(len(escalate) * self.macs[ROUTE_BIG])
+        for index, rows, want_probs in waiting:
+            self._send(requests[index], self._answer(rows, label, confidence, route, probs, want_probs))
+        return None

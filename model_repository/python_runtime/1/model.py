@@ -4,7 +4,9 @@ Used for `little` and `big` where Triton has no onnxruntime backend (the CPU ser
 nvidia-pytriton wheel). In the NGC container the same ONNX file runs on the native onnxruntime_onnx
 backend instead. All requests of one execute call run as one onnxruntime batch.
 
-Config parameters: onnx_file (default model.onnx, in the version folder), intra_op_threads (0: ORT's default).
+Config parameters: onnx_file (default model.onnx, in the version folder), intra_op_threads (0: ORT's
+default), nice (CPU priority increment of this instance's process; on a CPU server a positive value
+for `big` lets the requests little answers go first).
 """
 
 import json
@@ -19,6 +21,9 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        nice = int(params.get("nice", "0"))
+        if nice:
+            os.nice(nice)  # before the session exists, so its worker threads inherit it
         path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx"))
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))

@@ -1,0 +1,366 @@
+"""Benchmark the served cascade against its own models with Triton's perf_analyzer.
+
+For each concurrency: throughput and latency of `big` alone, `little` alone and the gate, measured
+side by side on the same server and the same images; the escalation share p during the gate's run
+(from the gate's metrics); the ideal speedup S* = c_big / (c_little + p * c_big) with c = 1 / served
+throughput of each model alone; and the achieved fraction (gate / big) / S*.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+class BenchmarkError(RuntimeError):
+    pass
+
+
+def perf_analyzer_command() -> tuple[str, dict[str, str]]:
+    """The perf_analyzer binary and the environment it needs (libcudart.so.12 on the library path)."""
+    binary = shutil.which("perf_analyzer") or str(Path(sys.executable).parent / "perf_analyzer")
+    if not Path(binary).is_file():
+        raise BenchmarkError(
+            "perf_analyzer not found: it ships in the tritonclient==2.48.0 wheel (pip install "
+            "'tritonclient[all]==2.48.0'; scripts/setup.sh does this) and needs Debian's libb64-0d"
+        )
+    env = dict(os.environ)
+    try:
+        import nvidia.cuda_runtime  # pip nvidia-cuda-runtime-cu12: perf_analyzer links against CUDA
+
+        lib = str(Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib")
+        env["LD_LIBRARY_PATH"] = lib + os.pathsep + env.get("LD_LIBRARY_PATH", "")
+    except ImportError:
+        pass
+    return binary, env
+
+
+def write_input_data(images: np.ndarray, path: Path) -> Path:
+    """perf_analyzer --input-data JSON: one entry per image (used round-robin), raw bytes in base64."""
+    entries = [{"IMAGE": {"b64": base64.b64encode(np.ascontiguousarray(img).tobytes()).decode()}} for img in images]
+    path.write_text(json.dumps({"data": entries}))
+    return path
+
+
+@dataclasses.dataclass
+class PerfResult:
+    model: str
+    concurrency: int
+    throughput: float  # inferences (images) per second
+    p50_ms: float
+    p99_ms: float
+    p90_ms: float
+    server_queue_ms: float
+    server_compute_ms: float
+
+
+def run_perf_analyzer(
+    model: str,
+    url: str,
+    input_data: Path,
+    shape: tuple[int, ...],
+    concurrency: int,
+    csv_path: Path,
+    *,
+    measurement_ms: int = 4000,
+    batch_size: int = 1,
+    composing: str | None = None,
+) -> PerfResult:
+    try:
+        return _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, measurement_ms, batch_size, composing)
+    except BenchmarkError as err:
+        # Deep queues on a busy machine can miss perf_analyzer's stability test; a longer window helps.
+        if "stable measurement" not in str(err):
+            raise
+        return _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, 2 * measurement_ms, batch_size, composing)
+
+
+def _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, measurement_ms, batch_size, composing) -> PerfResult:
+    binary, env = perf_analyzer_command()
+    cmd = [
+        binary, "-m", model, "-u", url, "-i", "grpc",
+        "--input-data", str(input_data), "--shape", "IMAGE:" + ",".join(map(str, shape)),
+        "-b", str(batch_size), "--concurrency-range", f"{concurrency}:{concurrency}",
+        "--measurement-interval", str(measurement_ms), "--stability-percentage", "25", "--max-trials", "8",
+        "-f", str(csv_path),
+    ]
+    if composing:
+        cmd += ["--bls-composing-models", composing]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        raise BenchmarkError(f"perf_analyzer failed on {model} at concurrency {concurrency}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return parse_csv(model, csv_path)
+
+
+def run_gate(url: str, input_data: Path, shape, concurrency: int, csv_path: Path, measurement_ms: int, composing: str) -> PerfResult:
+    try:
+        return run_perf_analyzer("littlebig", url, input_data, shape, concurrency, csv_path, measurement_ms=measurement_ms, composing=composing)
+    except BenchmarkError as err:
+        # perf_analyzer's per-child statistics fail when a composing model ran no request in the
+        # window (big at T=0); the gate's own figures do not need them.
+        if "failed to find the requested model version" not in str(err):
+            raise
+        return run_perf_analyzer("littlebig", url, input_data, shape, concurrency, csv_path, measurement_ms=measurement_ms)
+
+
+def median_result(results: list[PerfResult]) -> PerfResult:
+    """Field-wise medians of repeated runs of one model at one concurrency."""
+    fields = {f.name: statistics.median(getattr(r, f.name) for r in results) for f in dataclasses.fields(PerfResult) if f.name not in ("model", "concurrency")}
+    return PerfResult(model=results[0].model, concurrency=results[0].concurrency, **fields)
+
+
+def parse_csv(model: str, path: Path) -> PerfResult:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise BenchmarkError(f"perf_analyzer wrote no results to {path}")
+    row = rows[0]
+    us = lambda key: float(row[key]) / 1000.0  # noqa: E731 (perf_analyzer reports microseconds)
+    return PerfResult(
+        model=model,
+        concurrency=int(row["Concurrency"]),
+        throughput=float(row["Inferences/Second"]),
+        p50_ms=us("p50 latency"),
+        p99_ms=us("p99 latency"),
+        p90_ms=us("p90 latency"),
+        server_queue_ms=us("Server Queue"),
+        server_compute_ms=us("Server Compute Infer"),
+    )
+
+
+def scrape_rows(metrics_url: str) -> dict[str, float]:
+    """The gate's littlebig_rows_total by route."""
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    rows = {"little": 0.0, "big": 0.0}
+    for line in text.splitlines():
+        if line.startswith("littlebig_rows_total{"):
+            route = line.split('route="')[1].split('"')[0]
+            rows[route] += float(line.rsplit(" ", 1)[1])
+    return rows
+
+
+def ideal_speedup(little_throughput: float, big_throughput: float, share: float) -> float:
+    """S* = c_big / (c_little + p * c_big), with c = 1 / throughput of each model served alone."""
+    c_little, c_big = 1.0 / little_throughput, 1.0 / big_throughput
+    return c_big / (c_little + share * c_big)
+
+
+def route_latencies(url: str, model: str, images: np.ndarray, concurrency: int, seconds: float) -> dict[int, list[float]]:
+    """Closed-loop clients (``concurrency`` of them, one image per request) for ``seconds``; latency
+    in ms grouped by the ROUTE each answer reports (-1 for a model without ROUTE). perf_analyzer
+    cannot split latency by route. One asyncio loop keeps the client's own CPU use small."""
+    import asyncio
+
+    import tritonclient.grpc.aio as grpcaio
+
+    async def run() -> dict[int, list[float]]:
+        client = grpcaio.InferenceServerClient(url)
+        try:
+            metadata = await client.get_model_metadata(model)
+            has_route = any(o.name == "ROUTE" for o in metadata.outputs)
+            output = grpcaio.InferRequestedOutput("ROUTE" if has_route else "PROBS")
+            inputs = []
+            for img in images:
+                tensor = grpcaio.InferInput("IMAGE", [1, *img.shape], "UINT8")
+                tensor.set_data_from_numpy(img[None])
+                inputs.append(tensor)
+            by_route: dict[int, list[float]] = {}
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + seconds
+
+            async def worker(offset: int) -> None:
+                i = offset
+                while loop.time() < deadline:
+                    start = loop.time()
+                    result = await client.infer(model, [inputs[i % len(inputs)]], outputs=[output])
+                    latency = (loop.time() - start) * 1000.0
+                    route = int(result.as_numpy("ROUTE")[0, 0]) if has_route else -1
+                    by_route.setdefault(route, []).append(latency)
+                    i += concurrency
+
+            await asyncio.gather(*(worker(k) for k in range(concurrency)))
+            return by_route
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(run())
+    except Exception as err:  # a benchmark with failed requests is not valid
+        raise BenchmarkError(f"a request failed during the latency probe of {model}: {err}") from err
+
+
+def median_of(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def route_latency_comparison(url: str, little_model: str, images: np.ndarray, concurrency: int, seconds: float, rounds: int) -> dict:
+    """p50 latency of little-answered gate requests against little alone, probed alternately
+    ``rounds`` times (this machine is noisy); the medians of the per-round p50s."""
+    gate_little, gate_big, little_alone, counts = [], [], [], {"gate_little": 0, "gate_big": 0, "little": 0}
+    for _ in range(rounds):
+        gate = route_latencies(url, "littlebig", images, concurrency, seconds)
+        alone = route_latencies(url, little_model, images, concurrency, seconds)
+        gate_little.append(median_of(gate.get(0, [])))
+        gate_big.append(median_of(gate.get(1, [])))
+        little_alone.append(median_of(alone.get(-1, [])))
+        counts["gate_little"] += len(gate.get(0, []))
+        counts["gate_big"] += len(gate.get(1, []))
+        counts["little"] += len(alone.get(-1, []))
+    return {
+        "concurrency": concurrency,
+        "gate_little_answered_p50_ms": median_of(gate_little),
+        "gate_big_answered_p50_ms": median_of([x for x in gate_big if x == x]),
+        "little_alone_p50_ms": median_of(little_alone),
+        "rounds": rounds,
+        "requests": counts,
+    }
+
+
+def bench(
+    url: str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    concurrencies: list[int],
+    metrics_url: str,
+    n_images: int = 64,
+    threshold: float | None = None,
+    measurement_ms: int = 4000,
+    latency_seconds: float = 8.0,
+    latency_rounds: int = 3,
+    rounds: int = 3,
+    log=print,
+) -> dict:
+    """Measure big, little and the gate at each concurrency; write bench.json, a table and plots."""
+    from .collect import served_models
+    from .control import apply_threshold, served_threshold
+    from .images import list_images, to_wire_batch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    little_model, big_model, info = served_models(url)
+    paths = list_images(data)[:n_images]
+    if not paths:
+        raise BenchmarkError(f"no images under {data}")
+    images = to_wire_batch(paths, info.wire_size, info.crop_pct)
+    input_data = write_input_data(images, out / "input_data.json")
+    shape = (info.wire_size, info.wire_size, 3)
+
+    original = served_threshold(url)
+    if threshold is not None:
+        apply_threshold(url, threshold, persist=False)
+    try:
+        t = served_threshold(url)
+        log(f"benchmarking on {len(images)} images, T={t:.6f}, concurrency {concurrencies}")
+        rows = []
+        for c in concurrencies:
+            runs = {"big": [], "little": [], "gate": []}
+            routed = {"little": 0.0, "big": 0.0}
+            # Interleaved rounds: this machine's speed drifts over minutes, so big, little and the
+            # gate are measured in turn, several times, and each is summarised by its medians.
+            for r in range(rounds):
+                tag = f"c{c}_r{r}"
+                runs["big"].append(run_perf_analyzer(big_model, url, input_data, shape, c, out / f"big_{tag}.csv", measurement_ms=measurement_ms))
+                runs["little"].append(run_perf_analyzer(little_model, url, input_data, shape, c, out / f"little_{tag}.csv", measurement_ms=measurement_ms))
+                before = scrape_rows(metrics_url)
+                runs["gate"].append(run_gate(url, input_data, shape, c, out / f"gate_{tag}.csv", measurement_ms, f"{little_model},{big_model}"))
+                after = scrape_rows(metrics_url)
+                for route in routed:
+                    routed[route] += after[route] - before[route]
+            big, little, gate = (median_result(runs[k]) for k in ("big", "little", "gate"))
+            share = routed["big"] / max(1.0, routed["big"] + routed["little"])
+            s_star = ideal_speedup(little.throughput, big.throughput, share)
+            achieved = gate.throughput / big.throughput
+            row = {
+                "concurrency": c,
+                "rounds": rounds,
+                "escalation": share,
+                "ideal_speedup": s_star,
+                "achieved_speedup": achieved,
+                "achieved_fraction": achieved / s_star,
+                "gate_vs_little": gate.throughput / little.throughput,
+                "big": dataclasses.asdict(big),
+                "little": dataclasses.asdict(little),
+                "gate": dataclasses.asdict(gate),
+                "throughput_per_round": {k: [x.throughput for x in v] for k, v in runs.items()},
+            }
+            rows.append(row)
+            log(format_row(row))
+
+        peak = max(rows, key=lambda r: r["big"]["throughput"])
+        c = peak["concurrency"]
+        latency = route_latency_comparison(url, little_model, images, c, latency_seconds, latency_rounds)
+    finally:
+        if threshold is not None:
+            apply_threshold(url, original, persist=False)
+
+    report = {
+        "threshold": t,
+        "images": len(images),
+        "macs_little": info.macs_little,
+        "macs_big": info.macs_big,
+        "big_peak_concurrency": c,
+        "at_big_peak": {
+            "ideal_speedup": peak["ideal_speedup"],
+            "achieved_fraction": peak["achieved_fraction"],
+            "gate_vs_little": peak["gate_vs_little"],
+            "escalation": peak["escalation"],
+        },
+        "latency": latency,
+        "runs": rows,
+    }
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_bench(out, rows)
+    log(
+        f"at big's peak (concurrency {c}): p={peak['escalation']:.3f}, S*={peak['ideal_speedup']:.2f}, "
+        f"achieved {peak['achieved_speedup']:.2f}x = {peak['achieved_fraction']:.1%} of S*, gate/little {peak['gate_vs_little']:.2f}"
+    )
+    log(
+        f"p50 latency at concurrency {c}: little-answered via gate {latency['gate_little_answered_p50_ms']:.1f} ms, "
+        f"little alone {latency['little_alone_p50_ms']:.1f} ms, big-answered via gate {latency['gate_big_answered_p50_ms']:.1f} ms"
+    )
+    return report
+
+
+def format_row(row: dict) -> str:
+    return (
+        f"c={row['concurrency']:>3}  big {row['big']['throughput']:7.1f}/s  little {row['little']['throughput']:7.1f}/s  "
+        f"gate {row['gate']['throughput']:7.1f}/s  p={row['escalation']:.3f}  S*={row['ideal_speedup']:.2f}  "
+        f"achieved {row['achieved_speedup']:.2f} ({row['achieved_fraction']:.0%} of S*)  "
+        f"p50 ms big/little/gate {row['big']['p50_ms']:.1f}/{row['little']['p50_ms']:.1f}/{row['gate']['p50_ms']:.1f}"
+    )
+
+
+def plot_bench(out: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conc = [r["concurrency"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("big", "big alone"), ("little", "little alone"), ("gate", "Little-Big gate")):
+        thr = [r[key]["throughput"] for r in rows]
+        axes[0].plot(conc, thr, marker="o", label=label)
+        axes[1].plot(thr, [r[key]["p50_ms"] for r in rows], marker="o", label=f"{label} p50")
+        axes[1].plot(thr, [r[key]["p99_ms"] for r in rows], marker="x", ls=":", label=f"{label} p99")
+    ideal = [r["ideal_speedup"] * r["big"]["throughput"] for r in rows]
+    axes[0].plot(conc, ideal, ls="--", color="grey", label="ideal gate (S* x big)")
+    axes[0].set(xlabel="concurrency", ylabel="images / s", title="Throughput", xscale="log", xticks=conc, xticklabels=[str(c) for c in conc])
+    axes[1].set(xlabel="images / s", ylabel="latency (ms)", title="Latency vs throughput")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bench.png", dpi=120)
+    plt.close(fig)
