@@ -19,7 +19,8 @@ parser.add_argument("--data", default="../shared/data/imagenet-sample")
 parser.add_argument("--threshold", type=float, required=True)
 parser.add_argument("--concurrency", default="16")
 parser.add_argument("--out", default="runs/iterate")
-parser.add_argument("--measurement-ms", type=int, default=4000)
+parser.add_argument("--measurement-ms", type=int, default=3000)
+parser.add_argument("--rounds", type=int, default=3)
 for field in dataclasses.fields(RepositoryOptions):
     if field.name not in ("threshold", "runtime"):
         parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
@@ -29,5 +30,6 @@ work = Path(args.workdir)
 repo = build_repository(work / "little.onnx", work / "big.onnx", Path(args.out) / "repository", options)
 with TritonServer(repo, log_file=Path(args.out) / "server.log") as server:
     report = bench(server.grpc_url, args.data, args.out, concurrencies=[int(c) for c in args.concurrency.split(",")],
-                   metrics_url=server.metrics_url, measurement_ms=args.measurement_ms)
+                   metrics_url=server.metrics_url, measurement_ms=args.measurement_ms, rounds=args.rounds,
+                   latency_seconds=4, latency_rounds=1)
 print(json.dumps({"options": dataclasses.asdict(options), "at_big_peak": report["at_big_peak"], "latency": report["latency"]}))

@@ -114,6 +114,27 @@ def run_gate(url: str, input_data: Path, shape, concurrency: int, csv_path: Path
         return run_perf_analyzer("littlebig", url, input_data, shape, concurrency, csv_path, measurement_ms=measurement_ms)
 
 
+def summarise(concurrency: int, runs: dict) -> dict:
+    """One concurrency level: medians over rounds of each model's figures and of the per-round ratios."""
+    per_round = []
+    for big, little, gate, share in zip(runs["big"], runs["little"], runs["gate"], runs["share"]):
+        s_star = ideal_speedup(little.throughput, big.throughput, share)
+        achieved = gate.throughput / big.throughput
+        per_round.append({"escalation": share, "ideal_speedup": s_star, "achieved_speedup": achieved,
+                          "achieved_fraction": achieved / s_star, "gate_vs_little": gate.throughput / little.throughput})
+    row = {key: statistics.median(r[key] for r in per_round) for key in per_round[0]}
+    row.update(
+        concurrency=concurrency,
+        rounds=len(per_round),
+        big=dataclasses.asdict(median_result(runs["big"])),
+        little=dataclasses.asdict(median_result(runs["little"])),
+        gate=dataclasses.asdict(median_result(runs["gate"])),
+        per_round=per_round,
+        throughput_per_round={k: [x.throughput for x in runs[k]] for k in ("big", "little", "gate")},
+    )
+    return row
+
+
 def median_result(results: list[PerfResult]) -> PerfResult:
     """Field-wise medians of repeated runs of one model at one concurrency."""
     fields = {f.name: statistics.median(getattr(r, f.name) for r in results) for f in dataclasses.fields(PerfResult) if f.name not in ("model", "concurrency")}
@@ -263,39 +284,24 @@ def bench(
     try:
         t = served_threshold(url)
         log(f"benchmarking on {len(images)} images, T={t:.6f}, concurrency {concurrencies}")
-        rows = []
-        for c in concurrencies:
-            runs = {"big": [], "little": [], "gate": []}
-            routed = {"little": 0.0, "big": 0.0}
-            # Interleaved rounds: this machine's speed drifts over minutes, so big, little and the
-            # gate are measured in turn, several times, and each is summarised by its medians.
-            for r in range(rounds):
+        # Rounds outside, concurrencies inside: this machine's speed drifts over minutes, so every
+        # round measures big, little and the gate back to back at every level, ratios are taken
+        # within a round, and the report gives medians over rounds.
+        runs = {c: {"big": [], "little": [], "gate": [], "share": []} for c in concurrencies}
+        for r in range(rounds):
+            for c in concurrencies:
                 tag = f"c{c}_r{r}"
-                runs["big"].append(run_perf_analyzer(big_model, url, input_data, shape, c, out / f"big_{tag}.csv", measurement_ms=measurement_ms))
-                runs["little"].append(run_perf_analyzer(little_model, url, input_data, shape, c, out / f"little_{tag}.csv", measurement_ms=measurement_ms))
+                runs[c]["big"].append(run_perf_analyzer(big_model, url, input_data, shape, c, out / f"big_{tag}.csv", measurement_ms=measurement_ms))
+                runs[c]["little"].append(run_perf_analyzer(little_model, url, input_data, shape, c, out / f"little_{tag}.csv", measurement_ms=measurement_ms))
                 before = scrape_rows(metrics_url)
-                runs["gate"].append(run_gate(url, input_data, shape, c, out / f"gate_{tag}.csv", measurement_ms, f"{little_model},{big_model}"))
+                runs[c]["gate"].append(run_gate(url, input_data, shape, c, out / f"gate_{tag}.csv", measurement_ms, f"{little_model},{big_model}"))
                 after = scrape_rows(metrics_url)
-                for route in routed:
-                    routed[route] += after[route] - before[route]
-            big, little, gate = (median_result(runs[k]) for k in ("big", "little", "gate"))
-            share = routed["big"] / max(1.0, routed["big"] + routed["little"])
-            s_star = ideal_speedup(little.throughput, big.throughput, share)
-            achieved = gate.throughput / big.throughput
-            row = {
-                "concurrency": c,
-                "rounds": rounds,
-                "escalation": share,
-                "ideal_speedup": s_star,
-                "achieved_speedup": achieved,
-                "achieved_fraction": achieved / s_star,
-                "gate_vs_little": gate.throughput / little.throughput,
-                "big": dataclasses.asdict(big),
-                "little": dataclasses.asdict(little),
-                "gate": dataclasses.asdict(gate),
-                "throughput_per_round": {k: [x.throughput for x in v] for k, v in runs.items()},
-            }
-            rows.append(row)
+                routed_big, routed_little = after["big"] - before["big"], after["little"] - before["little"]
+                runs[c]["share"].append(routed_big / max(1.0, routed_big + routed_little))
+                log(f"round {r + 1}/{rounds} c={c}: big {runs[c]['big'][-1].throughput:.1f}/s, little "
+                    f"{runs[c]['little'][-1].throughput:.1f}/s, gate {runs[c]['gate'][-1].throughput:.1f}/s")
+        rows = [summarise(c, runs[c]) for c in concurrencies]
+        for row in rows:
             log(format_row(row))
 
         peak = max(rows, key=lambda r: r["big"]["throughput"])

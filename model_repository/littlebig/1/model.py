@@ -109,14 +109,12 @@ class TritonPythonModel:
         parameters = json.loads(request.parameters() or "{}")
         if "threshold" in parameters:
             threshold = parse_threshold(parameters["threshold"], "request parameter")
-        return image, threshold, "PROBS" in request.requested_output_names()
+        return tensor, image, threshold, "PROBS" in request.requested_output_names()
 
     def _infer(self, model_name, images):
-        request = pb_utils.InferenceRequest(
-            model_name=model_name,
-            requested_output_names=["PROBS"],
-            inputs=[pb_utils.Tensor("IMAGE", images)],
-        )
+        """``images``: a numpy batch, or a request's own IMAGE tensor (passed on without a copy)."""
+        tensor = images if isinstance(images, pb_utils.Tensor) else pb_utils.Tensor("IMAGE", images)
+        request = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=["PROBS"], inputs=[tensor])
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"model '{model_name}' failed: {response.error().message()}")
@@ -148,7 +146,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        accepted = []  # (index, image, threshold, want_probs)
+        accepted = []  # (index, tensor, image, threshold, want_probs)
         for index, request in enumerate(requests):
             try:
                 accepted.append((index,) + self._parse_request(request))
@@ -157,14 +155,14 @@ class TritonPythonModel:
         if not accepted:
             return [self._count(r) for r in responses]
 
-        images = [a[1] for a in accepted]
+        images = [a[2] for a in accepted]
         ends = np.cumsum([len(x) for x in images])
         rows_of = [slice(end - len(x), end) for end, x in zip(ends, images)]
         batch = images[0] if len(images) == 1 else np.concatenate(images)
         # Compare in float64 so T means exactly the number that was sent (no rounding to float32).
-        row_threshold = np.repeat(np.asarray([a[2] for a in accepted], dtype=np.float64), [len(x) for x in images])
+        row_threshold = np.repeat(np.asarray([a[3] for a in accepted], dtype=np.float64), [len(x) for x in images])
         try:
-            probs = self._infer(self.little_model, batch)
+            probs = self._infer(self.little_model, accepted[0][1] if len(accepted) == 1 else batch)
         except RuntimeError as err:
             for index, *_ in accepted:
                 responses[index] = self._error(str(err))
@@ -178,7 +176,7 @@ class TritonPythonModel:
         self.metric_rows[ROUTE_LITTLE].increment(len(batch) - len(escalate))
         self.metric_macs.increment(len(batch) * self.macs[ROUTE_LITTLE])
         waiting = []
-        for (index, _, _, want_probs), rows in zip(accepted, rows_of):
+        for (index, _, _, _, want_probs), rows in zip(accepted, rows_of):
             if escalated[rows].any():
                 waiting.append((index, rows, want_probs))
             else:
