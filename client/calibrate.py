@@ -111,12 +111,16 @@ def calibrate(
     return report
 
 
+def _saving(reduction: float) -> str:
+    return f"{reduction:.1%} fewer MACs" if reduction >= 0 else f"{-reduction:.1%} more MACs than big alone"
+
+
 def describe(report: dict) -> str:
     acc = report["accuracy"]
     lines = [
         f"chosen T = {report['threshold']:.6f} ({report['criterion']}{'' if report['criterion_met'] else ', NOT met: safest T returned'})",
         f"escalation p = {report['escalation']:.3f}; GMACs per image {report['gmacs']['cascade']:.3f} vs big "
-        f"{report['gmacs']['big']:.3f}: {report['macs_reduction']:.1%} fewer MACs",
+        f"{report['gmacs']['big']:.3f}: {_saving(report['macs_reduction'])}",
     ]
     if acc["cascade"] is not None:
         lines.append(f"accuracy: little {acc['little']:.4f}, big {acc['big']:.4f}, cascade {acc['cascade']:.4f}")
@@ -127,7 +131,7 @@ def describe(report: dict) -> str:
         if ev["accuracy"]["cascade"] is not None:
             lines.append(
                 f"eval set: p = {ev['escalation']:.3f}, accuracy big {ev['accuracy']['big']:.4f} vs cascade "
-                f"{ev['accuracy']['cascade']:.4f}, {ev['macs_reduction']:.1%} fewer MACs"
+                f"{ev['accuracy']['cascade']:.4f}, {_saving(ev['macs_reduction'])}"
             )
     if "applied" in report:
         where = report["applied"]["config"] or "the running server only (repository not found here: pass --repo)"

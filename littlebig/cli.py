@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="EfficientNet-Lite0 -> Lite2 end to end: export, repository, serve, classify")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--data", help="folder of your images (default: photographs bundled with scikit-image)")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=0.26,
+                   help="T (default: the zero-loss T that `littlebig calibrate` picked on 500 ImageNet photos)")
     p.add_argument("--wire-size", type=int, default=260)
     p.add_argument("--force", action="store_true", help="export again even if the ONNX files exist")
     p.set_defaults(func=cmd_demo)
