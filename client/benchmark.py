@@ -121,7 +121,8 @@ def summarise(concurrency: int, runs: dict) -> dict:
         s_star = ideal_speedup(little.throughput, big.throughput, share)
         achieved = gate.throughput / big.throughput
         per_round.append({"escalation": share, "ideal_speedup": s_star, "achieved_speedup": achieved,
-                          "achieved_fraction": achieved / s_star, "gate_vs_little": gate.throughput / little.throughput})
+                          "achieved_fraction": achieved / s_star, "gate_vs_little": gate.throughput / little.throughput,
+                          "ideal_throughput": s_star * big.throughput})
     row = {key: statistics.median(r[key] for r in per_round) for key in per_round[0]}
     row.update(
         concurrency=concurrency,
@@ -356,12 +357,12 @@ def plot_bench(out: Path, rows: list[dict]) -> None:
 
     conc = [r["concurrency"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("big", "big alone"), ("little", "little alone"), ("gate", "Little-Big gate")):
+    for (key, label), color in zip((("big", "big alone"), ("little", "little alone"), ("gate", "Little-Big gate")), ("C0", "C1", "C2")):
         thr = [r[key]["throughput"] for r in rows]
-        axes[0].plot(conc, thr, marker="o", label=label)
-        axes[1].plot(thr, [r[key]["p50_ms"] for r in rows], marker="o", label=f"{label} p50")
-        axes[1].plot(thr, [r[key]["p99_ms"] for r in rows], marker="x", ls=":", label=f"{label} p99")
-    ideal = [r["ideal_speedup"] * r["big"]["throughput"] for r in rows]
+        axes[0].plot(conc, thr, marker="o", color=color, label=label)
+        axes[1].plot(thr, [r[key]["p50_ms"] for r in rows], marker="o", color=color, label=f"{label} p50")
+        axes[1].plot(thr, [r[key]["p99_ms"] for r in rows], marker="x", ls=":", color=color, label=f"{label} p99")
+    ideal = [r["ideal_throughput"] for r in rows]  # median over rounds of S* x big
     axes[0].plot(conc, ideal, ls="--", color="grey", label="ideal gate (S* x big)")
     axes[0].set(xlabel="concurrency", ylabel="images / s", title="Throughput", xscale="log", xticks=conc, xticklabels=[str(c) for c in conc])
     axes[1].set(xlabel="images / s", ylabel="latency (ms)", title="Latency vs throughput")
