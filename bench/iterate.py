@@ -6,7 +6,6 @@ A development aid for comparing repository settings side by side on this machine
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 from littlebig.client.benchmark import bench

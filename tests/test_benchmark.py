@@ -8,7 +8,6 @@ import queue
 import time
 import urllib.request
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
