@@ -62,9 +62,13 @@ def cmd_repo(args) -> None:
     print(f"wrote model repository {out} (little, big, littlebig; runtime {args.runtime})")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _wait_forever(server) -> None:
     # SIGTERM ends the wait like Ctrl-C does, so the server is always stopped in order.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while server.process.poll() is None:
             time.sleep(0.5)
