@@ -265,13 +265,15 @@ def bench(
     log=print,
 ) -> dict:
     """Measure big, little and the gate at each concurrency; write bench.json, a table and plots."""
-    from .collect import served_models
-    from .control import apply_threshold, served_threshold
+    from .control import apply_threshold
     from .images import list_images, to_wire_batch
+    from .infer import LittleBigClient
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    little_model, big_model, info = served_models(url)
+    with LittleBigClient(url) as client:
+        info = client.gate_info()
+    little_model, big_model = info.little_model, info.big_model
     paths = list_images(data)[:n_images]
     if not paths:
         raise BenchmarkError(f"no images under {data}")
@@ -279,11 +281,11 @@ def bench(
     input_data = write_input_data(images, out / "input_data.json")
     shape = (info.wire_size, info.wire_size, 3)
 
-    original = served_threshold(url)
+    original = info.threshold
     if threshold is not None:
         apply_threshold(url, threshold, persist=False)
+    t = original if threshold is None else threshold
     try:
-        t = served_threshold(url)
         log(f"benchmarking on {len(images)} images, T={t:.6f}, concurrency {concurrencies}")
         # Rounds outside, concurrencies inside: this machine's speed drifts over minutes, so every
         # round measures big, little and the gate back to back at every level, ratios are taken

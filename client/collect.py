@@ -51,13 +51,6 @@ class Collected:
             )
 
 
-def served_models(url: str) -> tuple[str, str, GateInfo]:
-    """Names of the little and big models behind the gate, and the gate's facts."""
-    with LittleBigClient(url) as client:
-        params = {k: v["string_value"] for k, v in client.model_config().get("parameters", {}).items()}
-        return params["little_model"], params["big_model"], client.gate_info()
-
-
 async def _collect(url: str, images: ImageSet, models: tuple[str, str], info: GateInfo, batch_size: int, concurrency: int, progress) -> dict:
     import tritonclient.grpc.aio as grpcaio
 
@@ -91,7 +84,9 @@ def collect(url: str, images: ImageSet, *, batch_size: int = 16, concurrency: in
     """Both models' probabilities for every image, in the image set's order."""
     from tqdm import tqdm
 
-    little_model, big_model, info = served_models(url)
+    with LittleBigClient(url) as client:
+        info = client.gate_info()
+    little_model, big_model = info.little_model, info.big_model
     if len(images) == 0:
         raise ValueError("the image set is empty")
     if batch_size < 1 or concurrency < 1:

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from .infer import GATE_MODEL
+from .infer import GATE_MODEL, LittleBigClient
 
 
 def served_threshold(url: str, model: str = GATE_MODEL) -> float:
-    with grpcclient.InferenceServerClient(url) as client:
-        config = client.get_model_config(model, as_json=True)["config"]
-    return float(config["parameters"]["threshold"]["string_value"])
+    with LittleBigClient(url, model=model) as client:
+        return client.gate_info().threshold
 
 
 def apply_threshold(

@@ -35,6 +35,8 @@ class GateInfo:
     threshold: float
     macs_little: int
     macs_big: int
+    little_model: str
+    big_model: str
 
 
 def _module(protocol: str):
@@ -79,6 +81,8 @@ class LittleBigClient:
             threshold=float(params["threshold"]),
             macs_little=int(params["macs_little"]),
             macs_big=int(params["macs_big"]),
+            little_model=params["little_model"],
+            big_model=params["big_model"],
         )
 
     def infer(

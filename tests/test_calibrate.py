@@ -76,9 +76,13 @@ def digits_setup(tmp_path_factory):
         yield root, server, paths
 
 
+def wire_of(image_set) -> np.ndarray:
+    """The saved grey PNGs as the wire format: uint8 [N, 8, 8, 3]."""
+    return np.stack([np.repeat(np.asarray(Image.open(p).convert("L"))[:, :, None], 3, axis=2) for p in image_set.paths])
+
+
 def offline_probs(path, image_set):
-    wire = np.stack([np.repeat(np.asarray(Image.open(p).convert("L"))[:, :, None], 3, axis=2) for p in image_set.paths])
-    return ort_session(path).run(["PROBS"], {"IMAGE": wire})[0], wire
+    return ort_session(path).run(["PROBS"], {"IMAGE": wire_of(image_set)})[0]
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +97,8 @@ def report(digits_setup):
 def test_report_matches_offline_computation(digits_setup, report):
     root, _, paths = digits_setup
     calib = load_image_set(root / "calib")
-    little, _ = offline_probs(paths["little"], calib)
-    big, _ = offline_probs(paths["big"], calib)
+    little = offline_probs(paths["little"], calib)
+    big = offline_probs(paths["big"], calib)
     acc_little = float((little.argmax(1) == calib.labels).mean())
     acc_big = float((big.argmax(1) == calib.labels).mean())
     assert report["accuracy"]["little"] == pytest.approx(acc_little, abs=1e-12)
@@ -160,7 +164,7 @@ def test_label_free_and_bounded_modes(digits_setup, report):
 def test_apply_live_with_no_failed_request_then_served_answers_reproduce_report(digits_setup, report):
     root, server, _ = digits_setup
     calib = load_image_set(root / "calib")
-    wire = np.stack([np.repeat(np.asarray(Image.open(p).convert("L"))[:, :, None], 3, axis=2) for p in calib.paths])
+    wire = wire_of(calib)
     assert served_threshold(server.grpc_url) == 0.5
 
     failures, answered, stop = [], [0], threading.Event()
