@@ -61,3 +61,26 @@ def test_bad_requests_do_not_fail_their_batch_neighbours(server, offline):
 
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         assert client.is_server_ready() and client.is_model_ready("littlebig")
+
+
+def test_missing_big_fails_only_the_escalated_requests(server, offline):
+    """Big unloaded: requests that need it get an error naming it, little's answers still come back,
+    and once big is back the same request succeeds."""
+    plan = [0.0, 1.0, 0.0, 1.0]  # T=0: little answers all; T=1: every row goes to big
+    requests = [(offline.images[i * 4 : (i + 1) * 4], t) for i, t in enumerate(plan)]
+    with grpcclient.InferenceServerClient(server.grpc_url) as admin:
+        admin.unload_model("big")
+        try:
+            results = send_concurrently(server.grpc_url, requests)
+        finally:
+            admin.load_model("big")
+    for threshold, (result, error) in zip(plan, results):
+        if threshold == 0.0:
+            assert error is None, error
+            assert not result.as_numpy("ROUTE").any()
+        else:
+            assert result is None and error is not None
+            assert "'big'" in error.message()
+    result, error = send_concurrently(server.grpc_url, requests[1:2])[0]
+    assert error is None, error
+    assert result.as_numpy("ROUTE").all()

@@ -200,3 +200,55 @@ def test_ensemble_weight_mixes_probabilities_of_escalated_rows(pair, offline, tm
     np.testing.assert_allclose(out["PROBS"], expected, atol=2e-6)
     np.testing.assert_array_equal(out["CLASS"][:, 0], expected.argmax(1))
     np.testing.assert_allclose(out["CONFIDENCE"][:, 0], expected.max(1), atol=2e-6)
+
+
+SLOW_BIG_SECONDS = 2.0
+
+
+def test_little_answers_do_not_wait_for_a_slow_big(pair, offline, tmp_path):
+    """One gate instance, big taking 2 s per call: a request little answers, sent while an
+    escalated one waits for big, comes back long before it (the gate does not block on big)."""
+    import time
+
+    from littlebig.model_repository.builder import RepositoryOptions, build_repository
+
+    repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(gate_instances=1, big_nice=0))
+    big_model = repo / "big" / "1" / "model.py"
+    # A slower big: the same runtime with a sleep in front of every execute.
+    big_model.write_text(big_model.read_text() + f"""
+
+import time
+
+_execute = TritonPythonModel.execute
+
+
+def _slow_execute(self, requests):
+    time.sleep({SLOW_BIG_SECONDS})
+    return _execute(self, requests)
+
+
+TritonPythonModel.execute = _slow_execute
+""")
+    images = offline.images[:4]
+    with TritonServer(repo, log_file=tmp_path / "log.txt") as slow_server:
+        client = grpcclient.InferenceServerClient(slow_server.grpc_url)
+        done: queue.Queue = queue.Queue()
+
+        def send(name, threshold):
+            image = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
+            image.set_data_from_numpy(images)
+            client.async_infer("littlebig", [image], parameters={"threshold": threshold},
+                               callback=lambda result, error: done.put((name, time.monotonic(), result, error)))
+
+        start = time.monotonic()
+        send("escalated", 1.0)
+        time.sleep(0.5)  # the escalated request is with big by now
+        send("little", 0.0)
+        arrivals = [done.get(timeout=60) for _ in range(2)]
+        client.close()
+    assert [error for *_, error in arrivals] == [None, None]
+    (first, first_at, first_result, _), (second, second_at, second_result, _) = arrivals
+    assert (first, second) == ("little", "escalated")
+    assert not first_result.as_numpy("ROUTE").any() and second_result.as_numpy("ROUTE").all()
+    assert first_at - start < SLOW_BIG_SECONDS - 0.5  # not held behind big
+    assert second_at - start >= SLOW_BIG_SECONDS
