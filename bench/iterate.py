@@ -20,6 +20,8 @@ parser.add_argument("--concurrency", default="16")
 parser.add_argument("--out", default="runs/iterate")
 parser.add_argument("--measurement-ms", type=int, default=3000)
 parser.add_argument("--rounds", type=int, default=3)
+parser.add_argument("--latency-seconds", type=float, default=4.0)
+parser.add_argument("--latency-rounds", type=int, default=1)
 for field in dataclasses.fields(RepositoryOptions):
     if field.name not in ("threshold", "runtime"):
         parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
@@ -30,5 +32,5 @@ repo = build_repository(work / "little.onnx", work / "big.onnx", Path(args.out) 
 with TritonServer(repo, log_file=Path(args.out) / "server.log") as server:
     report = bench(server.grpc_url, args.data, args.out, concurrencies=[int(c) for c in args.concurrency.split(",")],
                    metrics_url=server.metrics_url, measurement_ms=args.measurement_ms, rounds=args.rounds,
-                   latency_seconds=4, latency_rounds=1)
+                   latency_seconds=args.latency_seconds, latency_rounds=args.latency_rounds)
 print(json.dumps({"options": dataclasses.asdict(options), "at_big_peak": report["at_big_peak"], "latency": report["latency"]}))

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .infer import GATE_MODEL
+
 
 class BenchmarkError(RuntimeError):
     pass
@@ -105,13 +107,13 @@ def _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, me
 
 def run_gate(url: str, input_data: Path, shape, concurrency: int, csv_path: Path, measurement_ms: int, composing: str) -> PerfResult:
     try:
-        return run_perf_analyzer("littlebig", url, input_data, shape, concurrency, csv_path, measurement_ms=measurement_ms, composing=composing)
+        return run_perf_analyzer(GATE_MODEL, url, input_data, shape, concurrency, csv_path, measurement_ms=measurement_ms, composing=composing)
     except BenchmarkError as err:
         # perf_analyzer's per-child statistics fail when a composing model ran no request in the
         # window (big at T=0); the gate's own figures do not need them.
         if "failed to find the requested model version" not in str(err):
             raise
-        return run_perf_analyzer("littlebig", url, input_data, shape, concurrency, csv_path, measurement_ms=measurement_ms)
+        return run_perf_analyzer(GATE_MODEL, url, input_data, shape, concurrency, csv_path, measurement_ms=measurement_ms)
 
 
 def summarise(concurrency: int, runs: dict) -> dict:
@@ -178,10 +180,14 @@ def ideal_speedup(little_throughput: float, big_throughput: float, share: float)
     return c_big / (c_little + share * c_big)
 
 
-def route_latencies(url: str, model: str, images: np.ndarray, concurrency: int, seconds: float) -> dict[int, list[float]]:
-    """Closed-loop clients (``concurrency`` of them, one image per request) for ``seconds``; latency
-    in ms grouped by the ROUTE each answer reports (-1 for a model without ROUTE). perf_analyzer
-    cannot split latency by route. One asyncio loop keeps the client's own CPU use small."""
+def route_latencies(
+    url: str, model: str, images: np.ndarray, concurrency: int, seconds: float, warmup: float = 1.0
+) -> dict[int, list[float]]:
+    """Closed-loop clients (``concurrency`` of them, one image per request) for ``warmup`` +
+    ``seconds``; latency in ms of the requests sent after the warm-up (all clients start at once,
+    so the first ones see a burst), grouped by the ROUTE each answer reports (-1 for a model without
+    ROUTE). perf_analyzer cannot split latency by route. One asyncio loop keeps the client's own
+    CPU use small."""
     import asyncio
 
     import tritonclient.grpc.aio as grpcaio
@@ -199,7 +205,8 @@ def route_latencies(url: str, model: str, images: np.ndarray, concurrency: int, 
                 inputs.append(tensor)
             by_route: dict[int, list[float]] = {}
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + seconds
+            recording = loop.time() + warmup
+            deadline = recording + seconds
 
             async def worker(offset: int) -> None:
                 i = offset
@@ -208,7 +215,8 @@ def route_latencies(url: str, model: str, images: np.ndarray, concurrency: int, 
                     result = await client.infer(model, [inputs[i % len(inputs)]], outputs=[output])
                     latency = (loop.time() - start) * 1000.0
                     route = int(result.as_numpy("ROUTE")[0, 0]) if has_route else -1
-                    by_route.setdefault(route, []).append(latency)
+                    if start >= recording:
+                        by_route.setdefault(route, []).append(latency)
                     i += concurrency
 
             await asyncio.gather(*(worker(k) for k in range(concurrency)))
@@ -227,12 +235,17 @@ def median_of(values: list[float]) -> float:
 
 
 def route_latency_comparison(url: str, little_model: str, images: np.ndarray, concurrency: int, seconds: float, rounds: int) -> dict:
-    """p50 latency of little-answered gate requests against little alone, probed alternately
-    ``rounds`` times (this machine is noisy); the medians of the per-round p50s."""
+    """p50 latency of little-answered gate requests against little alone, probed back to back
+    ``rounds`` times in alternating order (this machine's speed drifts). The excess is the median of
+    the per-round differences, so drift between rounds cancels."""
     gate_little, gate_big, little_alone, counts = [], [], [], {"gate_little": 0, "gate_big": 0, "little": 0}
-    for _ in range(rounds):
-        gate = route_latencies(url, "littlebig", images, concurrency, seconds)
-        alone = route_latencies(url, little_model, images, concurrency, seconds)
+    for r in range(rounds):
+        if r % 2 == 0:
+            gate = route_latencies(url, GATE_MODEL, images, concurrency, seconds)
+            alone = route_latencies(url, little_model, images, concurrency, seconds)
+        else:
+            alone = route_latencies(url, little_model, images, concurrency, seconds)
+            gate = route_latencies(url, GATE_MODEL, images, concurrency, seconds)
         gate_little.append(median_of(gate.get(0, [])))
         gate_big.append(median_of(gate.get(1, [])))
         little_alone.append(median_of(alone.get(-1, [])))
@@ -244,6 +257,8 @@ def route_latency_comparison(url: str, little_model: str, images: np.ndarray, co
         "gate_little_answered_p50_ms": median_of(gate_little),
         "gate_big_answered_p50_ms": median_of([x for x in gate_big if x == x]),
         "little_alone_p50_ms": median_of(little_alone),
+        "excess_ms": median_of([g - a for g, a in zip(gate_little, little_alone)]),
+        "per_round": {"gate_little_answered_p50_ms": gate_little, "little_alone_p50_ms": little_alone},
         "rounds": rounds,
         "requests": counts,
     }
@@ -337,7 +352,8 @@ def bench(
     )
     log(
         f"p50 latency at concurrency {c}: little-answered via gate {latency['gate_little_answered_p50_ms']:.1f} ms, "
-        f"little alone {latency['little_alone_p50_ms']:.1f} ms, big-answered via gate {latency['gate_big_answered_p50_ms']:.1f} ms"
+        f"little alone {latency['little_alone_p50_ms']:.1f} ms (excess, median of per-round differences: "
+        f"{latency['excess_ms']:+.1f} ms), big-answered via gate {latency['gate_big_answered_p50_ms']:.1f} ms"
     )
     return report
 

@@ -233,8 +233,9 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--big-queue-delay-us", type=int, default=0,
                         help="how long big's dynamic batcher waits to merge escalated rows of several gate batches")
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (python runtime)")
-    parser.add_argument("--big-nice", type=int, default=0,
-                        help="CPU priority increment for big's python-runtime process (CPU servers)")
+    parser.add_argument("--big-nice", type=int, default=defaults.big_nice,
+                        help="CPU priority increment (0..19) of big's python-runtime process: on a CPU server, "
+                        "requests little answers go first (default %(default)s; 0 to treat both alike)")
 
 
 def build_parser() -> argparse.ArgumentParser:
