@@ -5,27 +5,29 @@ whole batch, rows whose max probability is below the threshold T go to `big` in 
 (paper Eq. 4). With ensemble_weight w < 1 an escalated row's answer is
 (1 - w) * p_little + w * p_big (paper Eq. 8).
 
-Requests that little answers entirely are sent back at once. The big call for the others runs on a
-background thread that answers them when it ends; execute returns without waiting for it, so this
-instance takes the next batch for little while big works. (Since Triton 24.07 a non-decoupled Python
-model may send its one final response per request after execute has returned.) A plain thread, not
-`async def execute`: the event-loop hops of async BLS added about 1 ms per request on little's path.
+Requests that little answers entirely are sent back at once. The big call for the others runs as a
+background task on the stub's event loop and answers them when it ends; execute returns without
+waiting for it, so this instance takes the next batch for little while big works. (Since Triton
+24.07 a non-decoupled Python model may send its one final response per request after execute has
+returned.) Blocking on big instead held little-answered traffic behind every escalation. Not plain
+threads: BLS calls and response sends from our own threads crashed tritonserver 2.51 (signal 11 in
+libtriton_python.so) under perf_analyzer load; the stub's own event loop ran the same load cleanly.
 
 Self-contained (numpy + triton_python_backend_utils) so the same file runs in the NGC container.
 Config parameters: little_model, big_model, threshold, ensemble_weight. A request parameter
 `threshold` (number or numeric string in [0, 1]) overrides T for that request.
 """
 
+import asyncio
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 ROUTE_LITTLE = 0
 ROUTE_BIG = 1
-ESCALATION_THREADS = 4
 
 
 class RequestError(ValueError):
@@ -66,9 +68,9 @@ class TritonPythonModel:
         image_input = next(i for i in config["input"] if i["name"] == "IMAGE")
         self.row_shape = tuple(int(d) for d in image_input["dims"])
         self._init_metrics(args["model_name"])
-        # Big calls run here after their execute returned. BLS exec() releases the GIL while it
-        # waits, so several can be in flight and big's dynamic batcher may merge them.
-        self._escalations = ThreadPoolExecutor(max_workers=ESCALATION_THREADS, thread_name_prefix="escalate")
+        # Big calls still running after their execute returned; a strong reference keeps each task
+        # alive until it ends (the event loop holds tasks only weakly).
+        self._escalations = set()
 
     def _init_metrics(self, model_name):
         labels = {"model": model_name}
@@ -121,12 +123,12 @@ class TritonPythonModel:
             threshold = parse_threshold(parameters["threshold"], "request parameter")
         return tensor, image, threshold, "PROBS" in request.requested_output_names()
 
-    def _infer(self, model_name, images):
+    async def _infer(self, model_name, images):
         """``images``: a numpy batch, or a request's own IMAGE tensor (passed on without a copy)."""
         tensor = images if isinstance(images, pb_utils.Tensor) else pb_utils.Tensor("IMAGE", images)
         request = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=["PROBS"], inputs=[tensor])
         try:
-            response = request.exec()
+            response = await request.async_exec()
         except Exception as err:  # noqa: BLE001 - e.g. the model is not loaded
             raise RuntimeError(f"model '{model_name}' failed: {err}") from None
         if response.has_error():
@@ -157,7 +159,7 @@ class TritonPythonModel:
             outputs.append(pb_utils.Tensor("PROBS", np.ascontiguousarray(probs[rows])))
         return pb_utils.InferenceResponse(output_tensors=outputs)
 
-    def execute(self, requests):
+    async def execute(self, requests):
         responses = [None] * len(requests)
         accepted = []  # (index, tensor, image, threshold, want_probs)
         for index, request in enumerate(requests):
@@ -175,7 +177,7 @@ class TritonPythonModel:
         # Compare in float64 so T means exactly the number that was sent (no rounding to float32).
         row_threshold = np.repeat(np.asarray([a[3] for a in accepted], dtype=np.float64), [len(x) for x in images])
         try:
-            probs = self._infer(self.little_model, accepted[0][1] if len(accepted) == 1 else batch)
+            probs = await self._infer(self.little_model, accepted[0][1] if len(accepted) == 1 else batch)
         except RuntimeError as err:
             for index, *_ in accepted:
                 responses[index] = self._error(str(err))
@@ -203,13 +205,15 @@ class TritonPythonModel:
                 self._send(requests[index].get_response_sender(), response)
         # Fancy indexing copies the rows out of the request's input buffer, which Triton may free
         # once execute returns.
-        self._escalations.submit(self._escalate, batch[escalate], escalate, probs, label, confidence, route, waiting)
+        task = asyncio.create_task(self._escalate(batch[escalate], escalate, probs, label, confidence, route, waiting))
+        self._escalations.add(task)
+        task.add_done_callback(self._escalations.discard)
         return None
 
-    def _escalate(self, images, escalate, probs, label, confidence, route, waiting):
+    async def _escalate(self, images, escalate, probs, label, confidence, route, waiting):
         """Run big on the escalated rows and answer the requests that wait for them."""
         try:
-            big_probs = self._infer(self.big_model, images)
+            big_probs = await self._infer(self.big_model, images)
             if self.ensemble_weight != 1.0:
                 big_probs = (1.0 - self.ensemble_weight) * probs[escalate] + self.ensemble_weight * big_probs
             confidence[escalate] = big_probs.max(axis=1)
@@ -228,4 +232,6 @@ class TritonPythonModel:
 
     def finalize(self):
         # Let escalations in flight answer their requests before the stub goes away.
-        self._escalations.shutdown(wait=True)
+        deadline = time.monotonic() + 30.0
+        while self._escalations and time.monotonic() < deadline:
+            time.sleep(0.01)
