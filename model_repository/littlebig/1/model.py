@@ -9,9 +9,10 @@ Requests that little answers entirely are sent back at once. The big call for th
 background task on the stub's event loop and answers them when it ends; execute returns without
 waiting for it, so this instance takes the next batch for little while big works. (Since Triton
 24.07 a non-decoupled Python model may send its one final response per request after execute has
-returned.) Blocking on big instead held little-answered traffic behind every escalation. Not plain
-threads: BLS calls and response sends from our own threads crashed tritonserver 2.51 (signal 11 in
-libtriton_python.so) under perf_analyzer load; the stub's own event loop ran the same load cleanly.
+returned.) Blocking on big instead held little-answered traffic behind every escalation. All of it
+runs on the stub's event loop thread: with BLS calls and response sends from two threads at once
+(a thread pool for big, or a synchronous execute that left only big to the loop) tritonserver 2.51
+crashed under perf_analyzer load (signal 11 in libtriton_python.so); this form ran it cleanly.
 
 Self-contained (numpy + triton_python_backend_utils) so the same file runs in the NGC container.
 Config parameters: little_model, big_model, threshold, ensemble_weight. A request parameter

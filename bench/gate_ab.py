@@ -1,0 +1,99 @@
+"""A/B-test gate implementations on one server: p50 latency of the requests little answers, against little alone.
+
+Each variant is a copy of the gate whose model.py is replaced by the given file; they share little
+and big. Every round probes each variant and little alone back to back (order reversed on odd
+rounds), and the report gives the median of the per-round differences, because this machine's
+speed drifts more between rounds than the effects being compared.
+
+    git show 2c1c408:model_repository/littlebig/1/model.py > /tmp/blocking_gate.py
+    .venv/bin/python bench/gate_ab.py --variant blocking=/tmp/blocking_gate.py --concurrency 32 --rounds 9
+
+The current gate is always included as `current`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+from littlebig.client.benchmark import route_latencies
+from littlebig.client.images import list_images, to_wire_batch
+from littlebig.client.infer import GATE_MODEL, LittleBigClient
+from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config, write_config
+from littlebig.server import TritonServer
+
+
+def add_variant(repo: Path, name: str, model_file: Path) -> str:
+    model = f"gate_{name}"
+    shutil.copytree(repo / GATE_MODEL, repo / model)
+    shutil.copy(model_file, repo / model / "1" / "model.py")
+    config = read_config(repo / model / "config.pbtxt")
+    config.name = model
+    write_config(repo / model, config)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", default="runs/demo", help="folder with little.onnx and big.onnx")
+    parser.add_argument("--data", default="../shared/data/imagenet-sample")
+    parser.add_argument("--out", default="runs/gate_ab")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=MODEL_PY")
+    parser.add_argument("--threshold", type=float, default=0.256272)
+    parser.add_argument("--big-nice", type=int, default=RepositoryOptions.big_nice)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    shutil.rmtree(out / "repository", ignore_errors=True)
+    options = RepositoryOptions(threshold=args.threshold, big_nice=args.big_nice)
+    repo = build_repository(Path(args.demo) / "little.onnx", Path(args.demo) / "big.onnx", out / "repository", options)
+    variants = {"current": GATE_MODEL}
+    for spec in args.variant:
+        name, _, path = spec.partition("=")
+        variants[name] = add_variant(repo, name, Path(path))
+
+    with TritonServer(repo, log_file=out / "tritonserver.log") as server:
+        with LittleBigClient(server.grpc_url) as client:
+            info = client.gate_info()
+        images = to_wire_batch(list_images(args.data)[:64], info.wire_size, info.crop_pct)
+        models = list(variants.values()) + [info.little_model]
+        for model in models:  # warm every path once
+            route_latencies(server.grpc_url, model, images, args.concurrency, 1.0)
+        p50 = {m: [] for m in models}
+        big_p50 = {m: [] for m in models}
+        rate = {m: [] for m in models}
+        for r in range(args.rounds):
+            for model in models if r % 2 == 0 else models[::-1]:
+                by_route = route_latencies(server.grpc_url, model, images, args.concurrency, args.seconds)
+                p50[model].append(statistics.median(by_route[-1 if model == info.little_model else 0]))
+                rate[model].append(sum(len(v) for v in by_route.values()) / args.seconds)
+                if 1 in by_route:
+                    big_p50[model].append(statistics.median(by_route[1]))
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {p50[m][-1]:.1f} ms" for m in models), flush=True)
+
+    alone = p50[info.little_model]
+    report = {"concurrency": args.concurrency, "threshold": args.threshold, "big_nice": args.big_nice, "rounds": args.rounds,
+              "little_alone_p50_ms": statistics.median(alone), "variants": {}}
+    for name, model in variants.items():
+        excess = [g - a for g, a in zip(p50[model], alone)]
+        report["variants"][name] = {
+            "little_answered_p50_ms": statistics.median(p50[model]),
+            "excess_ms": statistics.median(excess),
+            "excess_per_round_ms": [round(x, 1) for x in excess],
+            "big_answered_p50_ms": statistics.median(big_p50[model]) if big_p50[model] else None,
+            "throughput_vs_little_alone": statistics.median(g / a for g, a in zip(rate[model], rate[info.little_model])),
+        }
+        print(f"{name:12s} little-answered p50 minus little alone: median {statistics.median(excess):+.1f} ms "
+              f"(per round {', '.join(f'{x:+.0f}' for x in excess)}); requests/s vs little alone "
+              f"{report['variants'][name]['throughput_vs_little_alone']:.2f}")
+    (out / "gate_ab.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
