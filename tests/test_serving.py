@@ -205,14 +205,13 @@ def test_ensemble_weight_mixes_probabilities_of_escalated_rows(pair, offline, tm
 SLOW_BIG_SECONDS = 2.0
 
 
-def test_little_answers_do_not_wait_for_a_slow_big(pair, offline, tmp_path):
-    """One gate instance, big taking 2 s per call: a request little answers, sent while an
-    escalated one waits for big, comes back long before it (the gate does not block on big)."""
-    import time
-
+@pytest.fixture(scope="module")
+def slow_big_server(pair, tmp_path_factory):
+    """One gate instance in front of a big that takes 2 s per call."""
     from littlebig.model_repository.builder import RepositoryOptions, build_repository
 
-    repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(gate_instances=1, big_nice=0))
+    work = tmp_path_factory.mktemp("slow_big")
+    repo = build_repository(pair.little, pair.big, work / "repo", RepositoryOptions(gate_instances=1, big_nice=0))
     big_model = repo / "big" / "1" / "model.py"
     # A slower big: the same runtime with a sleep in front of every execute.
     big_model.write_text(big_model.read_text() + f"""
@@ -229,26 +228,66 @@ def _slow_execute(self, requests):
 
 TritonPythonModel.execute = _slow_execute
 """)
-    images = offline.images[:4]
-    with TritonServer(repo, log_file=tmp_path / "log.txt") as slow_server:
-        client = grpcclient.InferenceServerClient(slow_server.grpc_url)
-        done: queue.Queue = queue.Queue()
+    with TritonServer(repo, log_file=work / "log.txt") as running:
+        yield running
 
-        def send(name, threshold):
-            image = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
-            image.set_data_from_numpy(images)
-            client.async_infer("littlebig", [image], parameters={"threshold": threshold},
-                               callback=lambda result, error: done.put((name, time.monotonic(), result, error)))
 
-        start = time.monotonic()
-        send("escalated", 1.0)
-        time.sleep(0.5)  # the escalated request is with big by now
-        send("little", 0.0)
-        arrivals = [done.get(timeout=60) for _ in range(2)]
-        client.close()
+class Arrivals:
+    """Async gRPC requests to the gate; answers are collected with their arrival time."""
+
+    def __init__(self, url, images):
+        import time
+
+        self.clock = time.monotonic
+        self.start = self.clock()
+        self.client = grpcclient.InferenceServerClient(url)
+        self.done: queue.Queue = queue.Queue()
+        self.image = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
+        self.image.set_data_from_numpy(images)
+
+    def send(self, name, threshold):
+        self.client.async_infer("littlebig", [self.image], parameters={"threshold": threshold},
+                                callback=lambda result, error: self.done.put((name, self.clock() - self.start, result, error)))
+
+    def collect(self, n):
+        arrivals = [self.done.get(timeout=60) for _ in range(n)]
+        self.client.close()
+        return arrivals
+
+
+def test_little_answers_do_not_wait_for_a_slow_big(slow_big_server, offline):
+    """A request little answers, sent while an escalated one waits for big, comes back long before
+    it: the gate instance does not block on big."""
+    import time
+
+    requests = Arrivals(slow_big_server.grpc_url, offline.images[:4])
+    requests.send("escalated", 1.0)
+    time.sleep(0.5)  # the escalated request is with big by now
+    requests.send("little", 0.0)
+    arrivals = requests.collect(2)
     assert [error for *_, error in arrivals] == [None, None]
     (first, first_at, first_result, _), (second, second_at, second_result, _) = arrivals
     assert (first, second) == ("little", "escalated")
     assert not first_result.as_numpy("ROUTE").any() and second_result.as_numpy("ROUTE").all()
-    assert first_at - start < SLOW_BIG_SECONDS - 0.5  # not held behind big
-    assert second_at - start >= SLOW_BIG_SECONDS
+    assert first_at < SLOW_BIG_SECONDS - 0.5  # not held behind big
+    assert second_at >= SLOW_BIG_SECONDS
+
+
+def test_reloading_the_gate_keeps_escalations_in_flight(slow_big_server, offline):
+    """A live threshold change reloads the gate; a request already waiting for big still gets its
+    answer from the old instance, and the new one serves with the new T."""
+    import time
+
+    from littlebig.client.control import apply_threshold, served_threshold
+
+    before = served_threshold(slow_big_server.grpc_url)
+    requests = Arrivals(slow_big_server.grpc_url, offline.images[:4])
+    requests.send("escalated", 1.0)
+    time.sleep(0.5)
+    apply_threshold(slow_big_server.grpc_url, 0.0, persist=False)
+    ((_, _, result, error),) = requests.collect(1)
+    assert error is None, error
+    assert result.as_numpy("ROUTE").all()
+    assert served_threshold(slow_big_server.grpc_url) == 0.0 != before
+    with LittleBigClient(slow_big_server.grpc_url) as client:
+        assert not client.infer(offline.images[:4])["ROUTE"].any()
