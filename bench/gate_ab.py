@@ -1,9 +1,9 @@
 """A/B-test gate implementations on one server: p50 latency of the requests little answers, against little alone.
 
 Each variant is a copy of the gate whose model.py is replaced by the given file; they share little
-and big. Every round probes each variant and little alone back to back (order reversed on odd
-rounds), and the report gives the median of the per-round differences, because this machine's
-speed drifts more between rounds than the effects being compared.
+and big. Every round probes each variant and little alone back to back (`alternating_probes`), and
+the report gives the median of the per-round differences, because this machine's speed drifts more
+between rounds than the effects being compared.
 
     git show 2c1c408:model_repository/littlebig/1/model.py > /tmp/blocking_gate.py
     .venv/bin/python bench/gate_ab.py --variant blocking=/tmp/blocking_gate.py --concurrency 32 --rounds 9
@@ -19,7 +19,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from littlebig.client.benchmark import route_latencies
+from littlebig.client.benchmark import alternating_probes
 from littlebig.client.images import list_images, to_wire_batch
 from littlebig.client.infer import GATE_MODEL, LittleBigClient
 from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config, write_config
@@ -63,20 +63,13 @@ def main() -> None:
             info = client.gate_info()
         images = to_wire_batch(list_images(args.data)[:64], info.wire_size, info.crop_pct)
         models = list(variants.values()) + [info.little_model]
-        for model in models:  # warm every path once
-            route_latencies(server.grpc_url, model, images, args.concurrency, 1.0)
-        p50 = {m: [] for m in models}
-        big_p50 = {m: [] for m in models}
-        rate = {m: [] for m in models}
-        for r in range(args.rounds):
-            for model in models if r % 2 == 0 else models[::-1]:
-                by_route = route_latencies(server.grpc_url, model, images, args.concurrency, args.seconds)
-                p50[model].append(statistics.median(by_route[-1 if model == info.little_model else 0]))
-                rate[model].append(sum(len(v) for v in by_route.values()) / args.seconds)
-                if 1 in by_route:
-                    big_p50[model].append(statistics.median(by_route[1]))
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {p50[m][-1]:.1f} ms" for m in models), flush=True)
+        probes = alternating_probes(server.grpc_url, models, images, args.concurrency, args.seconds, args.rounds, log=print)
 
+    # Per model and round: p50 of the requests little answered (route 0; -1 for little alone),
+    # p50 of the escalated ones, and requests per second.
+    p50 = {m: [statistics.median(by_route[-1 if m == info.little_model else 0]) for by_route in probes[m]] for m in models}
+    big_p50 = {m: [statistics.median(by_route[1]) for by_route in probes[m] if 1 in by_route] for m in models}
+    rate = {m: [sum(len(v) for v in by_route.values()) / args.seconds for by_route in probes[m]] for m in models}
     alone = p50[info.little_model]
     report = {"concurrency": args.concurrency, "threshold": args.threshold, "big_nice": args.big_nice, "rounds": args.rounds,
               "little_alone_p50_ms": statistics.median(alone), "variants": {}}

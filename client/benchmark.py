@@ -234,24 +234,37 @@ def median_of(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def route_latency_comparison(url: str, little_model: str, images: np.ndarray, concurrency: int, seconds: float, rounds: int) -> dict:
-    """p50 latency of little-answered gate requests against little alone, probed back to back
-    ``rounds`` times in alternating order (this machine's speed drifts). The excess is the median of
-    the per-round differences, so drift between rounds cancels."""
-    gate_little, gate_big, little_alone, counts = [], [], [], {"gate_little": 0, "gate_big": 0, "little": 0}
+def alternating_probes(
+    url: str, models: list[str], images: np.ndarray, concurrency: int, seconds: float, rounds: int, log=None
+) -> dict[str, list[dict[int, list[float]]]]:
+    """Probe every model back to back, ``rounds`` times, the order reversed on odd rounds (this
+    machine's speed drifts, so models are compared within a round). Per model, one
+    :func:`route_latencies` result per round."""
+    probes: dict[str, list[dict[int, list[float]]]] = {model: [] for model in models}
     for r in range(rounds):
-        if r % 2 == 0:
-            gate = route_latencies(url, GATE_MODEL, images, concurrency, seconds)
-            alone = route_latencies(url, little_model, images, concurrency, seconds)
-        else:
-            alone = route_latencies(url, little_model, images, concurrency, seconds)
-            gate = route_latencies(url, GATE_MODEL, images, concurrency, seconds)
-        gate_little.append(median_of(gate.get(0, [])))
-        gate_big.append(median_of(gate.get(1, [])))
-        little_alone.append(median_of(alone.get(-1, [])))
-        counts["gate_little"] += len(gate.get(0, []))
-        counts["gate_big"] += len(gate.get(1, []))
-        counts["little"] += len(alone.get(-1, []))
+        for model in models if r % 2 == 0 else models[::-1]:
+            probes[model].append(route_latencies(url, model, images, concurrency, seconds))
+        if log:
+            p50s = (f"{m} {median_of([x for v in probes[m][-1].values() for x in v]):.1f} ms" for m in models)
+            log(f"latency probe round {r + 1}/{rounds} at concurrency {concurrency}: p50 " + ", ".join(p50s))
+    return probes
+
+
+def route_latency_comparison(
+    url: str, little_model: str, images: np.ndarray, concurrency: int, seconds: float, rounds: int, log=None
+) -> dict:
+    """p50 latency of little-answered gate requests against little alone, probed alternately. The
+    excess is the median of the per-round differences, so drift between rounds cancels."""
+    probes = alternating_probes(url, [GATE_MODEL, little_model], images, concurrency, seconds, rounds, log)
+    gate, alone = probes[GATE_MODEL], probes[little_model]
+    gate_little = [median_of(g.get(0, [])) for g in gate]
+    gate_big = [median_of(g.get(1, [])) for g in gate]
+    little_alone = [median_of(a.get(-1, [])) for a in alone]
+    counts = {
+        "gate_little": sum(len(g.get(0, [])) for g in gate),
+        "gate_big": sum(len(g.get(1, [])) for g in gate),
+        "little": sum(len(a.get(-1, [])) for a in alone),
+    }
     return {
         "concurrency": concurrency,
         "gate_little_answered_p50_ms": median_of(gate_little),
@@ -324,7 +337,7 @@ def bench(
 
         peak = max(rows, key=lambda r: r["big"]["throughput"])
         c = peak["concurrency"]
-        latency = route_latency_comparison(url, little_model, images, c, latency_seconds, latency_rounds)
+        latency = route_latency_comparison(url, little_model, images, c, latency_seconds, latency_rounds, log)
     finally:
         if threshold is not None:
             apply_threshold(url, original, persist=False)

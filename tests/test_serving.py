@@ -71,23 +71,42 @@ def test_probs_only_when_requested_and_from_the_answering_model(server, offline,
     np.testing.assert_allclose(with_probs["PROBS"], expected, atol=2e-6)
 
 
-def send_concurrently(url, requests):
-    """Fire all (images, threshold) requests at once over async gRPC; return results in order."""
-    client = grpcclient.InferenceServerClient(url)
-    done: queue.Queue = queue.Queue()
-    for index, (images, threshold) in enumerate(requests):
+class Arrivals:
+    """Async gRPC requests to the gate; answers are collected as they arrive, with their time."""
+
+    def __init__(self, url):
+        import time
+
+        self.clock = time.monotonic
+        self.start = self.clock()
+        self.client = grpcclient.InferenceServerClient(url)
+        self.done: queue.Queue = queue.Queue()
+
+    def send(self, name, images, threshold=None):
         image = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
         image.set_data_from_numpy(images)
         outputs = [grpcclient.InferRequestedOutput(n) for n in ("CLASS", "CONFIDENCE", "ROUTE")]
         params = None if threshold is None else {"threshold": threshold}
-        client.async_infer(
-            "littlebig", [image], callback=lambda result, error, i=index: done.put((i, result, error)), outputs=outputs, parameters=params
+        self.client.async_infer(
+            "littlebig", [image], outputs=outputs, parameters=params,
+            callback=lambda result, error: self.done.put((name, self.clock() - self.start, result, error)),
         )
+
+    def collect(self, n):
+        """(name, seconds since start, result, error) of the next ``n`` answers, in arrival order."""
+        arrivals = [self.done.get(timeout=60) for _ in range(n)]
+        self.client.close()
+        return arrivals
+
+
+def send_concurrently(url, requests):
+    """Fire all (images, threshold) requests at once over async gRPC; return results in order."""
+    arrivals = Arrivals(url)
+    for index, (images, threshold) in enumerate(requests):
+        arrivals.send(index, images, threshold)
     results = [None] * len(requests)
-    for _ in requests:
-        index, result, error = done.get(timeout=60)
+    for index, _, result, error in arrivals.collect(len(requests)):
         results[index] = (result, error)
-    client.close()
     return results
 
 
@@ -232,38 +251,16 @@ TritonPythonModel.execute = _slow_execute
         yield running
 
 
-class Arrivals:
-    """Async gRPC requests to the gate; answers are collected with their arrival time."""
-
-    def __init__(self, url, images):
-        import time
-
-        self.clock = time.monotonic
-        self.start = self.clock()
-        self.client = grpcclient.InferenceServerClient(url)
-        self.done: queue.Queue = queue.Queue()
-        self.image = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
-        self.image.set_data_from_numpy(images)
-
-    def send(self, name, threshold):
-        self.client.async_infer("littlebig", [self.image], parameters={"threshold": threshold},
-                                callback=lambda result, error: self.done.put((name, self.clock() - self.start, result, error)))
-
-    def collect(self, n):
-        arrivals = [self.done.get(timeout=60) for _ in range(n)]
-        self.client.close()
-        return arrivals
-
-
 def test_little_answers_do_not_wait_for_a_slow_big(slow_big_server, offline):
     """A request little answers, sent while an escalated one waits for big, comes back long before
     it: the gate instance does not block on big."""
     import time
 
-    requests = Arrivals(slow_big_server.grpc_url, offline.images[:4])
-    requests.send("escalated", 1.0)
+    images = offline.images[:4]
+    requests = Arrivals(slow_big_server.grpc_url)
+    requests.send("escalated", images, 1.0)
     time.sleep(0.5)  # the escalated request is with big by now
-    requests.send("little", 0.0)
+    requests.send("little", images, 0.0)
     arrivals = requests.collect(2)
     assert [error for *_, error in arrivals] == [None, None]
     (first, first_at, first_result, _), (second, second_at, second_result, _) = arrivals
@@ -281,8 +278,8 @@ def test_reloading_the_gate_keeps_escalations_in_flight(slow_big_server, offline
     from littlebig.client.control import apply_threshold, served_threshold
 
     before = served_threshold(slow_big_server.grpc_url)
-    requests = Arrivals(slow_big_server.grpc_url, offline.images[:4])
-    requests.send("escalated", 1.0)
+    requests = Arrivals(slow_big_server.grpc_url)
+    requests.send("escalated", offline.images[:4], 1.0)
     time.sleep(0.5)
     apply_threshold(slow_big_server.grpc_url, 0.0, persist=False)
     ((_, _, result, error),) = requests.collect(1)
