@@ -22,7 +22,6 @@ Config parameters: little_model, big_model, threshold, ensemble_weight. A reques
 import asyncio
 import json
 import math
-import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -70,7 +69,9 @@ class TritonPythonModel:
         self.row_shape = tuple(int(d) for d in image_input["dims"])
         self._init_metrics(args["model_name"])
         # Big calls still running after their execute returned; a strong reference keeps each task
-        # alive until it ends (the event loop holds tasks only weakly).
+        # alive until it ends (the event loop holds tasks only weakly). No finalize waits for them:
+        # Triton keeps an instance until every response it owes is sent (a reload under load
+        # called finalize only after the pending escalation had answered).
         self._escalations = set()
 
     def _init_metrics(self, model_name):
@@ -230,9 +231,3 @@ class TritonPythonModel:
             answers = [self._error(message) for _ in waiting]
         for (sender, _, _), answer in zip(waiting, answers):
             self._send(sender, answer)
-
-    def finalize(self):
-        # Let escalations in flight answer their requests before the stub goes away.
-        deadline = time.monotonic() + 30.0
-        while self._escalations and time.monotonic() < deadline:
-            time.sleep(0.01)
