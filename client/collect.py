@@ -16,6 +16,7 @@ import numpy as np
 from .datasets import ImageSet
 from .images import to_wire_batch
 from .infer import GateInfo, LittleBigClient
+from .labels import ClassLabels
 
 
 @dataclasses.dataclass
@@ -26,6 +27,7 @@ class Collected:
     paths: list[str]
     macs_little: int
     macs_big: int
+    model_labels: ClassLabels | None = None  # the served model's labels the data labels were mapped through
 
     def save(self, path: str | Path) -> None:
         np.savez_compressed(
@@ -36,6 +38,7 @@ class Collected:
             has_labels=self.labels is not None,
             paths=np.asarray(self.paths),
             macs=np.asarray([self.macs_little, self.macs_big], dtype=np.int64),
+            model_labels=np.asarray("" if self.model_labels is None else self.model_labels.to_json()),
         )
 
     @classmethod
@@ -48,7 +51,13 @@ class Collected:
                 paths=[str(p) for p in data["paths"]],
                 macs_little=int(data["macs"][0]),
                 macs_big=int(data["macs"][1]),
+                model_labels=_labels_of(data),
             )
+
+
+def _labels_of(data) -> ClassLabels | None:
+    text = str(data["model_labels"]) if "model_labels" in data.files else ""  # older caches lack it
+    return ClassLabels.from_json(text) if text else None
 
 
 async def _collect(url: str, images: ImageSet, models: tuple[str, str], info: GateInfo, batch_size: int, concurrency: int, progress) -> dict:
@@ -80,12 +89,15 @@ async def _collect(url: str, images: ImageSet, models: tuple[str, str], info: Ga
     return {m: np.concatenate([r for r in results[m] if r is not None]) for m in models}
 
 
-def collect(url: str, images: ImageSet, *, batch_size: int = 16, concurrency: int = 4, show_progress: bool = True) -> Collected:
+def collect(
+    url: str, images: ImageSet, *, batch_size: int = 16, concurrency: int = 4, show_progress: bool = True, info: GateInfo | None = None
+) -> Collected:
     """Both models' probabilities for every image, in the image set's order."""
     from tqdm import tqdm
 
-    with LittleBigClient(url) as client:
-        info = client.gate_info()
+    if info is None:
+        with LittleBigClient(url) as client:
+            info = client.gate_info()
     little_model, big_model = info.little_model, info.big_model
     if len(images) == 0:
         raise ValueError("the image set is empty")
@@ -102,17 +114,26 @@ def collect(url: str, images: ImageSet, *, batch_size: int = 16, concurrency: in
         paths=[str(p) for p in images.paths],
         macs_little=info.macs_little,
         macs_big=info.macs_big,
+        model_labels=info.labels,
     )
 
 
-def collect_cached(url: str, images: ImageSet, cache: Path, *, refresh: bool = False, **kwargs) -> Collected:
-    """Reuse ``cache`` when it holds exactly these images; otherwise collect and write it."""
+def collect_cached(url: str, load_images, cache: Path, *, refresh: bool = False, log=print, **kwargs) -> tuple[Collected, ImageSet]:
+    """Reuse ``cache`` when it holds exactly the images ``load_images(model_labels)`` lists, with the
+    same labels; otherwise ask the server (its gate's labels map the data's labels) and write it."""
     if cache.is_file() and not refresh:
         cached = Collected.load(cache)
-        if cached.paths == [str(p) for p in images.paths]:
-            print(f"using cached probabilities {cache} (--recollect to ask the server again)")
-            return cached
-    collected = collect(url, images, **kwargs)
+        images = load_images(cached.model_labels)
+        same_labels = (cached.labels is None) == (images.labels is None) and (
+            images.labels is None or np.array_equal(cached.labels, images.labels)
+        )
+        if cached.paths == [str(p) for p in images.paths] and same_labels:
+            log(f"using cached probabilities {cache} (--recollect to ask the server again)")
+            return cached, images
+    with LittleBigClient(url) as client:
+        info = client.gate_info()
+    images = load_images(info.labels)
+    collected = collect(url, images, info=info, **kwargs)
     cache.parent.mkdir(parents=True, exist_ok=True)
     collected.save(cache)
-    return collected
+    return collected, images

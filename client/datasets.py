@@ -1,12 +1,16 @@
 """Labelled (or unlabelled) image sets for calibration and benchmarks.
 
 Layouts:
-  ImageFolder    DIR/<class>/<image>: class index = position of <class> in the sorted subfolders,
-                 or in --classes if given (one name per line)
-  CSV            DIR plus a CSV of file,label (label: an index, or a name from --classes)
-  wnid files     DIR/<wnid>_<anything>.JPEG plus a class list DIR/classes.tsv (index, wnid, name),
-                 the layout of ImageNet samples
+  ImageFolder    DIR/<class>/<image>
+  CSV            DIR plus a CSV of file,label
+  wnid files     DIR/<wnid>_<anything>.JPEG (the layout of ImageNet samples)
   unlabelled     DIR with images and none of the above (label-free calibration modes only)
+
+Label strings (folder names, CSV labels, wnid prefixes) are mapped to class indices through a class
+list: --classes if given, else the served model's own labels, else a classes.tsv beside the images.
+Each label may be a class id (an ImageNet wnid), a class name or an index; one that names no class is
+an error. Only with no class list at all do ImageFolder classes fall back to their sorted position
+(torchvision's convention) and CSV labels have to be indices.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .images import IMAGE_SUFFIXES, list_images
+from .labels import ClassLabels, LabelError
 
 
 @dataclasses.dataclass
@@ -25,74 +30,81 @@ class ImageSet:
     paths: list[Path]
     labels: np.ndarray | None  # int64 [N], None when unlabelled
     layout: str
+    mapping: str = ""  # how label strings became class indices, for messages
 
     def __len__(self) -> int:
         return len(self.paths)
 
 
-def _read_class_list(path: Path) -> list[str]:
-    lines = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".tsv" and lines and lines[0].split("\t")[0] == "index":
-        return [line.split("\t")[1] for line in lines[1:]]  # index, wnid, name
-    return [line.strip() for line in lines]
+def _class_list(folder: Path, classes: str | Path | None, model_labels: ClassLabels | None) -> tuple[ClassLabels | None, str]:
+    if classes is not None:
+        return ClassLabels.from_file(classes), f"through --classes {classes}"
+    if model_labels is not None:
+        return model_labels, "through the model's own class labels"
+    if (folder / "classes.tsv").is_file():
+        return ClassLabels.from_file(folder / "classes.tsv"), f"through {folder / 'classes.tsv'}"
+    return None, ""
 
 
-def _label_of(value: str, classes: list[str] | None, where: str) -> int:
-    value = value.strip()
-    if classes is not None and value in classes:
-        return classes.index(value)
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"label {value!r} ({where}) is neither an index nor a known class name") from None
+def _from_csv(folder: Path, labels_csv: str | Path, class_list: ClassLabels | None, mapping: str) -> ImageSet:
+    paths, labels = [], []
+    with open(labels_csv, newline="") as handle:
+        for row_number, row in enumerate(csv.reader(handle), start=1):
+            if not row or (row_number == 1 and row[0].strip().lower() in {"file", "filename", "path"}):
+                continue
+            where = f"{labels_csv} line {row_number}"
+            if len(row) < 2:
+                raise ValueError(f"{where}: expected file,label")
+            path = folder / row[0].strip()
+            if not path.is_file():
+                raise FileNotFoundError(f"{where}: {path} does not exist")
+            paths.append(path)
+            value = row[1].strip()
+            if class_list is not None:
+                labels.append(class_list.index_of(value, where))
+            elif value.isdigit():
+                labels.append(int(value))
+            else:
+                raise LabelError(f"label {value!r} ({where}) is not an index, and there is no class list to look it up: pass --classes")
+    return ImageSet(paths, np.asarray(labels, dtype=np.int64), "csv", mapping or "as indices")
 
 
-def load_image_set(folder: str | Path, *, labels_csv: str | Path | None = None, classes: str | Path | None = None) -> ImageSet:
+def _from_subfolders(subfolders: list[Path], class_list: ClassLabels | None, mapping: str) -> ImageSet:
+    paths, labels = [], []
+    for position, sub in enumerate(subfolders):
+        index = position if class_list is None else class_list.index_of(sub.name, f"folder {sub}")
+        for path in list_images(sub):
+            paths.append(path)
+            labels.append(index)
+    return ImageSet(paths, np.asarray(labels, dtype=np.int64), "imagefolder", mapping or "by sorted folder position (no class list)")
+
+
+def load_image_set(
+    folder: str | Path,
+    *,
+    labels_csv: str | Path | None = None,
+    classes: str | Path | None = None,
+    model_labels: ClassLabels | None = None,
+) -> ImageSet:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"data folder {folder} does not exist")
-    class_names = _read_class_list(Path(classes)) if classes else None
-
+    class_list, mapping = _class_list(folder, classes, model_labels)
     if labels_csv is not None:
-        paths, labels = [], []
-        with open(labels_csv, newline="") as handle:
-            for row_number, row in enumerate(csv.reader(handle), start=1):
-                if not row or (row_number == 1 and row[0].strip().lower() in {"file", "filename", "path"}):
-                    continue
-                if len(row) < 2:
-                    raise ValueError(f"{labels_csv} line {row_number}: expected file,label")
-                path = folder / row[0].strip()
-                if not path.is_file():
-                    raise FileNotFoundError(f"{labels_csv} line {row_number}: {path} does not exist")
-                paths.append(path)
-                labels.append(_label_of(row[1], class_names, f"{labels_csv} line {row_number}"))
-        return ImageSet(paths, np.asarray(labels, dtype=np.int64), "csv")
-
-    class_list = folder / "classes.tsv"
-    if class_names is None and class_list.is_file():
-        class_names = _read_class_list(class_list)
+        return _from_csv(folder, labels_csv, class_list, mapping)
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
     if subfolders:
-        names = class_names or [p.name for p in subfolders]
-        paths, labels = [], []
-        for sub in subfolders:
-            if sub.name not in names:
-                raise ValueError(f"class folder {sub.name!r} is not in the class list")
-            for path in list_images(sub):
-                paths.append(path)
-                labels.append(names.index(sub.name))
-        return ImageSet(paths, np.asarray(labels, dtype=np.int64), "imagefolder")
-
+        return _from_subfolders(subfolders, class_list, mapping)
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise ValueError(f"no images found in {folder}")
-    if class_names is not None:
-        index = {name: i for i, name in enumerate(class_names)}
-        labels = []
-        for path in paths:
-            wnid = path.name.split("_")[0]
-            if wnid not in index:
-                raise ValueError(f"{path.name}: {wnid!r} is not in the class list")
-            labels.append(index[wnid])
-        return ImageSet(paths, np.asarray(labels, dtype=np.int64), "wnid")
-    return ImageSet(paths, None, "unlabelled")
+    prefixes = [path.name.split("_")[0] for path in paths]
+    if classes is None and class_list is model_labels and class_list is not None:
+        # Flat folders only count as labelled by the model's own ids when the names use them (any
+        # file does); photos named freely stay unlabelled for the label-free modes.
+        if class_list.ids is None or not set(prefixes) & set(class_list.ids):
+            class_list = None
+    if class_list is None:
+        return ImageSet(paths, None, "unlabelled")
+    labels = [class_list.index_of(prefix, f"file name prefix of {path.name}") for prefix, path in zip(prefixes, paths)]
+    return ImageSet(paths, np.asarray(labels, dtype=np.int64), "wnid", mapping)

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from .images import ImageLike, to_wire_batch
+from .labels import ClassLabels
 
 GATE_MODEL = "littlebig"
 ROUTE_NAMES = {0: "little", 1: "big"}
@@ -37,6 +38,7 @@ class GateInfo:
     macs_big: int
     little_model: str
     big_model: str
+    labels: ClassLabels | None = None  # the model's own class labels, where the export recorded them
 
 
 def _module(protocol: str):
@@ -83,6 +85,7 @@ class LittleBigClient:
             macs_big=int(params["macs_big"]),
             little_model=params["little_model"],
             big_model=params["big_model"],
+            labels=ClassLabels.from_json(params["labels"]) if "labels" in params else None,
         )
 
     def infer(

@@ -62,7 +62,8 @@ class ExportResult:
     parity: dict
 
     def metadata(self) -> dict[str, str]:
-        return {
+        labels = {} if self.info.labels is None else {"labels": self.info.labels.to_json()}
+        return labels | {
             "spec": self.info.spec,
             "weights": self.info.weights,
             "resolution": str(self.info.resolution),

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from littlebig.client.labels import ClassLabels, LabelError, imagenet_labels
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # TF-style EfficientNet-Lite normalisation (x - 127) / 128, written in [0, 1] units.
@@ -39,6 +41,7 @@ class ModelInfo:
     num_classes: int
     crop_pct: float = 0.875
     weights: str = "pretrained"  # "pretrained", "random-init" or the local checkpoint's path
+    labels: ClassLabels | None = None  # class names (and ids) in index order, where known
 
 
 @dataclasses.dataclass
@@ -107,6 +110,7 @@ def _load_timm(name: str, spec: str, weights: str | None, random_init: bool, num
             num_classes=module.num_classes,
             crop_pct=float(cfg.get("crop_pct", 0.875)),
             weights=str(weights) if weights else ("random-init" if random_init else "pretrained"),
+            labels=_default_labels(num_classes, module.num_classes),
         ),
     )
 
@@ -145,6 +149,7 @@ def _load_torchvision(name: str, spec: str, weights: str | None, random_init: bo
             num_classes=out_features,
             crop_pct=crop_pct,
             weights=str(weights) if weights else ("random-init" if random_init else "pretrained"),
+            labels=_default_labels(num_classes, out_features),
         ),
     )
 
@@ -179,8 +184,14 @@ def _load_efficientnet_lite(variant: str, spec: str, weights: str | None, random
             num_classes=num_classes or 1000,
             crop_pct=0.875,
             weights=str(weights) if weights else ("random-init" if random_init else "pretrained"),
+            labels=_default_labels(num_classes, num_classes or 1000),
         ),
     )
+
+
+def _default_labels(num_classes_asked: int | None, outputs: int) -> ClassLabels | None:
+    """ImageNet-1k labels for a model with its own 1000-class head; none for a replaced head."""
+    return imagenet_labels() if num_classes_asked is None and outputs == 1000 else None
 
 
 def _num_outputs(module: nn.Module, resolution: int) -> int:
@@ -202,10 +213,12 @@ def load_model(
     random_init: bool = False,
     num_classes: int | None = None,
     resolution: int | None = None,
+    labels: str | Path | None = None,
 ) -> LoadedModel:
     """Build the model a SPEC names, in eval mode, with its preprocessing described.
 
     ``resolution`` overrides the resolution the model is fed (convolutional models accept any).
+    ``labels`` is a label file (one class per line, see ClassLabels.from_file) for the model's classes.
     """
     family, sep, name = spec.partition(":")
     if not sep or family not in LOADERS or not name:
@@ -221,4 +234,12 @@ def load_model(
         if resolution < 8:
             raise ExportError(f"resolution must be >= 8, got {resolution}")
         loaded.info = dataclasses.replace(loaded.info, resolution=resolution)
+    if labels is not None:
+        try:
+            names = ClassLabels.from_file(labels)
+        except LabelError as err:
+            raise ExportError(str(err)) from None
+        if len(names) != loaded.info.num_classes:
+            raise ExportError(f"label file {labels} has {len(names)} labels, {spec} has {loaded.info.num_classes} classes")
+        loaded.info = dataclasses.replace(loaded.info, labels=names)
     return loaded

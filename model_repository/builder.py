@@ -14,8 +14,11 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from littlebig.client.labels import ClassLabels
+
 RUNTIMES = ("python", "onnxruntime", "tensorrt")
 LITTLE, BIG, GATE = "little", "big", "littlebig"
+LABEL_FILE = "labels.txt"
 
 
 class RepositoryError(ValueError):
@@ -31,6 +34,7 @@ class ModelFacts:
     num_classes: int
     macs: int
     crop_pct: float
+    labels: ClassLabels | None = None
 
     @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelFacts":
@@ -45,7 +49,10 @@ class ModelFacts:
             raise RepositoryError(
                 f"{path} lacks littlebig metadata ({', '.join(sorted(missing))}): export it with `littlebig export`"
             )
-        return cls(path, int(meta["wire_size"]), int(meta["num_classes"]), int(meta["macs"]), float(meta.get("crop_pct", 0.875)))
+        labels = ClassLabels.from_json(meta["labels"]) if "labels" in meta else None
+        return cls(
+            path, int(meta["wire_size"]), int(meta["num_classes"]), int(meta["macs"]), float(meta.get("crop_pct", 0.875)), labels
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,13 +104,21 @@ def _parameters(config: mc.ModelConfig, values: dict[str, object]) -> None:
         config.parameters[key].string_value = str(value)
 
 
+def _probs_output(num_classes: int, labels: ClassLabels | None) -> mc.ModelOutput:
+    output = _tensor(mc.ModelOutput, "PROBS", mc.TYPE_FP32, [num_classes])
+    if labels is not None:
+        output.label_filename = LABEL_FILE  # Triton's classification extension answers score:index:label
+    return output
+
+
 def classifier_config(
-    name: str, facts: ModelFacts, options: RepositoryOptions, instances: int, queue_delay_us: int, nice: int = 0
+    name: str, facts: ModelFacts, options: RepositoryOptions, instances: int, queue_delay_us: int, nice: int = 0,
+    labels: ClassLabels | None = None,
 ) -> mc.ModelConfig:
     """Config of `little` or `big`: IMAGE uint8 [S, S, 3] -> PROBS float32 [C], dynamic batch."""
     config = mc.ModelConfig(name=name, max_batch_size=options.max_batch_size)
     config.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_UINT8, [facts.wire_size, facts.wire_size, 3]))
-    config.output.append(_tensor(mc.ModelOutput, "PROBS", mc.TYPE_FP32, [facts.num_classes]))
+    config.output.append(_probs_output(facts.num_classes, labels))
     config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
     group = config.instance_group.add(count=instances)
     if options.runtime == "python":
@@ -122,7 +137,7 @@ def classifier_config(
     return config
 
 
-def gate_config(little: ModelFacts, big: ModelFacts, options: RepositoryOptions, repository: Path | None = None) -> mc.ModelConfig:
+def gate_config(little: ModelFacts, big: ModelFacts, options: RepositoryOptions, labels: ClassLabels | None = None) -> mc.ModelConfig:
     config = mc.ModelConfig(name=GATE, backend="python", max_batch_size=options.max_batch_size)
     size = little.wire_size
     config.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_UINT8, [size, size, 3]))
@@ -131,7 +146,7 @@ def gate_config(little: ModelFacts, big: ModelFacts, options: RepositoryOptions,
             _tensor(mc.ModelOutput, "CLASS", mc.TYPE_INT64, [1]),
             _tensor(mc.ModelOutput, "CONFIDENCE", mc.TYPE_FP32, [1]),
             _tensor(mc.ModelOutput, "ROUTE", mc.TYPE_INT32, [1]),
-            _tensor(mc.ModelOutput, "PROBS", mc.TYPE_FP32, [little.num_classes]),
+            _probs_output(little.num_classes, labels),
         ]
     )
     config.dynamic_batching.max_queue_delay_microseconds = options.gate_queue_delay_us
@@ -150,9 +165,9 @@ def gate_config(little: ModelFacts, big: ModelFacts, options: RepositoryOptions,
             "num_classes": little.num_classes,
         },
     )
-    if repository is not None:
-        # Lets `littlebig calibrate --apply` find the file to update when it runs on this machine.
-        _parameters(config, {"repository_path": repository.resolve()})
+    if labels is not None:
+        # The client reads the model's own labels from here (calibration maps data labels through them).
+        _parameters(config, {"labels": labels.to_json()})
     return config
 
 
@@ -182,6 +197,21 @@ def check_pair(little: ModelFacts, big: ModelFacts) -> None:
         raise RepositoryError(
             f"class counts differ: little {little.path} has {little.num_classes}, big {big.path} has {big.num_classes}"
         )
+    if little.labels is not None and big.labels is not None and little.labels != big.labels:
+        pairs = zip(little.labels.ids or little.labels.names, big.labels.ids or big.labels.names)
+        first = next((i for i, (a, b) in enumerate(pairs) if a != b), 0)
+        raise RepositoryError(
+            f"class labels differ: class {first} is {little.labels.names[first]!r} in little {little.path} and "
+            f"{big.labels.names[first]!r} in big {big.path}; both models must predict the same classes in the same order"
+        )
+
+
+def _write_model(model_dir: Path, config: mc.ModelConfig, labels: ClassLabels | None) -> None:
+    shutil.rmtree(model_dir, ignore_errors=True)
+    (model_dir / "1").mkdir(parents=True)
+    write_config(model_dir, config)
+    if labels is not None:
+        (model_dir / LABEL_FILE).write_text(labels.file_lines())
 
 
 def build_repository(
@@ -197,6 +227,7 @@ def build_repository(
     options.validate()
     little, big = ModelFacts.from_onnx(little_onnx), ModelFacts.from_onnx(big_onnx)
     check_pair(little, big)
+    labels = little.labels or big.labels
     out = Path(out)
     plans = {LITTLE: little_plan, BIG: big_plan}
     for name, facts, instances, delay, nice in (
@@ -204,9 +235,7 @@ def build_repository(
         (BIG, big, options.big_instances, options.big_queue_delay_us, options.big_nice),
     ):
         model_dir = out / name
-        shutil.rmtree(model_dir, ignore_errors=True)
-        (model_dir / "1").mkdir(parents=True)
-        write_config(model_dir, classifier_config(name, facts, options, instances, delay, nice))
+        _write_model(model_dir, classifier_config(name, facts, options, instances, delay, nice, labels), labels)
         if options.runtime == "tensorrt":
             # Plans are built on a GPU with the container's TensorRT (docker/build_plans.sh); the ONNX
             # travels beside the version folder as the plan's source.
@@ -219,9 +248,7 @@ def build_repository(
                 shutil.copyfile(_template("python_runtime"), model_dir / "1" / "model.py")
 
     gate_dir = out / GATE
-    shutil.rmtree(gate_dir, ignore_errors=True)
-    (gate_dir / "1").mkdir(parents=True)
-    write_config(gate_dir, gate_config(little, big, options, out))
+    _write_model(gate_dir, gate_config(little, big, options, labels), labels)
     shutil.copyfile(_template(GATE), gate_dir / "1" / "model.py")
     return out
 
