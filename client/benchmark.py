@@ -293,7 +293,7 @@ def bench(
     log=print,
 ) -> dict:
     """Measure big, little and the gate at each concurrency; write bench.json, a table and plots."""
-    from .control import apply_threshold
+    from .control import switch_threshold
     from .images import list_images, to_wire_batch
     from .infer import LittleBigClient
 
@@ -311,7 +311,7 @@ def bench(
 
     original = info.threshold
     if threshold is not None:
-        apply_threshold(url, threshold, persist=False)
+        switch_threshold(url, threshold)
     t = original if threshold is None else threshold
     try:
         log(f"benchmarking on {len(images)} images, T={t:.6f}, concurrency {concurrencies}")
@@ -340,7 +340,7 @@ def bench(
         latency = route_latency_comparison(url, little_model, images, c, latency_seconds, latency_rounds, log)
     finally:
         if threshold is not None:
-            apply_threshold(url, original, persist=False)
+            switch_threshold(url, original)
 
     report = {
         "threshold": t,

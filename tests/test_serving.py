@@ -275,13 +275,13 @@ def test_reloading_the_gate_keeps_escalations_in_flight(slow_big_server, offline
     answer from the old instance, and the new one serves with the new T."""
     import time
 
-    from littlebig.client.control import apply_threshold, served_threshold
+    from littlebig.client.control import served_threshold, switch_threshold
 
     before = served_threshold(slow_big_server.grpc_url)
     requests = Arrivals(slow_big_server.grpc_url)
     requests.send("escalated", offline.images[:4], 1.0)
     time.sleep(0.5)
-    apply_threshold(slow_big_server.grpc_url, 0.0, persist=False)
+    switch_threshold(slow_big_server.grpc_url, 0.0)
     ((_, _, result, error),) = requests.collect(1)
     assert error is None, error
     assert result.as_numpy("ROUTE").all()
