@@ -1,36 +1,25 @@
-"""The calibrate command: collect through the server -> sweep T -> choose -> report -> apply."""
+"""The calibrate command: collect through the server -> sweep T -> choose -> report -> apply.
+How T is chosen and the defaults: client/criterion.py."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
+
+from scipy import stats
 
 from . import thresholds as th
 from .collect import Collected, collect_cached
-from .control import apply_threshold
-from .datasets import load_image_set
+from .control import switch_threshold
+from .criterion import Criterion
+from .datasets import ImageSet, load_image_set
 from .report import plot_confidence_histogram, plot_curves, table, write_json
 
+# Big's accuracy with a p-value above this against guessing (1 / classes) counts as "near chance".
+CHANCE_P_VALUE = 1e-3
 
-@dataclasses.dataclass
-class Criterion:
-    """How T is chosen. Exactly one of target_escalation / min_agreement, else max_acc_drop
-    (optionally with a confidence level)."""
 
-    max_acc_drop: float = 0.0
-    target_escalation: float | None = None
-    min_agreement: float | None = None
-    confidence_level: float | None = None
-
-    def validate(self) -> None:
-        if self.target_escalation is not None and self.min_agreement is not None:
-            raise ValueError("choose one of --target-escalation and --min-agreement")
-        if self.confidence_level is not None and (self.target_escalation is not None or self.min_agreement is not None):
-            raise ValueError("--confidence-level goes with --max-acc-drop only")
-        if not 0.0 <= self.max_acc_drop <= 1.0:
-            raise ValueError(f"--max-acc-drop must be in [0, 1], got {self.max_acc_drop}")
-        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
-            raise ValueError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
+class CalibrationError(ValueError):
+    """Calibration cannot give a trustworthy answer on this data; the message says why and what to do."""
 
 
 def outcomes_of(collected: Collected) -> th.Outcomes:
@@ -47,19 +36,81 @@ def analyse(collected: Collected, criterion: Criterion) -> tuple[th.Sweep, th.Ou
         choice = th.choose_min_agreement(s, criterion.min_agreement)
     else:
         if not outcomes.has_labels:
-            raise ValueError("the data has no labels: use --target-escalation or --min-agreement (label-free)")
-        if criterion.confidence_level is not None:
-            choice = th.choose_with_bound(s, outcomes.n, criterion.max_acc_drop, criterion.confidence_level)
-        else:
+            raise CalibrationError("the data has no labels: use --target-escalation or --min-agreement (label-free)")
+        if criterion.point_estimate:
             choice = th.choose_max_acc_drop(s, float(outcomes.big_correct.mean()), criterion.max_acc_drop)
+        else:
+            choice = th.choose_with_bound(s, outcomes.n, criterion.max_acc_drop, criterion.confidence_level)
     return s, outcomes, choice
+
+
+def check_labels_fit(outcomes: th.Outcomes, num_classes: int, mapping: str) -> None:
+    """Stop when big is no better than guessing: the labels then almost surely do not match the model."""
+    if not outcomes.has_labels:
+        return
+    correct, n = int(outcomes.big_correct.sum()), outcomes.n
+    p_value = stats.binom.sf(correct - 1, n, 1.0 / num_classes)
+    if p_value > CHANCE_P_VALUE:
+        raise CalibrationError(
+            f"big answers {correct} of {n} images correctly ({correct / n:.1%}), no better than guessing among "
+            f"{num_classes} classes: the labels probably do not match the model's classes (they were mapped "
+            f"{mapping or 'as given'}). Check the folder names / CSV labels, or pass --classes with the model's class list."
+        )
+
+
+def point_estimate_warning(block: dict, criterion: Criterion) -> str | None:
+    """The raw point estimate's promise may not hold: say so when its bound is far above the tolerance."""
+    tolerance, upper = criterion.max_acc_drop, block.get("upper_drop")
+    if upper is None or upper <= tolerance + max(tolerance, 0.005):
+        return None
+    level = block["level"]
+    needed = block.get("images_to_certify_tolerance")
+    more = (
+        f"about {needed} images would certify it at these rates" if needed
+        else "no number of images certifies a drop this small at these rates; choose a tolerance of a point or more"
+    )
+    return (
+        f"point estimate: with {block['images']} images the drop at this T is only known to be <= {upper:.1%} "
+        f"at {level:.0%} confidence, far above the tolerance {tolerance:.1%}; on new images it may lose more. "
+        f"{more.capitalize()}, or leave out --point-estimate for a certified T."
+    )
+
+
+def not_met_warning(block: dict, criterion: Criterion) -> str:
+    needed = block.get("images_to_certify_tolerance")
+    return (
+        f"no T certifies a drop <= {criterion.max_acc_drop:.1%} at {criterion.confidence_level:.0%} with "
+        f"{block['images']} images (the smallest drop they can certify is {block['certifiable_drop']:.1%}); "
+        "the T returned sends every image to big. Use more labelled images"
+        + (f" (about {needed})" if needed else "")
+        + f", a tolerance of at least {block['certifiable_drop']:.1%}, or --point-estimate."
+    )
+
+
+def build_report(s: th.Sweep, outcomes: th.Outcomes, choice: th.Choice, criterion: Criterion, mapping: str) -> dict:
+    report = th.summary(s, outcomes, choice.index)
+    report["criterion"] = choice.criterion
+    report["criterion_met"] = choice.met
+    report["bound"] = choice.bound
+    report["labels"] = mapping or None
+    tolerance = None if criterion.label_free else criterion.max_acc_drop
+    report["uncertainty"] = th.uncertainty(outcomes, report["threshold"], criterion.confidence_level, tolerance)
+    warnings = []
+    if criterion.point_estimate and not criterion.label_free:
+        warnings.append(point_estimate_warning(report["uncertainty"], criterion))
+    if not choice.met and not criterion.label_free and not criterion.point_estimate:
+        warnings.append(not_met_warning(report["uncertainty"], criterion))
+    report["warnings"] = [w for w in warnings if w]
+    if outcomes.has_labels:
+        report["corrected_mistakes"] = th.corrected_mistakes(outcomes)
+    return report
 
 
 def calibrate(
     url: str,
     data: str | Path,
     out: str | Path,
-    criterion: Criterion,
+    criterion: Criterion = Criterion(),
     *,
     labels_csv: str | Path | None = None,
     classes: str | Path | None = None,
@@ -73,46 +124,86 @@ def calibrate(
     show_progress: bool = True,
     log=print,
 ) -> dict:
+    criterion.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    images = load_image_set(data, labels_csv=labels_csv, classes=classes)
-    log(f"calibration set: {len(images)} images ({images.layout}{', unlabelled' if images.labels is None else ''})")
-    kwargs = dict(batch_size=batch_size, concurrency=concurrency, show_progress=show_progress)
-    collected = collect_cached(url, images, out / "calibration.npz", refresh=refresh, **kwargs)
+    kwargs = dict(batch_size=batch_size, concurrency=concurrency, show_progress=show_progress, refresh=refresh, log=log)
 
+    def image_set(folder, csv_file):
+        return lambda model_labels: load_image_set(folder, labels_csv=csv_file, classes=classes, model_labels=model_labels)
+
+    collected, images = collect_cached(url, image_set(data, labels_csv), out / "calibration.npz", **kwargs)
+    log(f"calibration set: {len(images)} images ({describe_set(images)})")
     s, outcomes, choice = analyse(collected, criterion)
-    report = th.summary(s, outcomes, choice.index)
-    report["criterion"] = choice.criterion
-    report["criterion_met"] = choice.met
-    report["bound"] = choice.bound
-    if outcomes.has_labels:
-        report["corrected_mistakes"] = th.corrected_mistakes(outcomes)
+    check_labels_fit(outcomes, collected.little.shape[1], images.mapping)
+    report = build_report(s, outcomes, choice, criterion, images.mapping)
 
     evaluation = None
     if eval_data is not None:
-        eval_images = load_image_set(eval_data, labels_csv=eval_labels_csv, classes=classes)
-        log(f"evaluation set: {len(eval_images)} images ({eval_images.layout})")
-        eval_collected = collect_cached(url, eval_images, out / "evaluation.npz", refresh=refresh, **kwargs)
-        evaluation = th.evaluate_at(outcomes_of(eval_collected), report["threshold"])
+        eval_collected, eval_images = collect_cached(url, image_set(eval_data, eval_labels_csv), out / "evaluation.npz", **kwargs)
+        log(f"evaluation set: {len(eval_images)} images ({describe_set(eval_images)})")
+        eval_outcomes = outcomes_of(eval_collected)
+        check_labels_fit(eval_outcomes, eval_collected.little.shape[1], eval_images.mapping)
+        evaluation = th.evaluate_at(eval_outcomes, report["threshold"])
         report["eval"] = evaluation
 
     text = table(s, outcomes, choice.index)
     (out / "table.txt").write_text(text + "\n")
-    plot_curves(out / "curves.png", s, outcomes, choice.index, evaluation)
+    plot_curves(out / "curves.png", s, outcomes, choice.index, evaluation, level=criterion.confidence_level)
     if outcomes.has_labels:
         plot_confidence_histogram(out / "confidence_histogram.png", outcomes)
 
     if apply:
-        written = apply_threshold(url, report["threshold"], repository=repository)
-        report["applied"] = {"threshold": report["threshold"], "config": None if written is None else str(written)}
+        report["applied"] = apply_choice(url, report["threshold"], repository)
     write_json(out / "report.json", report)
     log(text)
     log(describe(report))
     return report
 
 
+def apply_choice(url: str, threshold: float, repository: str | Path | None) -> dict:
+    """Switch the running server to T and, side by side, write it into the repository given."""
+    from littlebig.model_repository.builder import set_threshold
+
+    switch_threshold(url, threshold)
+    written = None
+    if repository is not None:
+        set_threshold(repository, threshold)
+        written = str(Path(repository) / "littlebig" / "config.pbtxt")
+    return {"threshold": threshold, "config": written}
+
+
+def describe_set(images: ImageSet) -> str:
+    if images.labels is None:
+        return f"{images.layout}, unlabelled"
+    return f"{images.layout}, labels mapped {images.mapping}"
+
+
 def _saving(reduction: float) -> str:
     return f"{reduction:.1%} fewer MACs" if reduction >= 0 else f"{-reduction:.1%} more MACs than big alone"
+
+
+def _interval(pair: list[float] | None, percent: bool = True) -> str:
+    if pair is None:
+        return "-"
+    return f"[{pair[0]:.1%}, {pair[1]:.1%}]" if percent else f"[{pair[0]:.3f}, {pair[1]:.3f}]"
+
+
+def describe_uncertainty(block: dict) -> list[str]:
+    level, boot = block["level"], block["bootstrap"]
+    lines = []
+    if block.get("upper_drop") is not None:
+        lines.append(
+            f"how sure ({block['images']} images, {level:.0%} confidence): measured drop {block['measured_drop']:+.1%}, "
+            f"true drop <= {block['upper_drop']:.1%} (exact bound; the smallest drop {block['images']} images can "
+            f"certify is {block['certifiable_drop']:.1%})"
+        )
+        lines.append(f"  bootstrap {level:.0%} intervals: cascade accuracy {_interval(boot['accuracy'])}, "
+                     f"escalation {_interval(boot['escalation'], False)}, MACs saving {_interval(boot['macs_reduction'])}")
+    else:
+        lines.append(f"how sure ({block['images']} images, unlabelled): bootstrap {level:.0%} intervals: escalation "
+                     f"{_interval(boot['escalation'], False)}, MACs saving {_interval(boot['macs_reduction'])}")
+    return lines
 
 
 def describe(report: dict) -> str:
@@ -124,8 +215,7 @@ def describe(report: dict) -> str:
     ]
     if acc["cascade"] is not None:
         lines.append(f"accuracy: little {acc['little']:.4f}, big {acc['big']:.4f}, cascade {acc['cascade']:.4f}")
-    if report.get("bound") and report["bound"].get("upper_drop") is not None:
-        lines.append(f"accuracy drop <= {report['bound']['upper_drop']:.4f} at {report['bound']['level']:.0%} confidence")
+    lines += describe_uncertainty(report["uncertainty"])
     if "eval" in report:
         ev = report["eval"]
         if ev["accuracy"]["cascade"] is not None:
@@ -133,7 +223,11 @@ def describe(report: dict) -> str:
                 f"eval set: p = {ev['escalation']:.3f}, accuracy big {ev['accuracy']['big']:.4f} vs cascade "
                 f"{ev['accuracy']['cascade']:.4f}, {_saving(ev['macs_reduction'])}"
             )
+    lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
     if "applied" in report:
-        where = report["applied"]["config"] or "the running server only (repository not found here: pass --repo)"
-        lines.append(f"applied T = {report['applied']['threshold']:.6f} to {where}")
+        where = report["applied"]["config"]
+        lines.append(
+            f"applied T = {report['applied']['threshold']:.6f} to the running server"
+            + (f" and {where}" if where else "; the repository on disk keeps its old T (pass --repo DIR to write it there too)")
+        )
     return "\n".join(lines)

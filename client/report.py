@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .thresholds import Outcomes, Sweep
+from .thresholds import Outcomes, Sweep, bootstrap, drop_upper_bound
 
 TABLE_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)
 
@@ -34,8 +34,12 @@ def write_json(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def plot_curves(path: Path, s: Sweep, outcomes: Outcomes, chosen: int, evaluation: dict | None = None) -> None:
-    """Paper Figure 3: p(T) vs T, relative MACs vs T, accuracy vs GMACs (big and chosen T marked)."""
+BAND_GRID = np.linspace(0.0, 1.0, 101)
+
+
+def plot_curves(path: Path, s: Sweep, outcomes: Outcomes, chosen: int, evaluation: dict | None = None, level: float = 0.95) -> None:
+    """Paper Figure 3: p(T) vs T, relative MACs vs T, accuracy vs GMACs (big and chosen T marked), with
+    a bootstrap band at ``level`` around the accuracy curve: how far the curve could move on new images."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,7 +58,14 @@ def plot_curves(path: Path, s: Sweep, outcomes: Outcomes, chosen: int, evaluatio
         ax.legend(loc="best")
     if s.accuracy is not None:
         ax = axes[2]
+        band = bootstrap(outcomes, BAND_GRID, level, replicates=400)
+        band_gmacs = (outcomes.macs_little + (outcomes.confidence[:, None] < BAND_GRID).mean(0) * outcomes.macs_big) / 1e9
+        ax.fill_between(band_gmacs, band.accuracy[0] * 100, band.accuracy[1] * 100, color="tab:blue", alpha=0.2,
+                        step="post", label=f"{level:.0%} bootstrap band ({outcomes.n} images)")
         ax.plot(s.gmacs, s.accuracy * 100, label="Little-Big over T")
+        # Paired bound: big's measured accuracy minus the exact upper bound on the drop (what a choice certifies).
+        certified = outcomes.big_correct.mean() - np.where(s.escalation >= 1.0, 0.0, drop_upper_bound(s.lost, s.gained, outcomes.n, level))
+        ax.plot(s.gmacs, certified * 100, color="tab:orange", lw=0.9, ls="--", label=f"big minus {level:.0%} bound on the drop")
         big_gmacs = outcomes.macs_big / 1e9
         ax.scatter([big_gmacs], [outcomes.big_correct.mean() * 100], color="black", zorder=3, label="big alone")
         ax.scatter([outcomes.macs_little / 1e9], [outcomes.little_correct.mean() * 100], color="grey", zorder=3, label="little alone")

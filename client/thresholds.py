@@ -217,7 +217,8 @@ def choose_with_bound(s: Sweep, n: int, max_drop: float, level: float) -> Choice
         return Choice(len(s.thresholds) - 1, f"max_acc_drop={max_drop}@{level}", False, bound)
     chosen = middle_of_class(s, chosen)
     bound["upper_drop"] = float(max(upper[chosen], 0.0) if s.escalation[chosen] < 1.0 else 0.0)
-    return Choice(chosen, f"max_acc_drop={max_drop}@{level}", True, bound)
+    # Escalating every image is always "safe" but is big alone at extra cost: nothing was certified.
+    return Choice(chosen, f"max_acc_drop={max_drop}@{level}", bool(s.escalation[chosen] < 1.0), bound)
 
 
 def summary(s: Sweep, outcomes: Outcomes, index: int) -> dict:
@@ -260,3 +261,114 @@ def corrected_mistakes(outcomes: Outcomes) -> dict:
         "mean_confidence_corrected": float(outcomes.confidence[corrected].mean()) if corrected.any() else None,
         "mean_confidence_rest": float(outcomes.confidence[rest].mean()) if rest.any() else None,
     }
+
+
+def certifiable_drop(n: int, level: float) -> float:
+    """The smallest drop bound ``n`` images can state at ``level``: the bound when little keeps
+    rows and loses none of them. No tolerance below it can be certified with this many images."""
+    return float(drop_upper_bound(np.array([0]), np.array([0]), n, level)[0])
+
+
+def images_to_certify(lost_rate: float, gained_rate: float, tolerance: float, level: float, max_n: int = 10**8) -> int | None:
+    """About how many images would certify ``tolerance`` at ``level`` if the rates of lost and gained
+    rows stayed as measured. None when the measured drop itself is not below the tolerance."""
+    if lost_rate - gained_rate >= tolerance:
+        return None
+
+    def certifies(n: int) -> bool:
+        lost, gained = np.floor(lost_rate * n), np.floor(gained_rate * n)
+        return bool(drop_upper_bound(np.array([lost]), np.array([gained]), n, level)[0] <= tolerance)
+
+    high = 16
+    while not certifies(high):
+        high *= 2
+        if high > max_n:
+            return None
+    low = high // 2
+    while high - low > max(1, low // 100):  # 1% is precise enough for "roughly how many"
+        middle = (low + high) // 2
+        low, high = (low, middle) if certifies(middle) else (middle, high)
+    return high
+
+
+@dataclasses.dataclass(frozen=True)
+class Bootstrap:
+    """Percentile intervals [low, high] from resampling the images, one column per threshold."""
+
+    level: float
+    replicates: int
+    accuracy: np.ndarray | None  # [2, T]
+    drop: np.ndarray | None  # big's accuracy minus the cascade's, paired on the same resample
+    escalation: np.ndarray
+    macs_reduction: np.ndarray
+
+
+def bootstrap(outcomes: Outcomes, thresholds, level: float = 0.95, replicates: int = 1000, seed: int = 0) -> Bootstrap:
+    """Paired bootstrap of the cascade at fixed thresholds: each replicate draws the n images with
+    replacement (multinomial counts) and re-evaluates Eq. 4/5 on them. Replicates run in blocks so
+    memory stays at (block x n) whatever n is."""
+    thresholds = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
+    n = outcomes.n
+    escalated = (outcomes.confidence.astype(np.float64)[:, None] < thresholds[None, :]).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    esc_reps, acc_reps, big_reps = [], [], []
+    if outcomes.has_labels:
+        correct = np.where(escalated > 0, outcomes.big_correct[:, None], outcomes.little_correct[:, None]).astype(np.float64)
+    block = max(1, min(replicates, 2_000_000 // max(n, 1)))
+    for start in range(0, replicates, block):
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=min(block, replicates - start)).astype(np.float64) / n
+        esc_reps.append(weights @ escalated)
+        if outcomes.has_labels:
+            acc_reps.append(weights @ correct)
+            big_reps.append(weights @ outcomes.big_correct.astype(np.float64))
+    tail = (1.0 - level) / 2.0
+
+    def interval(values: np.ndarray) -> np.ndarray:
+        return np.quantile(values, [tail, 1.0 - tail], axis=0)
+
+    escalation = np.concatenate(esc_reps)
+    macs_reduction = 1.0 - (outcomes.macs_little + escalation * outcomes.macs_big) / outcomes.macs_big
+    accuracy = drop = None
+    if outcomes.has_labels:
+        acc = np.concatenate(acc_reps)
+        accuracy = interval(acc)
+        drop = interval(np.concatenate(big_reps)[:, None] - acc)
+    return Bootstrap(level, replicates, accuracy, drop, interval(escalation), interval(macs_reduction))
+
+
+def uncertainty(outcomes: Outcomes, threshold: float, level: float, tolerance: float | None = None, replicates: int = 1000) -> dict:
+    """How sure the report can be about the cascade at ``threshold``: the measured drop against big, its
+    exact upper bound at ``level``, bootstrap intervals, and what this many images can certify at all."""
+    n = outcomes.n
+    s = sweep(outcomes, np.array([threshold]))
+    boot = bootstrap(outcomes, [threshold], level, replicates)
+
+    def pair(values: np.ndarray | None) -> list[float] | None:
+        return None if values is None else [float(values[0, 0]), float(values[1, 0])]
+
+    block = {
+        "images": n,
+        "level": level,
+        "certifiable_drop": certifiable_drop(n, level),
+        "bootstrap": {
+            "replicates": replicates,
+            "accuracy": pair(boot.accuracy),
+            "drop": pair(boot.drop),
+            "escalation": pair(boot.escalation),
+            "macs_reduction": pair(boot.macs_reduction),
+        },
+    }
+    if outcomes.has_labels:
+        lost, gained = int(s.lost[0]), int(s.gained[0])
+        kept_nothing = s.escalation[0] >= 1.0
+        upper = 0.0 if kept_nothing else float(drop_upper_bound(np.array([lost]), np.array([gained]), n, level)[0])
+        block.update(
+            measured_drop=float(outcomes.big_correct.mean() - s.accuracy[0]),
+            upper_drop=upper,
+            lost=lost,
+            gained=gained,
+        )
+        if tolerance is not None:
+            block["tolerance"] = tolerance
+            block["images_to_certify_tolerance"] = images_to_certify(lost / n, gained / n, tolerance, level)
+    return block

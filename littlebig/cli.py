@@ -29,6 +29,7 @@ def cmd_export(args) -> None:
         random_init=args.random_init,
         num_classes=args.num_classes,
         resolution=args.resolution,
+        labels=args.labels,
     )
     wire_size = args.wire_size or loaded.info.resolution
     images = _parity_images(args.parity_data, wire_size, loaded.info.crop_pct)
@@ -110,7 +111,7 @@ def cmd_classify(args) -> None:
     with LittleBigClient(args.url, "http" if args.http else "grpc") as client:
         info = client.gate_info()
         predictions = client.classify(args.images, threshold=args.threshold, batch_size=args.batch_size, info=info)
-        print_predictions(args.images, predictions, load_labels(args.labels, info.num_classes))
+        print_predictions(args.images, predictions, load_labels(args.labels, info.num_classes, info.labels))
 
 
 def cmd_demo(args) -> None:
@@ -152,7 +153,7 @@ def cmd_demo(args) -> None:
         with LittleBigClient(server.grpc_url) as client:
             info = client.gate_info()
             predictions = client.classify(images, info=info)
-        print_predictions(names, predictions, load_labels(None, info.num_classes))
+        print_predictions(names, predictions, load_labels(None, info.num_classes, info.labels))
         escalated = sum(p.route for p in predictions)
         share = escalated / len(predictions)
         gmacs = (info.macs_little + share * info.macs_big) / 1e9
@@ -167,9 +168,10 @@ def cmd_calibrate(args) -> None:
 
     criterion = Criterion(
         max_acc_drop=args.max_acc_drop,
+        confidence_level=args.confidence_level,
+        point_estimate=args.point_estimate,
         target_escalation=args.target_escalation,
         min_agreement=args.min_agreement,
-        confidence_level=args.confidence_level,
     )
     calibrate(
         args.url,
@@ -189,14 +191,15 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_threshold(args) -> None:
-    from littlebig.client.control import apply_threshold, served_threshold
+    from littlebig.client.calibrate import apply_choice
+    from littlebig.client.control import served_threshold
 
     if args.value is None:
         print(f"{served_threshold(args.url):.6f}")
         return
-    written = apply_threshold(args.url, args.value, repository=args.repo)
-    print(f"server now runs T={served_threshold(args.url):.6f}" + (f"; wrote {written}" if written else
-          "; repository not found on this machine (pass --repo to update its config.pbtxt)"))
+    applied = apply_choice(args.url, args.value, args.repo)
+    print(f"server now runs T={served_threshold(args.url):.6f}" + (f"; wrote {applied['config']}" if applied["config"] else
+          "; the repository on disk keeps its old T (pass --repo DIR to write it there too)"))
 
 
 def cmd_bench(args) -> None:
@@ -251,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", action="store_true", help="export untrained weights on purpose")
     p.add_argument("--num-classes", type=int, help="replace the classifier head with this many classes")
     p.add_argument("--resolution", type=int, help="feed the model this resolution instead of its own")
+    p.add_argument("--labels", help="class names, one per line in class order (or id<TAB>name); recorded in the "
+                   "file so the server and calibration use them (default: ImageNet-1k labels for 1000-class models)")
     p.add_argument("--parity-data", help="folder of real images for the PyTorch parity check "
                    "(default: photographs bundled with scikit-image)")
     p.set_defaults(func=cmd_export)
@@ -286,16 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="127.0.0.1:8001", help="server gRPC address")
     p.add_argument("--data", required=True, help="image folder (ImageFolder, wnid files + classes.tsv, or with --labels-csv)")
     p.add_argument("--labels-csv", help="CSV of file,label for --data")
-    p.add_argument("--classes", help="class list (one name per line, or a classes.tsv) to map names to indices")
+    p.add_argument("--classes", help="class list (one name per line, or a classes.tsv) to map label names to indices "
+                   "(default: the served model's own labels)")
     p.add_argument("--out", required=True, help="folder for report.json, table.txt, PNGs and cached probabilities")
-    p.add_argument("--max-acc-drop", type=float, default=0.0, help="cheapest T with accuracy >= big's minus this (default 0)")
+    from littlebig.client.criterion import DEFAULT_CONFIDENCE_LEVEL, DEFAULT_MAX_ACC_DROP
+
+    p.add_argument("--max-acc-drop", type=float, default=DEFAULT_MAX_ACC_DROP,
+                   help="tolerated accuracy drop against big (default %(default)s = 2 points): the cheapest T whose "
+                   "upper bound on the drop at --confidence-level is within it")
+    p.add_argument("--confidence-level", type=float, default=DEFAULT_CONFIDENCE_LEVEL,
+                   help="level of the bound the choice is certified at and every report states (default %(default)s)")
+    p.add_argument("--point-estimate", action="store_true",
+                   help="choose by the measured drop alone (the paper's rule; noisy on a few hundred images: the report "
+                   "warns when its bound is far above the tolerance)")
     p.add_argument("--target-escalation", type=float, help="label-free: T = this quantile of little's confidence")
     p.add_argument("--min-agreement", type=float, help="label-free: cheapest T agreeing with big on this share")
-    p.add_argument("--confidence-level", type=float, help="use an upper bound on the drop at this level (e.g. 0.95)")
     p.add_argument("--eval-data", help="second labelled set to check the chosen T on")
     p.add_argument("--eval-labels-csv", help="CSV of file,label for --eval-data")
     p.add_argument("--apply", action="store_true", help="switch the running server to the chosen T and write it to the repository")
-    p.add_argument("--repo", help="repository folder to update with --apply (default: the one the gate records)")
+    p.add_argument("--repo", help="with --apply, also write T into this repository folder (so a restart keeps it)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--recollect", action="store_true", help="ask the server again even if cached probabilities exist")
@@ -304,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("threshold", help="show or set the served threshold T (no downtime)")
     p.add_argument("value", nargs="?", type=float, help="new T in [0, 1]; omit to show the current one")
     p.add_argument("--url", default="127.0.0.1:8001", help="server gRPC address")
-    p.add_argument("--repo", help="repository folder to update (default: the one the gate records)")
+    p.add_argument("--repo", help="also write T into this repository folder (so a restart keeps it)")
     p.set_defaults(func=cmd_threshold)
 
     p = sub.add_parser("bench", help="perf_analyzer: big vs little vs the gate, ideal speedup S* and the achieved fraction")

@@ -12,15 +12,19 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from littlebig.client.calibrate import Criterion, calibrate
+from littlebig.client.calibrate import CalibrationError, Criterion, calibrate
 from littlebig.client.control import served_threshold
 from littlebig.client.datasets import load_image_set
 from littlebig.client.infer import LittleBigClient
+from littlebig.client.labels import ClassLabels
 from littlebig.export import LoadedModel, ModelInfo, export_onnx, ort_session
 from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config
 from littlebig.server import TritonServer
 
 SIZE = 8  # digits are 8x8; the wire images are 8x8x3 and need no resizing
+NAMES = ClassLabels(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
+# The paper's rule, the old default: cheapest T whose measured accuracy equals big's.
+ZERO_LOSS = Criterion(max_acc_drop=0.0, point_estimate=True)
 
 
 def digits_as_uint8():
@@ -55,7 +59,8 @@ def digits_setup(tmp_path_factory):
     big = train(
         nn.Sequential(nn.Flatten(), nn.Linear(192, 128), nn.ReLU(), nn.Linear(128, 10)), images[train_idx], labels[train_idx], 150, 2
     )
-    info = dict(resolution=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_classes=10, crop_pct=1.0, weights="trained in test")
+    info = dict(resolution=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_classes=10, crop_pct=1.0, weights="trained in test",
+                labels=NAMES)
     parity = np.repeat(images[:16, :, :, None], 3, axis=3)
     paths = {}
     for role, module in (("little", little), ("big", big)):
@@ -89,7 +94,7 @@ def offline_probs(path, image_set):
 def report(digits_setup):
     root, server, _ = digits_setup
     return calibrate(
-        server.grpc_url, root / "calib", root / "out", Criterion(max_acc_drop=0.0),
+        server.grpc_url, root / "calib", root / "out", ZERO_LOSS,
         eval_data=root / "eval", show_progress=False, log=lambda *_: None,
     )
 
@@ -141,7 +146,7 @@ def test_report_files_and_generalisation_block(digits_setup, report):
 
 def test_cached_probabilities_are_reused_without_server(digits_setup, report):
     root = digits_setup[0]
-    again = calibrate("127.0.0.1:1", root / "calib", root / "out", Criterion(max_acc_drop=0.0), show_progress=False, log=lambda *_: None)
+    again = calibrate("127.0.0.1:1", root / "calib", root / "out", ZERO_LOSS, show_progress=False, log=lambda *_: None)
     assert again["threshold"] == report["threshold"]
 
 
@@ -157,7 +162,9 @@ def test_label_free_and_bounded_modes(digits_setup, report):
     assert bounded["bound"]["level"] == 0.9 and "Clopper-Pearson" in bounded["bound"]["method"]
     assert bounded["bound"]["upper_drop"] <= 0.02
     # the guarantee costs escalations compared with the point estimate at the same tolerance
-    point = calibrate(server.grpc_url, root / "calib", root / "out", Criterion(max_acc_drop=0.02), show_progress=False, log=lambda *_: None)
+    point = calibrate(
+        server.grpc_url, root / "calib", root / "out", Criterion(max_acc_drop=0.02, point_estimate=True), show_progress=False, log=lambda *_: None
+    )
     assert bounded["escalation"] >= point["escalation"]
 
 
@@ -185,7 +192,8 @@ def test_apply_live_with_no_failed_request_then_served_answers_reproduce_report(
     time.sleep(1.0)
     before = answered[0]
     applied = calibrate(
-        server.grpc_url, root / "calib", root / "out", Criterion(max_acc_drop=0.0), apply=True, show_progress=False, log=lambda *_: None
+        server.grpc_url, root / "calib", root / "out", ZERO_LOSS, apply=True, repository=root / "repository",
+        show_progress=False, log=lambda *_: None,
     )
     time.sleep(1.0)
     stop.set()
@@ -206,3 +214,58 @@ def test_apply_live_with_no_failed_request_then_served_answers_reproduce_report(
     served_escalation = np.mean([p.route for p in predictions])
     assert served_accuracy == report["accuracy"]["cascade"]
     assert served_escalation == report["escalation"]
+
+
+def test_every_report_says_how_sure_it_is(digits_setup, report):
+    root, server, _ = digits_setup
+    block = report["uncertainty"]
+    n = len(load_image_set(root / "calib"))
+    assert block["images"] == n and block["level"] == Criterion().confidence_level
+    assert block["measured_drop"] == pytest.approx(report["accuracy"]["big"] - report["accuracy"]["cascade"])
+    assert block["upper_drop"] >= max(block["measured_drop"], block["certifiable_drop"]) > 0
+    boot = block["bootstrap"]
+    assert boot["accuracy"][0] <= report["accuracy"]["cascade"] <= boot["accuracy"][1]
+    assert boot["escalation"][0] <= report["escalation"] <= boot["escalation"][1]
+    assert boot["macs_reduction"][0] <= report["macs_reduction"] <= boot["macs_reduction"][1]
+    # The zero-loss point estimate cannot be certified on 600 images: the report says so.
+    assert any("point estimate" in w and "leave out --point-estimate" in w for w in report["warnings"])
+    # The default is certified: its stated bound is within the tolerance, and nothing to warn about.
+    default = calibrate(server.grpc_url, root / "calib", root / "out", show_progress=False, log=lambda *_: None)
+    assert default["criterion_met"] and default["uncertainty"]["upper_drop"] <= Criterion().max_acc_drop
+    assert default["warnings"] == []
+
+
+def test_labels_that_do_not_match_the_model_stop_calibration(digits_setup, tmp_path):
+    root, server, _ = digits_setup
+    calib = load_image_set(root / "calib")
+    rng = np.random.default_rng(0)
+    rows = [f"{p.relative_to(root / 'calib')},{NAMES.names[rng.integers(10)]}" for p in calib.paths]  # names, shuffled
+    (tmp_path / "labels.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(CalibrationError, match="no better than guessing among 10 classes: the labels probably do not match"):
+        calibrate(server.grpc_url, root / "calib", tmp_path / "out", labels_csv=tmp_path / "labels.csv", show_progress=False, log=lambda *_: None)
+    # The same names, right this time, map through the served model's own labels.
+    rows = [f"{p.relative_to(root / 'calib')},{NAMES.names[label]}" for p, label in zip(calib.paths, calib.labels)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    good = calibrate(server.grpc_url, root / "calib", tmp_path / "out", labels_csv=tmp_path / "labels.csv", show_progress=False, log=lambda *_: None)
+    assert good["labels"] == "through the model's own class labels" and good["accuracy"]["big"] > 0.8
+
+
+def test_class_count_answers_carry_the_model_labels(digits_setup):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    root, server, _ = digits_setup
+    wire = wire_of(load_image_set(root / "calib"))[:4]
+    for module, url in ((grpcclient, server.grpc_url), (httpclient, server.http_url)):
+        client = module.InferenceServerClient(url)
+        image = module.InferInput("IMAGE", list(wire.shape), "UINT8")
+        image.set_data_from_numpy(wire)
+        for model in ("littlebig", "little", "big"):
+            out = client.infer(model, [image], outputs=[module.InferRequestedOutput("PROBS", class_count=3)]).as_numpy("PROBS")
+            assert out.shape == (4, 3)
+            for entry in out.ravel():
+                score, index, label = entry.decode().split(":")
+                assert label == NAMES.names[int(index)] and 0.0 <= float(score) <= 1.0
+        client.close()
+    with LittleBigClient(server.grpc_url) as client:
+        assert client.gate_info().labels == NAMES

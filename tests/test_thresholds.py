@@ -162,3 +162,55 @@ def test_point_estimate_choice_violates_more_often_than_the_bound():
                 else:
                     unsafe_bound += 1
     assert unsafe_bound < unsafe_point
+
+
+def test_default_choice_on_small_samples_keeps_the_promise_it_states():
+    """The default (certified 2 points at 95%) on 150 and 300 images: the drop it states (its exact bound
+    at the chosen T) must hold on the population in at least ~95% of simulated calibration sets."""
+    from littlebig.client.criterion import Criterion
+
+    default = Criterion()
+    rng = np.random.default_rng(5)
+    conf, little_right, big_right = population(200_000, rng)
+    reps = 150
+    for n in (150, 300):
+        broken = 0
+        for _ in range(reps):
+            idx = rng.integers(0, len(conf), n)
+            o = th.Outcomes(conf[idx], little_right[idx], big_right[idx], little_right[idx] == big_right[idx], 1, 4)
+            s = th.sweep(o)
+            t = s.thresholds[th.choose_with_bound(s, n, default.max_acc_drop, default.confidence_level).index]
+            stated = th.uncertainty(o, t, default.confidence_level, replicates=10)["upper_drop"]
+            assert stated <= default.max_acc_drop
+            kept = conf.astype(np.float64) >= t
+            true_drop = np.mean(kept & big_right & ~little_right) - np.mean(kept & little_right & ~big_right)
+            broken += true_drop > stated + 1e-12
+        level = default.confidence_level
+        assert broken / reps <= (1 - level) + 3 * np.sqrt(level * (1 - level) / reps), n
+
+
+def test_bootstrap_interval_covers_the_population_escalation():
+    rng = np.random.default_rng(6)
+    conf, little_right, big_right = population(100_000, rng)
+    truth = np.mean(conf.astype(np.float64) < 0.5)
+    covered, reps = 0, 100
+    for _ in range(reps):
+        idx = rng.integers(0, len(conf), 200)
+        o = th.Outcomes(conf[idx], little_right[idx], big_right[idx], little_right[idx] == big_right[idx], 1, 4)
+        b = th.bootstrap(o, [0.5], level=0.9, replicates=300, seed=int(rng.integers(1 << 30)))
+        low, high = b.escalation[:, 0]
+        assert low <= np.mean(o.confidence < 0.5) <= high
+        assert b.accuracy[0, 0] <= b.accuracy[1, 0] and b.drop[0, 0] <= b.drop[1, 0]
+        covered += low <= truth <= high
+    assert covered / reps >= 0.8  # 90% nominal; percentile intervals run a little narrow at n=200
+
+
+def test_what_a_number_of_images_can_certify():
+    level = 0.95
+    assert th.certifiable_drop(250, level) > th.certifiable_drop(500, level) > th.certifiable_drop(2000, level) > 0
+    # With no lost rows the bound is 1 - (delta / 2)^(1/n): about 3.7 / n at 95%.
+    assert th.certifiable_drop(500, level) == pytest.approx(1 - 0.025 ** (1 / 500), rel=1e-6)
+    needed = th.images_to_certify(0.01, 0.004, 0.01, level)
+    bound = lambda n: th.drop_upper_bound(np.array([np.floor(0.01 * n)]), np.array([np.floor(0.004 * n)]), n, level)[0]
+    assert bound(needed) <= 0.01 < bound(needed // 2)
+    assert th.images_to_certify(0.01, 0.0, 0.005, level) is None  # measured drop above the tolerance
