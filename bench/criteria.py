@@ -43,7 +43,7 @@ def main() -> None:
     repo = build_repository(Path(args.demo) / "little.onnx", Path(args.demo) / "big.onnx", out / "repository", options)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     with TritonServer(repo, log_file=out / "tritonserver.log") as server:
-        report = calibrate(server.grpc_url, args.data, out / "calibration", Criterion(max_acc_drop=0.0), apply=True)
+        report = calibrate(server.grpc_url, args.data, out / "calibration", Criterion(max_acc_drop=0.0, point_estimate=True), apply=True)
         at_t = bench(server.grpc_url, args.data, out / "at_T", concurrencies=concurrencies, rounds=args.rounds,
                      metrics_url=server.metrics_url, measurement_ms=args.measurement_ms,
                      latency_rounds=args.latency_rounds, latency_seconds=args.latency_seconds)
