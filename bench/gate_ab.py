@@ -19,7 +19,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from littlebig.client.benchmark import alternating_probes
+from littlebig.client.latency import alternating_probes
 from littlebig.client.images import list_images, to_wire_batch
 from littlebig.client.infer import GATE_MODEL, LittleBigClient
 from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config, write_config

@@ -8,112 +8,17 @@ throughput of each model alone; and the achieved fraction (gate / big) / S*.
 
 from __future__ import annotations
 
-import base64
-import csv
 import dataclasses
 import json
-import os
-import shutil
 import statistics
-import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 
-import numpy as np
+from .gate_cost import measure_gate_cost
+from .latency import route_latency_comparison
+from .metrics import gate_rows
+from .perf import BenchmarkError, median_result, run_gate, run_perf_analyzer, write_input_data
 
-from .infer import GATE_MODEL
-
-
-class BenchmarkError(RuntimeError):
-    pass
-
-
-def perf_analyzer_command() -> tuple[str, dict[str, str]]:
-    """The perf_analyzer binary and the environment it needs (libcudart.so.12 on the library path)."""
-    binary = shutil.which("perf_analyzer") or str(Path(sys.executable).parent / "perf_analyzer")
-    if not Path(binary).is_file():
-        raise BenchmarkError(
-            "perf_analyzer not found: it ships in the tritonclient==2.48.0 wheel (pip install "
-            "'tritonclient[all]==2.48.0'; scripts/setup.sh does this) and needs Debian's libb64-0d"
-        )
-    env = dict(os.environ)
-    try:
-        import nvidia.cuda_runtime  # pip nvidia-cuda-runtime-cu12: perf_analyzer links against CUDA
-
-        lib = str(Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib")
-        env["LD_LIBRARY_PATH"] = lib + os.pathsep + env.get("LD_LIBRARY_PATH", "")
-    except ImportError:
-        pass
-    return binary, env
-
-
-def write_input_data(images: np.ndarray, path: Path) -> Path:
-    """perf_analyzer --input-data JSON: one entry per image (used round-robin), raw bytes in base64."""
-    entries = [{"IMAGE": {"b64": base64.b64encode(np.ascontiguousarray(img).tobytes()).decode()}} for img in images]
-    path.write_text(json.dumps({"data": entries}))
-    return path
-
-
-@dataclasses.dataclass
-class PerfResult:
-    model: str
-    concurrency: int
-    throughput: float  # inferences (images) per second
-    p50_ms: float
-    p99_ms: float
-    p90_ms: float
-    server_queue_ms: float
-    server_compute_ms: float
-
-
-def run_perf_analyzer(
-    model: str,
-    url: str,
-    input_data: Path,
-    shape: tuple[int, ...],
-    concurrency: int,
-    csv_path: Path,
-    *,
-    measurement_ms: int = 4000,
-    batch_size: int = 1,
-    composing: str | None = None,
-) -> PerfResult:
-    try:
-        return _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, measurement_ms, batch_size, composing)
-    except BenchmarkError as err:
-        # Deep queues on a busy machine can miss perf_analyzer's stability test; a longer window helps.
-        if "stable measurement" not in str(err):
-            raise
-        return _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, 2 * measurement_ms, batch_size, composing)
-
-
-def _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, measurement_ms, batch_size, composing) -> PerfResult:
-    binary, env = perf_analyzer_command()
-    cmd = [
-        binary, "-m", model, "-u", url, "-i", "grpc",
-        "--input-data", str(input_data), "--shape", "IMAGE:" + ",".join(map(str, shape)),
-        "-b", str(batch_size), "--concurrency-range", f"{concurrency}:{concurrency}",
-        "--measurement-interval", str(measurement_ms), "--stability-percentage", "25", "--max-trials", "8",
-        "-f", str(csv_path),
-    ]
-    if composing:
-        cmd += ["--bls-composing-models", composing]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    if proc.returncode != 0:
-        raise BenchmarkError(f"perf_analyzer failed on {model} at concurrency {concurrency}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return parse_csv(model, csv_path)
-
-
-def run_gate(url: str, input_data: Path, shape, concurrency: int, csv_path: Path, measurement_ms: int, composing: str) -> PerfResult:
-    try:
-        return run_perf_analyzer(GATE_MODEL, url, input_data, shape, concurrency, csv_path, measurement_ms=measurement_ms, composing=composing)
-    except BenchmarkError as err:
-        # perf_analyzer's per-child statistics fail when a composing model ran no request in the
-        # window (big at T=0); the gate's own figures do not need them.
-        if "failed to find the requested model version" not in str(err):
-            raise
-        return run_perf_analyzer(GATE_MODEL, url, input_data, shape, concurrency, csv_path, measurement_ms=measurement_ms)
+__all__ = ["BenchmarkError", "bench", "ideal_speedup"]
 
 
 def summarise(concurrency: int, runs: dict) -> dict:
@@ -138,143 +43,10 @@ def summarise(concurrency: int, runs: dict) -> dict:
     return row
 
 
-def median_result(results: list[PerfResult]) -> PerfResult:
-    """Field-wise medians of repeated runs of one model at one concurrency."""
-    fields = {f.name: statistics.median(getattr(r, f.name) for r in results) for f in dataclasses.fields(PerfResult) if f.name not in ("model", "concurrency")}
-    return PerfResult(model=results[0].model, concurrency=results[0].concurrency, **fields)
-
-
-def parse_csv(model: str, path: Path) -> PerfResult:
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        raise BenchmarkError(f"perf_analyzer wrote no results to {path}")
-    row = rows[0]
-    us = lambda key: float(row[key]) / 1000.0  # noqa: E731 (perf_analyzer reports microseconds)
-    return PerfResult(
-        model=model,
-        concurrency=int(row["Concurrency"]),
-        throughput=float(row["Inferences/Second"]),
-        p50_ms=us("p50 latency"),
-        p99_ms=us("p99 latency"),
-        p90_ms=us("p90 latency"),
-        server_queue_ms=us("Server Queue"),
-        server_compute_ms=us("Server Compute Infer"),
-    )
-
-
-def scrape_rows(metrics_url: str) -> dict[str, float]:
-    """The gate's littlebig_rows_total by route."""
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    rows = {"little": 0.0, "big": 0.0}
-    for line in text.splitlines():
-        if line.startswith("littlebig_rows_total{"):
-            route = line.split('route="')[1].split('"')[0]
-            rows[route] += float(line.rsplit(" ", 1)[1])
-    return rows
-
-
 def ideal_speedup(little_throughput: float, big_throughput: float, share: float) -> float:
     """S* = c_big / (c_little + p * c_big), with c = 1 / throughput of each model served alone."""
     c_little, c_big = 1.0 / little_throughput, 1.0 / big_throughput
     return c_big / (c_little + share * c_big)
-
-
-def route_latencies(
-    url: str, model: str, images: np.ndarray, concurrency: int, seconds: float, warmup: float = 1.0
-) -> dict[int, list[float]]:
-    """Closed-loop clients (``concurrency`` of them, one image per request) for ``warmup`` +
-    ``seconds``; latency in ms of the requests sent after the warm-up (all clients start at once,
-    so the first ones see a burst), grouped by the ROUTE each answer reports (-1 for a model without
-    ROUTE). perf_analyzer cannot split latency by route. One asyncio loop keeps the client's own
-    CPU use small."""
-    import asyncio
-
-    import tritonclient.grpc.aio as grpcaio
-
-    async def run() -> dict[int, list[float]]:
-        client = grpcaio.InferenceServerClient(url)
-        try:
-            metadata = await client.get_model_metadata(model)
-            has_route = any(o.name == "ROUTE" for o in metadata.outputs)
-            output = grpcaio.InferRequestedOutput("ROUTE" if has_route else "PROBS")
-            inputs = []
-            for img in images:
-                tensor = grpcaio.InferInput("IMAGE", [1, *img.shape], "UINT8")
-                tensor.set_data_from_numpy(img[None])
-                inputs.append(tensor)
-            by_route: dict[int, list[float]] = {}
-            loop = asyncio.get_running_loop()
-            recording = loop.time() + warmup
-            deadline = recording + seconds
-
-            async def worker(offset: int) -> None:
-                i = offset
-                while loop.time() < deadline:
-                    start = loop.time()
-                    result = await client.infer(model, [inputs[i % len(inputs)]], outputs=[output])
-                    latency = (loop.time() - start) * 1000.0
-                    route = int(result.as_numpy("ROUTE")[0, 0]) if has_route else -1
-                    if start >= recording:
-                        by_route.setdefault(route, []).append(latency)
-                    i += concurrency
-
-            await asyncio.gather(*(worker(k) for k in range(concurrency)))
-            return by_route
-        finally:
-            await client.close()
-
-    try:
-        return asyncio.run(run())
-    except Exception as err:  # a benchmark with failed requests is not valid
-        raise BenchmarkError(f"a request failed during the latency probe of {model}: {err}") from err
-
-
-def median_of(values: list[float]) -> float:
-    return float(statistics.median(values)) if values else float("nan")
-
-
-def alternating_probes(
-    url: str, models: list[str], images: np.ndarray, concurrency: int, seconds: float, rounds: int, log=None
-) -> dict[str, list[dict[int, list[float]]]]:
-    """Probe every model back to back, ``rounds`` times, the order reversed on odd rounds (this
-    machine's speed drifts, so models are compared within a round). Per model, one
-    :func:`route_latencies` result per round."""
-    probes: dict[str, list[dict[int, list[float]]]] = {model: [] for model in models}
-    for r in range(rounds):
-        for model in models if r % 2 == 0 else models[::-1]:
-            probes[model].append(route_latencies(url, model, images, concurrency, seconds))
-        if log:
-            p50s = (f"{m} {median_of([x for v in probes[m][-1].values() for x in v]):.1f} ms" for m in models)
-            log(f"latency probe round {r + 1}/{rounds} at concurrency {concurrency}: p50 " + ", ".join(p50s))
-    return probes
-
-
-def route_latency_comparison(
-    url: str, little_model: str, images: np.ndarray, concurrency: int, seconds: float, rounds: int, log=None
-) -> dict:
-    """p50 latency of little-answered gate requests against little alone, probed alternately. The
-    excess is the median of the per-round differences, so drift between rounds cancels."""
-    probes = alternating_probes(url, [GATE_MODEL, little_model], images, concurrency, seconds, rounds, log)
-    gate, alone = probes[GATE_MODEL], probes[little_model]
-    gate_little = [median_of(g.get(0, [])) for g in gate]
-    gate_big = [median_of(g.get(1, [])) for g in gate]
-    little_alone = [median_of(a.get(-1, [])) for a in alone]
-    counts = {
-        "gate_little": sum(len(g.get(0, [])) for g in gate),
-        "gate_big": sum(len(g.get(1, [])) for g in gate),
-        "little": sum(len(a.get(-1, [])) for a in alone),
-    }
-    return {
-        "concurrency": concurrency,
-        "gate_little_answered_p50_ms": median_of(gate_little),
-        "gate_big_answered_p50_ms": median_of([x for x in gate_big if x == x]),
-        "little_alone_p50_ms": median_of(little_alone),
-        "excess_ms": median_of([g - a for g, a in zip(gate_little, little_alone)]),
-        "per_round": {"gate_little_answered_p50_ms": gate_little, "little_alone_p50_ms": little_alone},
-        "rounds": rounds,
-        "requests": counts,
-    }
 
 
 def bench(
@@ -290,9 +62,12 @@ def bench(
     latency_seconds: float = 8.0,
     latency_rounds: int = 3,
     rounds: int = 3,
+    gate_cost_batches: tuple[int, ...] = (1, 8, 32),
     log=print,
 ) -> dict:
-    """Measure big, little and the gate at each concurrency; write bench.json, a table and plots."""
+    """Measure big, little and the gate at each concurrency; write bench.json, a table and plots.
+    Then, at T = 0, the gate's own cost: its time per execution at each of ``gate_cost_batches``
+    (Triton's statistics) and the latency it adds to little alone at concurrency 1."""
     from .control import switch_threshold
     from .images import list_images, to_wire_batch
     from .infer import LittleBigClient
@@ -324,9 +99,9 @@ def bench(
                 tag = f"c{c}_r{r}"
                 runs[c]["big"].append(run_perf_analyzer(big_model, url, input_data, shape, c, out / f"big_{tag}.csv", measurement_ms=measurement_ms))
                 runs[c]["little"].append(run_perf_analyzer(little_model, url, input_data, shape, c, out / f"little_{tag}.csv", measurement_ms=measurement_ms))
-                before = scrape_rows(metrics_url)
+                before = gate_rows(metrics_url)
                 runs[c]["gate"].append(run_gate(url, input_data, shape, c, out / f"gate_{tag}.csv", measurement_ms, f"{little_model},{big_model}"))
-                after = scrape_rows(metrics_url)
+                after = gate_rows(metrics_url)
                 routed_big, routed_little = after["big"] - before["big"], after["little"] - before["little"]
                 runs[c]["share"].append(routed_big / max(1.0, routed_big + routed_little))
                 log(f"round {r + 1}/{rounds} c={c}: big {runs[c]['big'][-1].throughput:.1f}/s, little "
@@ -338,9 +113,11 @@ def bench(
         peak = max(rows, key=lambda r: r["big"]["throughput"])
         c = peak["concurrency"]
         latency = route_latency_comparison(url, little_model, images, c, latency_seconds, latency_rounds, log)
+        costs = [measure_gate_cost(url, little_model, images, b) for b in gate_cost_batches]
+        switch_threshold(url, 0.0)
+        added = route_latency_comparison(url, little_model, images, 1, latency_seconds, latency_rounds, log)
     finally:
-        if threshold is not None:
-            switch_threshold(url, original)
+        switch_threshold(url, original)
 
     report = {
         "threshold": t,
@@ -355,6 +132,10 @@ def bench(
             "escalation": peak["escalation"],
         },
         "latency": latency,
+        "gate_cost": {
+            "own_ms_per_execution": [dataclasses.asdict(cost) for cost in costs],
+            "added_latency_c1_at_T0": added,
+        },
         "runs": rows,
     }
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -368,6 +149,11 @@ def bench(
         f"little alone {latency['little_alone_p50_ms']:.1f} ms (excess, median of per-round differences: "
         f"{latency['excess_ms']:+.1f} ms), big-answered via gate {latency['gate_big_answered_p50_ms']:.1f} ms"
     )
+    log("gate's own time per execution (T=0, Triton statistics): " + ", ".join(
+        f"batch {cost.batch_size} {cost.own_ms:.2f} ms (gate {cost.gate_ms:.2f} - little {cost.little_ms:.2f})" for cost in costs))
+    log(f"latency the gate adds to little alone at concurrency 1, T=0: {added['excess_ms']:+.2f} ms "
+        f"(median of {added['rounds']} alternating rounds; p50 {added['gate_little_answered_p50_ms']:.1f} vs "
+        f"{added['little_alone_p50_ms']:.1f} ms)")
     return report
 
 

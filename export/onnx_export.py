@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .macs import count_macs
+from .metadata import METADATA_PREFIX
 from .specs import ExportError, LoadedModel, ModelInfo
 
 # Triton 24.10 (the NGC release docker/ names) ships onnxruntime 1.19, which reads IR <= 10 and
@@ -27,7 +28,6 @@ ONNX_OPSET = 17
 ONNX_IR_VERSION = 8
 INPUT_NAME = "IMAGE"
 OUTPUT_NAME = "PROBS"
-METADATA_PREFIX = "littlebig."
 PARITY_MAX_ABS_DIFF = 1e-4
 
 
@@ -75,14 +75,6 @@ class ExportResult:
             "macs": str(self.macs),
             "parity": json.dumps(self.parity),
         }
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The littlebig.* metadata of an exported file (without the prefix)."""
-    model = onnx.load(str(path), load_external_data=False)
-    return {
-        p.key.removeprefix(METADATA_PREFIX): p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)
-    }
 
 
 def ort_session(path: str | Path, threads: int = 0):

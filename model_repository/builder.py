@@ -15,6 +15,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig.client.labels import ClassLabels
+from littlebig.export.metadata import read_metadata
 
 RUNTIMES = ("python", "onnxruntime", "tensorrt")
 LITTLE, BIG, GATE = "little", "big", "littlebig"
@@ -38,8 +39,6 @@ class ModelFacts:
 
     @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelFacts":
-        from littlebig.export import read_metadata
-
         path = Path(path)
         if not path.is_file():
             raise RepositoryError(f"ONNX file {path} does not exist")

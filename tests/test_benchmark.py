@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import queue
 import time
-import urllib.request
 
 import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
-from littlebig.client.benchmark import bench, ideal_speedup, perf_analyzer_command
+from littlebig.client.benchmark import bench, ideal_speedup
+from littlebig.client.metrics import read_samples
+from littlebig.client.perf import perf_analyzer_command
 
 from .test_serving import gate_counts
 
@@ -43,12 +44,19 @@ def test_bench_writes_report_and_plot(server, offline, tmp_path):
         assert run["ideal_speedup"] == pytest.approx(expected)
         assert run["achieved_fraction"] == pytest.approx(run["gate"]["throughput"] / run["big"]["throughput"] / expected)
     assert report["latency"]["requests"]["little"] > 0
+    costs = saved["gate_cost"]["own_ms_per_execution"]
+    assert [c["batch_size"] for c in costs] == [1, 8, 32]
+    for cost in costs:
+        assert cost["executions"] == 30  # one request at a time: one gate execution each
+        assert cost["gate_ms"] > cost["little_ms"] > 0 and cost["own_ms"] == pytest.approx(cost["gate_ms"] - cost["little_ms"])
+    added = saved["gate_cost"]["added_latency_c1_at_T0"]
+    assert added["concurrency"] == 1 and added["requests"]["gate_big"] == 0  # T=0: little answers all
     assert (tmp_path / "out" / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def metric_lines(server, name):
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)}
+    """Samples called ``name`` keyed by their sorted labels."""
+    return {tuple(sorted(labels.items())): value for n, labels, value in read_samples(server.metrics_url, name) if n == name}
 
 
 def test_metrics_report_threshold_and_request_outcomes(server, offline, served_threshold):
@@ -62,8 +70,8 @@ def test_metrics_report_threshold_and_request_outcomes(server, offline, served_t
         with pytest.raises(Exception):
             client.infer("littlebig", [image], parameters={"threshold": "abc"})
     after = metric_lines(server, "littlebig_requests_total")
-    ok = next(k for k in after if 'status="ok"' in k)
-    error = next(k for k in after if 'status="error"' in k)
+    ok = next(k for k in after if ("status", "ok") in k)
+    error = next(k for k in after if ("status", "error") in k)
     assert after[ok] - before.get(ok, 0) == 1
     assert after[error] - before.get(error, 0) == 1
 

@@ -126,3 +126,17 @@ def test_set_threshold_rewrites_only_the_gate_threshold(pair, tmp_path):
     shutil.rmtree(repo / "littlebig")
     with pytest.raises(RepositoryError, match="not a littlebig repository"):
         set_threshold(repo, 0.5)
+
+
+def test_building_a_repository_does_not_import_torch(pair, tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from littlebig.model_repository.builder import build_repository\n"
+        f"build_repository({str(pair.little)!r}, {str(pair.big)!r}, {str(tmp_path / 'repo')!r})\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert (tmp_path / "repo" / "littlebig" / "config.pbtxt").is_file()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import queue
-import urllib.request
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
 from littlebig.client.infer import LittleBigClient
+from littlebig.client.metrics import read_samples, sample_sum
 from littlebig.server import ServerError, TritonServer
 
 BATCH = 16
@@ -157,14 +157,12 @@ def test_classify_library_takes_paths_pil_images_and_arrays(server, tmp_path):
 
 def test_metrics_count_rows_by_route_and_macs(server, offline, pair):
     def scrape():
-        text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-        values = {"little": 0.0, "big": 0.0, "macs": 0.0}
-        for line in text.splitlines():
-            if line.startswith("littlebig_rows_total"):
-                values[line.split('route="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
-            elif line.startswith("littlebig_macs_total"):
-                values["macs"] = float(line.rsplit(" ", 1)[1])
-        return values
+        samples = read_samples(server.metrics_url, "littlebig_")
+        return {
+            "little": sample_sum(samples, "littlebig_rows_total", route="little"),
+            "big": sample_sum(samples, "littlebig_rows_total", route="big"),
+            "macs": sample_sum(samples, "littlebig_macs_total"),
+        }
 
     before = scrape()
     with LittleBigClient(server.grpc_url) as client:

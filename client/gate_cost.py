@@ -1,0 +1,59 @@
+"""The gate's own time per execution, from Triton's statistics.
+
+At T = 0 the gate calls only little, once per execution. Sent one request at a time, every gate
+execution holds one request and causes one little execution, so per execution:
+
+    own time = gate (compute input + infer + output) - little (queue + compute input + infer + output)
+
+which is what the gate itself costs: parsing, concatenating, the BLS hop both ways, reading little's
+answer, building the responses. Cumulative statistics are read before and after, so other traffic on
+the server must be quiet while this runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from .infer import GATE_MODEL
+
+STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+@dataclasses.dataclass(frozen=True)
+class GateCost:
+    batch_size: int
+    executions: int
+    gate_ms: float  # the gate's compute (input + infer + output) per execution
+    little_ms: float  # little's queue + compute per gate execution
+    own_ms: float  # gate_ms - little_ms
+
+
+def _totals(client: grpcclient.InferenceServerClient, model: str) -> dict[str, int]:
+    stats = client.get_inference_statistics(model).model_stats[0]
+    totals = {stage: getattr(stats.inference_stats, stage).ns for stage in STAGES}
+    totals["executions"] = stats.execution_count
+    return totals
+
+
+def measure_gate_cost(url: str, little_model: str, images: np.ndarray, batch_size: int, requests: int = 30, warmup: int = 3) -> GateCost:
+    """Send ``requests`` gate requests of ``batch_size`` rows one at a time at T = 0 (per-request
+    parameter), and split the gate's time from little's with the statistics of both models."""
+    rows = np.resize(images, (batch_size, *images.shape[1:]))
+    with grpcclient.InferenceServerClient(url) as client:
+        tensor = grpcclient.InferInput("IMAGE", list(rows.shape), "UINT8")
+        tensor.set_data_from_numpy(rows)
+        outputs = [grpcclient.InferRequestedOutput("CLASS")]
+        for _ in range(warmup):
+            client.infer(GATE_MODEL, [tensor], outputs=outputs, parameters={"threshold": 0.0})
+        gate_before, little_before = _totals(client, GATE_MODEL), _totals(client, little_model)
+        for _ in range(requests):
+            client.infer(GATE_MODEL, [tensor], outputs=outputs, parameters={"threshold": 0.0})
+        gate_after, little_after = _totals(client, GATE_MODEL), _totals(client, little_model)
+    executions = gate_after["executions"] - gate_before["executions"]
+    gate_ns = sum(gate_after[s] - gate_before[s] for s in STAGES[1:])
+    little_ns = sum(little_after[s] - little_before[s] for s in STAGES)
+    gate_ms, little_ms = gate_ns / executions / 1e6, little_ns / executions / 1e6
+    return GateCost(batch_size, executions, gate_ms, little_ms, gate_ms - little_ms)

@@ -1,0 +1,33 @@
+"""Reading Triton's Prometheus /metrics endpoint (with prometheus_client's parser): the gate's own
+counters, and any other sample by name and labels."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def read_samples(metrics_url: str, prefix: str = "") -> list[tuple[str, dict[str, str], float]]:
+    """Every sample whose name starts with ``prefix``: (name, labels, value)."""
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    return [
+        (sample.name, dict(sample.labels), float(sample.value))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith(prefix)
+    ]
+
+
+def sample_sum(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(value for n, have, value in samples if n == name and all(have.get(k) == v for k, v in labels.items()))
+
+
+def gate_rows(metrics_url: str) -> dict[str, float]:
+    """The gate's littlebig_rows_total, summed over gate models, by route label."""
+    rows: dict[str, float] = {"little": 0.0, "big": 0.0}
+    for name, labels, value in read_samples(metrics_url, "littlebig_rows"):
+        if name == "littlebig_rows_total":
+            rows[labels["route"]] = rows.get(labels["route"], 0.0) + value
+    return rows
