@@ -10,6 +10,12 @@ import onnx
 METADATA_PREFIX = "littlebig."
 
 
+def output_names(path: str | Path) -> list[str]:
+    """The graph's output names (files exported before the in-graph top-1 have only PROBS)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return [output.name for output in model.graph.output]
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The littlebig.* metadata of an exported file (without the prefix)."""
     model = onnx.load(str(path), load_external_data=False)

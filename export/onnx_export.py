@@ -28,6 +28,9 @@ ONNX_OPSET = 17
 ONNX_IR_VERSION = 8
 INPUT_NAME = "IMAGE"
 OUTPUT_NAME = "PROBS"
+# In-graph top-1 beside PROBS: the gate reads two numbers per row instead of C probabilities.
+TOP_CLASS_NAME, TOP_PROB_NAME = "CLASS", "CONFIDENCE"
+OUTPUT_NAMES = (OUTPUT_NAME, TOP_CLASS_NAME, TOP_PROB_NAME)
 PARITY_MAX_ABS_DIFF = 1e-4
 
 
@@ -51,6 +54,19 @@ class ServingWrapper(nn.Module):
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
         x = x * self.scale + self.shift
         return torch.softmax(self.model(x).float(), dim=1)
+
+
+class WithTop1(nn.Module):
+    """The exported graph: PROBS, and each row's top-1 class (int64 [N, 1]) and its probability ([N, 1])."""
+
+    def __init__(self, serving: ServingWrapper):
+        super().__init__()
+        self.serving = serving
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        probs = self.serving(image)
+        confidence, index = probs.max(dim=1, keepdim=True)
+        return probs, index.to(torch.int64), confidence
 
 
 @dataclasses.dataclass
@@ -92,18 +108,24 @@ def ort_session(path: str | Path, threads: int = 0):
 def parity_check(wrapper: ServingWrapper, path: Path, images: np.ndarray, batch_size: int = 8) -> dict:
     """Compare PyTorch and onnxruntime on the same wire images (batched, so the dynamic axis is used)."""
     session = ort_session(path)
-    torch_probs, ort_probs = [], []
+    has_top1 = {o.name for o in session.get_outputs()} >= set(OUTPUT_NAMES)
+    torch_probs, ort_probs, top1_agrees = [], [], True
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             torch_probs.append(wrapper(torch.from_numpy(chunk)).numpy())
-            ort_probs.append(session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0])
+            outputs = session.run(list(OUTPUT_NAMES) if has_top1 else [OUTPUT_NAME], {INPUT_NAME: chunk})
+            ort_probs.append(outputs[0])
+            if has_top1:  # the in-graph top-1 must be exactly argmax / max of the same PROBS
+                top1_agrees &= bool(np.array_equal(outputs[1][:, 0], outputs[0].argmax(1)))
+                top1_agrees &= bool(np.array_equal(outputs[2][:, 0], outputs[0].max(1)))
     t, o = np.concatenate(torch_probs), np.concatenate(ort_probs)
     return {
         "images": int(len(images)),
         "argmax_agreement": float(np.mean(t.argmax(1) == o.argmax(1))),
         "max_abs_diff": float(np.abs(t - o).max()),
         "max_abs_diff_limit": PARITY_MAX_ABS_DIFF,
+        "top1_outputs_consistent": top1_agrees if has_top1 else None,
     }
 
 
@@ -134,14 +156,14 @@ def export_onnx(
         # that exports every timm/torchvision classifier with a dynamic batch axis reliably.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper,
+            WithTop1(wrapper).eval(),  # export restores the mode it found: train mode would leak into the parity check
             (example,),
             str(out),
             dynamo=False,
             opset_version=ONNX_OPSET,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
             do_constant_folding=True,
         )
     model = onnx.load(str(out))
@@ -155,7 +177,7 @@ def export_onnx(
         f"parity vs PyTorch on {parity['images']} images: argmax agreement "
         f"{parity['argmax_agreement']:.1%}, max |dprob| {parity['max_abs_diff']:.2e} (limit {PARITY_MAX_ABS_DIFF:.0e})"
     )
-    if parity["argmax_agreement"] < 1.0 or parity["max_abs_diff"] > PARITY_MAX_ABS_DIFF:
+    if parity["argmax_agreement"] < 1.0 or parity["max_abs_diff"] > PARITY_MAX_ABS_DIFF or parity["top1_outputs_consistent"] is False:
         out.unlink()
         raise ExportError(f"ONNX export of {loaded.info.spec} disagrees with PyTorch: {parity}")
 

@@ -15,7 +15,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig.client.labels import ClassLabels
-from littlebig.export.metadata import read_metadata
+from littlebig.export.metadata import output_names, read_metadata
 
 RUNTIMES = ("python", "onnxruntime", "tensorrt")
 LITTLE, BIG, GATE = "little", "big", "littlebig"
@@ -36,6 +36,7 @@ class ModelFacts:
     macs: int
     crop_pct: float
     labels: ClassLabels | None = None
+    top1: bool = False  # the graph also answers CLASS and CONFIDENCE (in-graph top-1)
 
     @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelFacts":
@@ -49,8 +50,10 @@ class ModelFacts:
                 f"{path} lacks littlebig metadata ({', '.join(sorted(missing))}): export it with `littlebig export`"
             )
         labels = ClassLabels.from_json(meta["labels"]) if "labels" in meta else None
+        top1 = {"CLASS", "CONFIDENCE"} <= set(output_names(path))
         return cls(
-            path, int(meta["wire_size"]), int(meta["num_classes"]), int(meta["macs"]), float(meta.get("crop_pct", 0.875)), labels
+            path, int(meta["wire_size"]), int(meta["num_classes"]), int(meta["macs"]), float(meta.get("crop_pct", 0.875)),
+            labels, top1,
         )
 
 
@@ -110,6 +113,10 @@ def _probs_output(num_classes: int, labels: ClassLabels | None) -> mc.ModelOutpu
     return output
 
 
+def _top1_outputs() -> list[mc.ModelOutput]:
+    return [_tensor(mc.ModelOutput, "CLASS", mc.TYPE_INT64, [1]), _tensor(mc.ModelOutput, "CONFIDENCE", mc.TYPE_FP32, [1])]
+
+
 def classifier_config(
     name: str, facts: ModelFacts, options: RepositoryOptions, instances: int, queue_delay_us: int, nice: int = 0,
     labels: ClassLabels | None = None,
@@ -118,6 +125,8 @@ def classifier_config(
     config = mc.ModelConfig(name=name, max_batch_size=options.max_batch_size)
     config.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_UINT8, [facts.wire_size, facts.wire_size, 3]))
     config.output.append(_probs_output(facts.num_classes, labels))
+    if facts.top1:
+        config.output.extend(_top1_outputs())
     config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
     group = config.instance_group.add(count=instances)
     if options.runtime == "python":
@@ -141,12 +150,7 @@ def gate_config(little: ModelFacts, big: ModelFacts, options: RepositoryOptions,
     size = little.wire_size
     config.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_UINT8, [size, size, 3]))
     config.output.extend(
-        [
-            _tensor(mc.ModelOutput, "CLASS", mc.TYPE_INT64, [1]),
-            _tensor(mc.ModelOutput, "CONFIDENCE", mc.TYPE_FP32, [1]),
-            _tensor(mc.ModelOutput, "ROUTE", mc.TYPE_INT32, [1]),
-            _probs_output(little.num_classes, labels),
-        ]
+        _top1_outputs() + [_tensor(mc.ModelOutput, "ROUTE", mc.TYPE_INT32, [1]), _probs_output(little.num_classes, labels)]
     )
     config.dynamic_batching.max_queue_delay_microseconds = options.gate_queue_delay_us
     config.instance_group.add(count=options.gate_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
@@ -162,6 +166,8 @@ def gate_config(little: ModelFacts, big: ModelFacts, options: RepositoryOptions,
             "wire_size": size,
             "crop_pct": repr(little.crop_pct),
             "num_classes": little.num_classes,
+            # Both children answer CLASS and CONFIDENCE: the gate asks for PROBS only when it needs them.
+            "children_top1": int(little.top1 and big.top1),
         },
     )
     if labels is not None:

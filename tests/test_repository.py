@@ -140,3 +140,23 @@ def test_building_a_repository_does_not_import_torch(pair, tmp_path):
     )
     subprocess.run([sys.executable, "-c", script], check=True)
     assert (tmp_path / "repo" / "littlebig" / "config.pbtxt").is_file()
+
+
+def test_children_answer_top1_in_graph_and_older_exports_still_build(pair, tmp_path):
+    import onnx
+
+    repo = build_repository(pair.little, pair.big, tmp_path / "repo")
+    little = read_config(repo / "little" / "config.pbtxt")
+    assert [o.name for o in little.output] == ["PROBS", "CLASS", "CONFIDENCE"]
+    gate = read_config(repo / "littlebig" / "config.pbtxt")
+    assert gate.parameters["children_top1"].string_value == "1"
+    # A file exported before the in-graph top-1 has PROBS only: the gate then reads PROBS.
+    model = onnx.load(str(pair.big))
+    keep = [o for o in model.graph.output if o.name == "PROBS"]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    old = tmp_path / "old_big.onnx"
+    onnx.save(model, str(old))
+    repo = build_repository(pair.little, old, tmp_path / "repo_old")
+    assert [o.name for o in read_config(repo / "big" / "config.pbtxt").output] == ["PROBS"]
+    assert read_config(repo / "littlebig" / "config.pbtxt").parameters["children_top1"].string_value == "0"

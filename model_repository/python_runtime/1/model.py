@@ -2,7 +2,8 @@
 
 Used for `little` and `big` where Triton has no onnxruntime backend (the CPU server that ships in the
 nvidia-pytriton wheel). In the NGC container the same ONNX file runs on the native onnxruntime_onnx
-backend instead. All requests of one execute call run as one onnxruntime batch.
+backend instead. All requests of one execute call run as one onnxruntime batch, computing only the
+outputs some request asked for (the gate asks for CLASS and CONFIDENCE, not all C probabilities).
 
 Config parameters: onnx_file (default model.onnx, in the version folder), intra_op_threads (0: ORT's
 default), nice (CPU priority increment of this instance's process; on a CPU server a positive value
@@ -31,14 +32,18 @@ class TritonPythonModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        self.outputs = [output["name"] for output in config["output"]]
 
     def execute(self, requests):
         images = [pb_utils.get_input_tensor_by_name(r, "IMAGE").as_numpy() for r in requests]
         batch = images[0] if len(images) == 1 else np.concatenate(images)
-        probs = self.session.run(["PROBS"], {"IMAGE": batch})[0]
+        wanted = [set(r.requested_output_names()) or set(self.outputs) for r in requests]
+        names = [name for name in self.outputs if any(name in w for w in wanted)]
+        results = dict(zip(names, self.session.run(names, {"IMAGE": batch})))
         responses, start = [], 0
-        for image in images:
-            rows = probs[start : start + len(image)]
+        for image, want in zip(images, wanted):
+            rows = slice(start, start + len(image))
             start += len(image)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("PROBS", rows)]))
+            tensors = [pb_utils.Tensor(name, results[name][rows]) for name in names if name in want]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
