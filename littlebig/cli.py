@@ -232,8 +232,8 @@ def cmd_demo(args) -> None:
             batch = to_wire_batch(images, info.wire_size, info.crop_pct)
             predictions = client.classify(batch)
             little = _little_confidence(client, batch, info.little_model)
-    print(f"[demo] little: little's confidence (max softmax); it answers when >= T={args.threshold}, "
-          "else big answers. conf: the answering model's confidence.")
+    print(f"[demo] little: little's confidence (its max softmax); little answers when it is >= T={args.threshold}, "
+          "else big does. conf: the confidence of the model that answered.")
     print_predictions(names, predictions, load_labels(None, info.num_classes), little)
     _print_demo_summary(predictions, info, sample_set=not args.data)
 
