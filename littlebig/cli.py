@@ -21,7 +21,7 @@ def _parity_images(data: str | None, wire_size: int, crop_pct: float):
     if data:
         paths = list_images(data)[:32]
         if not paths:
-            raise SystemExit(f"no images found under {data}")
+            raise UsageError(f"no images found under {data}")
         return to_wire_batch(paths, wire_size, crop_pct)
     return to_wire_batch(list(sample_photos().values()), wire_size, crop_pct)
 
