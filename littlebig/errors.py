@@ -1,0 +1,92 @@
+"""One-line messages for the failures a user can fix; the CLI prints them instead of tracebacks.
+
+`describe` maps an exception to its message, or None for an unexpected one (a bug: the CLI names
+it and points to --debug). The errors littlebig raises itself (one type per layer: ExportError,
+RepositoryError, ServerError, ...) already carry a message written for the user; the others come
+from the libraries underneath (tritonclient, Pillow, protobuf) and are recognised by type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+
+class UsageError(Exception):
+    """A mistake in how a command was called, found by the command itself."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """The server a command talks to, for messages about reaching it."""
+
+    url: str
+    protocol: str  # "gRPC" or "HTTP"
+
+
+def _unreachable(endpoint: Endpoint | None, reason: str) -> str:
+    where = f"{endpoint.url} ({endpoint.protocol})" if endpoint else "the server"
+    return (
+        f"cannot reach a Triton server at {where}: {reason}. Is `littlebig serve` running there? "
+        "Pass its address with --url HOST:PORT"
+    )
+
+
+def _grpc_reason(message: str) -> str:
+    if "Connection refused" in message:
+        return "connection refused"
+    if "resolving" in message or "lookup" in message:
+        return "unknown host"
+    return message.split(";")[0]
+
+
+def _triton_message(err, endpoint: Endpoint | None) -> str:
+    status = str(err.status() or "")
+    text = err.message() or str(err)
+    if "HTTP/2" in text:  # something answered, but not in gRPC: Triton's HTTP port, most likely
+        where = f" ({endpoint.url})" if endpoint else ""
+        return f"the server port{where} does not speak gRPC: is it the HTTP port? Add --http, or use the gRPC port (8001 by default)"
+    if "UNAVAILABLE" in status or "DEADLINE_EXCEEDED" in status:
+        return _unreachable(endpoint, _grpc_reason(text))
+    if "unknown model" in text or "is not found" in text:
+        return f"{text}: is this server serving a littlebig repository (`littlebig repo`, `littlebig serve`)?"
+    where = f" at {endpoint.url}" if endpoint else ""
+    return f"the server{where} refused the request: {text}"
+
+
+def _library_message(err: BaseException, endpoint: Endpoint | None) -> str | None:
+    """Messages for failures reported by the libraries underneath (imported only if loaded)."""
+    import sys
+
+    kind = type(err).__name__
+    if kind == "InferenceServerException":
+        return _triton_message(err, endpoint)
+    if kind == "UnidentifiedImageError":  # Pillow: "cannot identify image file 'x.jpg'"
+        return f"{err}: it is not an image Pillow can read (JPEG, PNG, BMP, GIF, WebP, TIFF)"
+    if kind == "DecodeError" and "google.protobuf" in sys.modules:
+        return f"a file is not in the expected protobuf format (ONNX or Triton config): {err}"
+    if kind == "HTTPParseError":  # geventhttpclient got something that is not HTTP: a gRPC port
+        port = f" ({endpoint.url})" if endpoint else ""
+        return f"the server port{port} does not speak HTTP: is it the gRPC port? Triton's HTTP port is 8000 by default"
+    return None
+
+
+def describe(err: BaseException, endpoint: Endpoint | None = None) -> str | None:
+    """The message for an expected failure, or None when ``err`` looks like a bug."""
+    if isinstance(err, ConnectionRefusedError):
+        return _unreachable(endpoint, "connection refused")
+    if isinstance(err, socket.gaierror):
+        return _unreachable(endpoint, "unknown host")
+    if isinstance(err, (socket.timeout, TimeoutError)):
+        return _unreachable(endpoint, "timed out")
+    message = _library_message(err, endpoint)
+    if message is not None:
+        return message
+    # littlebig's own error types carry messages written for the user.
+    if isinstance(err, UsageError) or type(err).__module__.startswith("littlebig."):
+        return str(err)
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
+        return f"{err.strerror}: {err.filename}" if err.filename else str(err)
+    if isinstance(err, ValueError):
+        return str(err)
+    return None
