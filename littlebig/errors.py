@@ -40,12 +40,26 @@ def _grpc_reason(message: str) -> str:
     return message.split(";")[0]
 
 
+def _accepts_connections(endpoint: Endpoint | None) -> bool:
+    if endpoint is None:
+        return False
+    host, _, port = endpoint.url.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def _triton_message(err, endpoint: Endpoint | None) -> str:
     status = str(err.status() or "")
     text = err.message() or str(err)
-    if "HTTP/2" in text:  # something answered, but not in gRPC: Triton's HTTP port, most likely
+    # Something answered, but not in gRPC: Triton's HTTP port, most likely. gRPC reports it as
+    # "HTTP/2 ..." or, against Triton's HTTP server, as a closed socket on a port that is open.
+    if "HTTP/2" in text or ("UNAVAILABLE" in status and "Socket closed" in text and _accepts_connections(endpoint)):
         where = f" ({endpoint.url})" if endpoint else ""
-        return f"the server port{where} does not speak gRPC: is it the HTTP port? Add --http, or use the gRPC port (8001 by default)"
+        return (f"the server port{where} accepted the connection but does not speak gRPC: is it the HTTP port? "
+                "Add --http, or use the gRPC port (8001 by default)")
     if "UNAVAILABLE" in status or "DEADLINE_EXCEEDED" in status:
         return _unreachable(endpoint, _grpc_reason(text))
     if "unknown model" in text or "is not found" in text:
