@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
@@ -216,6 +217,20 @@ def cmd_bench(args) -> None:
     )
 
 
+def cmd_batch(args) -> None:
+    from littlebig.client.batch import run_batch
+    from littlebig.memory import MemorySampler
+
+    sampler = MemorySampler(args.server_pid) if args.server_pid else None
+    with sampler or contextlib.nullcontext():
+        result = run_batch(args.url, args.data, args.out, threshold=args.threshold, labels=args.labels,
+                           batch_size=args.batch_size, concurrency=args.concurrency)
+    print(f"wrote {result.out}: {result.images} images, {result.escalated} answered by big "
+          f"(inferred now: {result.inferred['little']} by little, {result.inferred['big']} by big)")
+    for window in result.windows if sampler else ():
+        print(f"  server memory during the {window.model} pass: peak {sampler.peak(window.start, window.end) / 2**20:.0f} MiB")
+
+
 def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     from littlebig.model_repository.builder import RepositoryOptions
 
@@ -319,6 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("batch", help="offline job over a folder: little over all images, then big over the escalated "
+                       "ones, one model loaded at a time (CSV out, resumable)")
+    p.add_argument("--url", default="127.0.0.1:8001", help="server gRPC address (explicit model control)")
+    p.add_argument("--data", required=True, help="image folder (searched recursively)")
+    p.add_argument("--out", required=True, help="predictions CSV: file,class,label,confidence,route")
+    p.add_argument("--threshold", type=float, help="T (default: the served gate's)")
+    p.add_argument("--labels", help="class names, one per line (default: ImageNet names for 1000 classes)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--server-pid", type=int, help="tritonserver's pid on this machine: report its peak memory per pass")
+    p.set_defaults(func=cmd_batch)
+
     p = sub.add_parser("demo", help="EfficientNet-Lite0 -> Lite2 end to end: export, repository, serve, classify")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--data", help="folder of your images (default: photographs bundled with scikit-image)")
@@ -331,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from littlebig.client.batch import BatchError
     from littlebig.client.benchmark import BenchmarkError
     from littlebig.export import ExportError
     from littlebig.model_repository.builder import RepositoryError
@@ -339,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ExportError, RepositoryError, ServerError, BenchmarkError, FileNotFoundError, ValueError) as err:
+    except (ExportError, RepositoryError, ServerError, BenchmarkError, BatchError, FileNotFoundError, ValueError) as err:
         print(f"littlebig {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
