@@ -231,6 +231,15 @@ def cmd_batch(args) -> None:
         print(f"  server memory during the {window.model} pass: peak {sampler.peak(window.start, window.end) / 2**20:.0f} MiB")
 
 
+def cmd_plan(args) -> None:
+    from littlebig.client.capacity import format_plan, load_bench, plan
+
+    path = Path(args.bench)
+    bench = load_bench(path / "bench.json" if path.is_dir() else path)
+    print(format_plan(plan(bench, args.rate, utilisation=args.utilisation, replicas_per_gpu=args.replicas_per_gpu,
+                           escalation=args.escalation, max_p99_ms=args.max_p99_ms)))
+
+
 def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     from littlebig.model_repository.builder import RepositoryOptions
 
@@ -346,6 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-pid", type=int, help="tritonserver's pid on this machine: report its peak memory per pass")
     p.set_defaults(func=cmd_batch)
 
+    p = sub.add_parser("plan", help="replicas and GPUs for a request rate, cascade vs big alone, from a bench.json")
+    p.add_argument("--bench", required=True, help="bench.json written by `littlebig bench` (or its folder)")
+    p.add_argument("--rate", type=float, required=True, help="images per second to serve")
+    p.add_argument("--utilisation", type=float, default=0.7, help="fraction of a replica's measured peak to plan for")
+    p.add_argument("--replicas-per-gpu", type=int, default=1, help="server replicas that share one GPU")
+    p.add_argument("--escalation", type=float, help="expected escalation share p (default: the one measured in the bench)")
+    p.add_argument("--max-p99-ms", type=float, help="only concurrency levels whose p99 latency is within this budget")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("demo", help="EfficientNet-Lite0 -> Lite2 end to end: export, repository, serve, classify")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--data", help="folder of your images (default: photographs bundled with scikit-image)")
@@ -360,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from littlebig.client.batch import BatchError
     from littlebig.client.benchmark import BenchmarkError
+    from littlebig.client.capacity import PlanError
     from littlebig.export import ExportError
     from littlebig.model_repository.builder import RepositoryError
     from littlebig.server import ServerError
@@ -367,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ExportError, RepositoryError, ServerError, BenchmarkError, BatchError, FileNotFoundError, ValueError) as err:
+    except (ExportError, RepositoryError, ServerError, BenchmarkError, BatchError, PlanError, FileNotFoundError, ValueError) as err:
         print(f"littlebig {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
