@@ -87,17 +87,22 @@ def set_loaded(client: grpcclient.InferenceServerClient, model: str, loaded: boo
             raise BatchError(f"model {model!r} is not ready after loading it")
         return
     client.unload_model(model, headers=headers)
-    # Unloading finishes in the background; wait until it is gone (its stub process has exited).
+    # Unloading finishes in the background: the model stops being ready at once, but its instances
+    # (python-backend stub processes, seconds later) are gone only when the index leaves UNLOADING.
     deadline = time.monotonic() + 120
-    while client.is_model_ready(model, headers=headers):
+    while model_states(client, headers).get(model) in ("READY", "UNLOADING"):
         if time.monotonic() > deadline:
             raise BatchError(f"model {model!r} is still loaded 120 s after unloading it")
         time.sleep(0.1)
 
 
-def loaded_models(client: grpcclient.InferenceServerClient, headers: dict[str, str] | None = None) -> set[str]:
+def model_states(client: grpcclient.InferenceServerClient, headers: dict[str, str] | None = None) -> dict[str, str]:
     index = client.get_model_repository_index(headers=headers, as_json=True).get("models", [])
-    return {m["name"] for m in index if m.get("state") == "READY"}
+    return {m["name"]: m.get("state", "") for m in index}
+
+
+def loaded_models(client: grpcclient.InferenceServerClient, headers: dict[str, str] | None = None) -> set[str]:
+    return {name for name, state in model_states(client, headers).items() if state == "READY"}
 
 
 def keep_only(client, settings: JobSettings, model: str | None, headers=None) -> None:
@@ -190,7 +195,7 @@ class PartialResults:
             handle.write("\n".join(rows) + "\n")
 
 
-async def _infer_files(url: str, model: str, folder: Path, files: list[str], settings: JobSettings,
+async def infer_files(url: str, model: str, folder: Path, files: list[str], settings: JobSettings,
                        on_chunk: Callable[[list[str], np.ndarray], None], batch_size: int, concurrency: int) -> None:
     import tritonclient.grpc.aio as grpcaio
 
@@ -251,7 +256,7 @@ def _run_pass(url: str, route: str, folder: Path, files: list[str], partial: Par
             if progress is not None:
                 progress(len(chunk))
 
-        asyncio.run(_infer_files(url, model, folder, files, settings, on_chunk, batch_size, concurrency))
+        asyncio.run(infer_files(url, model, folder, files, settings, on_chunk, batch_size, concurrency))
     return PassWindow(model, start, time.monotonic(), len(files))
 
 
