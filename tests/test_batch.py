@@ -99,3 +99,16 @@ def test_batch_resumes_after_an_interruption(batch_server, image_folder, tmp_pat
 def test_batch_refuses_a_threshold_outside_0_1(batch_server, image_folder, tmp_path):
     with pytest.raises(BatchError, match=r"threshold must be in \[0, 1\]"):
         run_batch(batch_server.grpc_url, image_folder, tmp_path / "preds.csv", threshold=1.5, show_progress=False)
+
+
+def test_cli_batch_reports_the_servers_peak_memory_per_pass(batch_server, image_folder, tmp_path, capsys):
+    from littlebig.cli import main
+
+    out = tmp_path / "preds.csv"
+    main(["batch", "--url", batch_server.grpc_url, "--data", str(image_folder), "--out", str(out),
+          "--server-pid", str(batch_server.process.pid)])
+    printed = capsys.readouterr().out
+    assert f"wrote {out}: {N_IMAGES} images" in printed
+    peaks = [int(line.split("peak ")[1].split(" MiB")[0]) for line in printed.splitlines() if "server memory during" in line]
+    assert len(peaks) == 2 and all(peak > 0 for peak in peaks), printed
+    assert len(read_csv(out)) == N_IMAGES
