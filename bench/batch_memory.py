@@ -7,10 +7,13 @@ at start) and samples the summed RSS of tritonserver and its python-backend stub
 - batch: `run_batch` (little with big unloaded, then big on the escalated images), peak per pass;
 - cascade: the gate serving every image with little and big loaded (what online serving holds).
 
-Rounds alternate the order. Every figure is the peak while images are inferred, after the model
-switches (the server starts with everything loaded, which no configuration keeps).
+Rounds alternate the order. "idle" is taken after the switches with nothing in flight; "peak" is
+the highest sample while images are inferred (the server starts with everything loaded, which no
+configuration keeps). On the CPU runtime most of a peak is onnxruntime's arena for activations,
+which follows the largest batch a model executes: compare configurations at the same
+--batch-size and --concurrency (1 keeps the dynamic batchers from merging requests).
 
-    .venv/bin/python bench/batch_memory.py --models runs/lite --data ../shared/data/imagenet-sample
+    .venv/bin/python bench/batch_memory.py --models runs/lite --data ../shared/data/imagenet-sample --concurrency 1
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ import dataclasses
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 

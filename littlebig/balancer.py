@@ -118,7 +118,7 @@ class ServeReplica:
     def __init__(self, repository: str | Path, ports: Ports, log_dir: Path, name: str):
         self.repository = Path(repository)
         self.ports = ports
-        self.log_dir = Path(log_dir)
+        self.log_dir = Path(log_dir).resolve()
         self.name = name
         self.process: subprocess.Popen | None = None
         self.starts = 0
@@ -175,7 +175,7 @@ class NginxBalancer:
     def __init__(self, replicas: list[Ports], workdir: Path | None = None, *, tries: int = 2,
                  fail_timeout_s: int = 2, connect_timeout: str = "1s", host: str = "127.0.0.1"):
         self.replicas = replicas
-        self.dir = Path(workdir or tempfile.mkdtemp(prefix="littlebig-nginx-"))
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="littlebig-nginx-")).resolve()
         self.host = host
         self.http_port, self.grpc_port = free_port(), free_port()
         self.tries, self.fail_timeout_s, self.connect_timeout = tries, fail_timeout_s, connect_timeout
