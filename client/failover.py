@@ -16,7 +16,7 @@ import urllib.request
 
 import numpy as np
 
-from littlebig.balancer import NginxBalancer, ServeReplica
+from littlebig.balancer import Balancer, ServeReplica
 
 from .infer import GATE_MODEL
 
@@ -106,7 +106,7 @@ async def _client_loop(protocol: str, url: str, images: np.ndarray, expected: np
         await client.close()
 
 
-def _run_load(balancer: NginxBalancer, images, expected, concurrency: int, stop: threading.Event, out: list[Outcome]) -> None:
+def _run_load(balancer: Balancer, images, expected, concurrency: int, stop: threading.Event, out: list[Outcome]) -> None:
     async def both() -> None:
         await asyncio.gather(
             *(_client_loop(p, balancer.url(p), images, expected, concurrency, stop, out) for p in PROTOCOLS),
@@ -123,21 +123,7 @@ def _inference_count(replica: ServeReplica) -> int:
     return sum(int(s["inference_stats"]["success"]["count"]) for s in stats)
 
 
-def _access_log(balancer: NginxBalancer, replica: ServeReplica, since: float) -> tuple[float | None, int]:
-    """(seconds from ``since`` to the first request nginx sent to ``replica``, requests tried on two replicas)."""
-    addresses = {f"127.0.0.1:{replica.ports.http}", f"127.0.0.1:{replica.ports.grpc}"}
-    first, retried = None, 0
-    for line in (balancer.dir / "access.log").read_text().splitlines():
-        stamp = float(line.split(" ", 1)[0])
-        upstreams = line.split("upstream=", 1)[1].split(" upstream_status=")[0]
-        tried = [u.strip() for u in upstreams.split(",")]
-        retried += len(tried) > 1
-        if first is None and stamp >= since and addresses & set(tried):
-            first = stamp - since
-    return first, retried
-
-
-def kill_and_restart(balancer: NginxBalancer, replicas: list[ServeReplica], images: np.ndarray, expected: np.ndarray,
+def kill_and_restart(balancer: Balancer, replicas: list[ServeReplica], images: np.ndarray, expected: np.ndarray,
                      *, concurrency: int = 32, before_s: float = 5.0, down_s: float = 5.0, after_s: float = 5.0,
                      log=print) -> FailoverReport:
     """Load through ``balancer``; SIGKILL replicas[0]'s tritonserver after ``before_s``; restart it on the
@@ -162,7 +148,7 @@ def kill_and_restart(balancer: NginxBalancer, replicas: list[ServeReplica], imag
         stop.set()
         load.join()
     end_time = time.time()
-    first, retried = _access_log(balancer, victim, ready_time)
+    first, retried = balancer.traffic(victim.ports, ready_time)
     return FailoverReport(concurrency, pid, kill_time, ready_time, end_time, outcomes, _inference_count(victim), first, retried)
 
 

@@ -1,11 +1,15 @@
-"""`littlebig serve` replicas behind nginx (Debian's package), for HTTP and gRPC.
+"""`littlebig serve` replicas behind a real proxy from Debian's packages, for HTTP and gRPC.
 
-nginx spreads requests round-robin over the replicas and, when one fails (connection refused, reset
-mid-request, 502/503), sends the request again to another. Inference requests are
+nginx (the default) spreads requests round-robin over the replicas and, when one fails (connection
+refused, reset mid-request, 502/503), sends the request again to another. Inference requests are
 POSTs, which nginx never retries unless told: `non_idempotent` is set because a classification has
 no side effect, so asking twice is safe. A failed replica is skipped for `fail_timeout` and then
 tried again by live traffic (open-source nginx has no active health checks), which is how a
-restarted replica is taken back.
+restarted replica is taken back. nginx's grpc module streams request bodies, so it cannot resend a
+gRPC request once it has left.
+
+HAProxy keeps a copy of every request for its L7 retries, gRPC included, and checks each replica's
+/v2/health/ready every second, so a restarted replica comes back as soon as it is ready.
 """
 
 from __future__ import annotations
@@ -73,6 +77,47 @@ http {{
         }}
     }}
 }}
+"""
+
+
+HAPROXY_CONF = """\
+global
+    log stdout format raw local0
+    maxconn 4096
+    # An L7 retry resends the copy of the request HAProxy keeps in one buffer: it must hold a whole
+    # inference request (a 260x260 image is 203 kB).
+    tune.bufsize 1048576
+
+defaults
+    mode http
+    log global
+    log-format "%Ts.%ms %b %s %ST %rc"
+    timeout connect 1s
+    timeout client 120s
+    timeout server 120s
+    timeout check 2s
+    # Resend on another replica when one refuses, resets or sends nothing back; inference is safe to repeat.
+    retries {tries}
+    option redispatch 1
+    retry-on conn-failure empty-response response-timeout 502 503
+    # Replicas are in rotation only while Triton says every model is ready.
+    option httpchk GET /v2/health/ready
+
+frontend http_in
+    bind {host}:{http_port}
+    default_backend triton_http
+
+frontend grpc_in
+    bind {host}:{grpc_port} proto h2
+    default_backend triton_grpc
+
+backend triton_http
+    balance roundrobin
+{http_servers}
+
+backend triton_grpc
+    balance roundrobin
+{grpc_servers}
 """
 
 
@@ -169,16 +214,20 @@ class ServeReplica:
             self.process.wait()
 
 
-class NginxBalancer:
-    """nginx in the foreground with its own prefix folder, config and logs (no root paths touched)."""
+class Balancer:
+    """A proxy in the foreground in front of the replicas, with its config and logs in its own folder."""
+
+    name = ""
+    stop_signal = signal.SIGTERM
+    check_flag = "-t"  # appended to the command line: only check the config
 
     def __init__(self, replicas: list[Ports], workdir: Path | None = None, *, tries: int = 2,
-                 fail_timeout_s: int = 2, connect_timeout: str = "1s", host: str = "127.0.0.1"):
+                 fail_timeout_s: int = 2, host: str = "127.0.0.1"):
         self.replicas = replicas
-        self.dir = Path(workdir or tempfile.mkdtemp(prefix="littlebig-nginx-")).resolve()
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix=f"littlebig-{self.name}-")).resolve()
         self.host = host
         self.http_port, self.grpc_port = free_port(), free_port()
-        self.tries, self.fail_timeout_s, self.connect_timeout = tries, fail_timeout_s, connect_timeout
+        self.tries, self.fail_timeout_s = tries, fail_timeout_s
         self.process: subprocess.Popen | None = None
 
     def url(self, protocol: str) -> str:
@@ -186,30 +235,25 @@ class NginxBalancer:
         return f"{self.host}:{self.http_port if protocol == 'http' else self.grpc_port}"
 
     def config(self) -> str:
-        def servers(attr: str) -> str:
-            return "\n".join(f"        server 127.0.0.1:{getattr(p, attr)} max_fails=1 fail_timeout={self.fail_timeout_s}s;"
-                             for p in self.replicas)
+        raise NotImplementedError
 
-        # Started as root, nginx runs its worker as nobody, which cannot write request bodies into
-        # this folder; run it as the user who owns the folder instead.
-        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
-        return NGINX_CONF.format(user=user, dir=self.dir, host=self.host, http_port=self.http_port, grpc_port=self.grpc_port,
-                                 http_servers=servers("http"), grpc_servers=servers("grpc"),
-                                 tries=self.tries, connect_timeout=self.connect_timeout)
+    def command(self) -> list[str]:
+        """The proxy's command line (in the foreground)."""
+        raise NotImplementedError
 
-    def start(self) -> "NginxBalancer":
-        binary = find_nginx()
-        if binary is None:
-            raise BalancerError("nginx not found: apt-get install nginx (scripts/setup.sh does)")
+    def traffic(self, replica: Ports, since: float) -> tuple[float | None, int]:
+        """From the proxy's log: (seconds from ``since`` until the first request sent to ``replica``,
+        requests the proxy tried on more than one replica)."""
+        raise NotImplementedError
+
+    def start(self) -> "Balancer":
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "nginx.conf").write_text(self.config())
-        cmd = [binary, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf"), "-e", str(self.dir / "error.log"),
-               "-g", "daemon off;"]
-        check = subprocess.run(cmd + ["-t"], capture_output=True, text=True)
+        (self.dir / f"{self.name}.conf").write_text(self.config())
+        check = subprocess.run(self.command() + [self.check_flag], capture_output=True, text=True)
         if check.returncode != 0:
-            raise BalancerError(f"nginx refused its config:\n{check.stderr}")
-        with open(self.dir / "stderr.log", "wb") as err:
-            self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+            raise BalancerError(f"{self.name} refused its config:\n{check.stdout}{check.stderr}")
+        with open(self.dir / "stdout.log", "wb") as out, open(self.dir / "stderr.log", "wb") as err:
+            self.process = subprocess.Popen(self.command(), stdout=out, stderr=err)
         try:
             _wait_http_ok(f"http://{self.url('http')}/v2/health/ready", 30, lambda: self.process.poll() is None)
         except BaseException:
@@ -220,27 +264,97 @@ class NginxBalancer:
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGQUIT)  # graceful: finish requests in flight
+        self.process.send_signal(self.stop_signal)
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
 
-    def __enter__(self) -> "NginxBalancer":
-        return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+class NginxBalancer(Balancer):
+    """nginx (Debian's package) with its own prefix folder (no root paths touched)."""
+
+    name = "nginx"
+    stop_signal = signal.SIGQUIT  # graceful: finish requests in flight
+
+    def config(self) -> str:
+        def servers(attr: str) -> str:
+            return "\n".join(f"        server 127.0.0.1:{getattr(p, attr)} max_fails=1 fail_timeout={self.fail_timeout_s}s;"
+                             for p in self.replicas)
+
+        # Started as root, nginx runs its worker as nobody, which cannot write request bodies into
+        # this folder; run it as the user who owns the folder instead.
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
+        return NGINX_CONF.format(user=user, dir=self.dir, host=self.host, http_port=self.http_port, grpc_port=self.grpc_port,
+                                 http_servers=servers("http"), grpc_servers=servers("grpc"), tries=self.tries,
+                                 connect_timeout="1s")
+
+    def command(self) -> list[str]:
+        binary = find_nginx()
+        if binary is None:
+            raise BalancerError("nginx not found: apt-get install nginx (scripts/setup.sh does)")
+        return [binary, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf"), "-e", str(self.dir / "error.log"),
+                "-g", "daemon off;"]
+
+    def traffic(self, replica: Ports, since: float) -> tuple[float | None, int]:
+        addresses = {f"127.0.0.1:{replica.http}", f"127.0.0.1:{replica.grpc}"}
+        first, retried = None, 0
+        for line in (self.dir / "access.log").read_text().splitlines():
+            stamp = float(line.split(" ", 1)[0])
+            tried = [u.strip() for u in line.split("upstream=", 1)[1].split(" upstream_status=")[0].split(",")]
+            retried += len(tried) > 1
+            if first is None and stamp >= since and addresses & set(tried):
+                first = stamp - since
+        return first, retried
+
+
+class HAProxyBalancer(Balancer):
+    """HAProxy (Debian's package). Unlike nginx it keeps a copy of each request (L7 retries) for gRPC
+    too, and checks the replicas' readiness actively."""
+
+    name = "haproxy"
+    stop_signal = signal.SIGUSR1  # soft stop: finish requests in flight
+    check_flag = "-c"
+
+    def config(self) -> str:
+        def servers(attr: str, extra: str) -> str:
+            return "\n".join(f"    server r{i} 127.0.0.1:{getattr(p, attr)} {extra} check port {p.http} inter 1s fall 1 rise 1"
+                              for i, p in enumerate(self.replicas))
+
+        return HAPROXY_CONF.format(host=self.host, http_port=self.http_port, grpc_port=self.grpc_port, tries=self.tries,
+                                   http_servers=servers("http", ""), grpc_servers=servers("grpc", "proto h2 check-proto h1"))
+
+    def command(self) -> list[str]:
+        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not Path(binary).is_file():
+            raise BalancerError("haproxy not found: apt-get install haproxy")
+        return [binary, "-db", "-f", str(self.dir / "haproxy.conf")]
+
+    def traffic(self, replica: Ports, since: float) -> tuple[float | None, int]:
+        index = self.replicas.index(replica)
+        first, retried = None, 0
+        for line in (self.dir / "stdout.log").read_text().splitlines():
+            fields = line.split()
+            if len(fields) != 5 or not fields[0].replace(".", "").isdigit():
+                continue  # not a request line (start-up and health-check messages)
+            stamp, server, retries = float(fields[0]), fields[2], fields[4].lstrip("+")
+            retried += retries.isdigit() and int(retries) > 0
+            if first is None and stamp >= since and server == f"r{index}":
+                first = stamp - since
+        return first, retried
+
+
+BALANCERS = {"nginx": NginxBalancer, "haproxy": HAProxyBalancer}
 
 
 @contextlib.contextmanager
-def balanced_replicas(repository: str | Path, count: int, workdir: str | Path, **nginx_options):
-    """``count`` `littlebig serve` replicas of ``repository`` behind nginx; everything stopped after."""
+def balanced_replicas(repository: str | Path, count: int, workdir: str | Path, proxy: str = "nginx", **options):
+    """``count`` `littlebig serve` replicas of ``repository`` behind ``proxy``; everything stopped after."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     replicas = [ServeReplica(repository, Ports.free(), workdir, f"replica{i}") for i in range(count)]
-    balancer = NginxBalancer([r.ports for r in replicas], workdir / "nginx", **nginx_options)
+    balancer = BALANCERS[proxy]([r.ports for r in replicas], workdir / proxy, **options)
     try:
         for replica in replicas:
             replica.start()
