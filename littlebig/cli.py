@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import socket
 import sys
@@ -338,6 +339,29 @@ def cmd_bench(args) -> None:
     )
 
 
+def cmd_batch(args) -> None:
+    from littlebig.client.batch import run_batch
+    from littlebig.memory import MemorySampler
+
+    sampler = MemorySampler(args.server_pid) if args.server_pid else None
+    with sampler or contextlib.nullcontext():
+        result = run_batch(args.url, args.data, args.out, threshold=args.threshold, labels=args.labels,
+                           batch_size=args.batch_size, concurrency=args.concurrency)
+    print(f"wrote {result.out}: {result.images} images, {result.escalated} answered by big "
+          f"(inferred now: {result.inferred['little']} by little, {result.inferred['big']} by big)")
+    for window in result.windows if sampler else ():
+        print(f"  server memory during the {window.model} pass: peak {sampler.peak(window.start, window.end) / 2**20:.0f} MiB")
+
+
+def cmd_plan(args) -> None:
+    from littlebig.client.capacity import format_plan, load_bench, plan
+
+    path = Path(args.bench)
+    bench = load_bench(path / "bench.json" if path.is_dir() else path)
+    print(format_plan(plan(bench, args.rate, utilisation=args.utilisation, replicas_per_gpu=args.replicas_per_gpu,
+                           escalation=args.escalation, max_p99_ms=args.max_p99_ms)))
+
+
 def probability(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -485,6 +509,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="interleaved runs per model and concurrency (medians reported)")
     p.add_argument("--out", required=True, help="folder for bench.json, the table and bench.png")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("batch", help="offline job over a folder: little over all images, then big over the escalated "
+                       "ones, one model loaded at a time (CSV out, resumable)")
+    p.add_argument("--url", default="127.0.0.1:8001", help="server gRPC address (explicit model control)")
+    p.add_argument("--data", required=True, help="image folder (searched recursively)")
+    p.add_argument("--out", required=True, help="predictions CSV: file,class,label,confidence,route")
+    p.add_argument("--threshold", type=float, help="T (default: the served gate's)")
+    p.add_argument("--labels", help="class names, one per line (default: the served model's own labels, else ImageNet names for 1000 classes)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per request")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--server-pid", type=int, help="tritonserver's pid on this machine: report its peak memory per pass")
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("plan", help="replicas and GPUs for a request rate, cascade vs big alone, from a bench.json")
+    p.add_argument("--bench", required=True, help="bench.json written by `littlebig bench` (or its folder)")
+    p.add_argument("--rate", type=float, required=True, help="images per second to serve")
+    p.add_argument("--utilisation", type=float, default=0.7, help="fraction of a replica's measured peak to plan for")
+    p.add_argument("--replicas-per-gpu", type=int, default=1, help="server replicas that share one GPU")
+    p.add_argument("--escalation", type=float, help="expected escalation share p (default: the one measured in the bench)")
+    p.add_argument("--max-p99-ms", type=float, help="only concurrency levels whose p99 latency is within this budget")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("demo", help="EfficientNet-Lite0 -> Lite2 end to end: export, repository, serve, classify")
     p.add_argument("--workdir", default="runs/demo", help="folder for the ONNX files, repository and server log")

@@ -8,10 +8,17 @@ PYTHON=${PYTHON:-python3}
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-# perf_analyzer (from the tritonclient 2.48.0 wheel) links against libb64.
-if ! dpkg -s libb64-0d >/dev/null 2>&1; then
+# perf_analyzer (from the tritonclient 2.48.0 wheel) links against libb64. nginx: the load balancer
+# in front of replicas (tests/test_lb.py); prometheus: promtool checks and unit-tests the alert
+# rules; docker-compose: validates docker/compose.yaml (its `config` needs no Docker engine).
+# --no-install-recommends keeps out the node exporter. On a host with systemd Debian also starts the
+# nginx and prometheus services; the tests use neither (they run their own nginx on free ports).
+DEBS=(libb64-0d nginx prometheus docker-compose)
+missing=()
+for deb in "${DEBS[@]}"; do dpkg -s "$deb" >/dev/null 2>&1 || missing+=("$deb"); done
+if [ ${#missing[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq libb64-0d >/dev/null
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
