@@ -43,9 +43,12 @@ def _grpc_reason(message: str) -> str:
 def _triton_message(err, endpoint: Endpoint | None) -> str:
     status = str(err.status() or "")
     text = err.message() or str(err)
-    if "HTTP/2" in text:  # something answered, but not in gRPC: Triton's HTTP port, most likely
+    # Something accepted the connection but does not speak gRPC: Triton's HTTP port, most likely
+    # (Triton's HTTP server closes the socket; other HTTP/1 servers answer with a non-HTTP/2 frame).
+    if "HTTP/2" in text or "Socket closed" in text:
         where = f" ({endpoint.url})" if endpoint else ""
-        return f"the server port{where} does not speak gRPC: is it the HTTP port? Add --http, or use the gRPC port (8001 by default)"
+        return (f"the server port{where} accepted the connection but does not speak gRPC: is it the HTTP port? "
+                "Add --http, or use the gRPC port (8001 by default)")
     if "UNAVAILABLE" in status or "DEADLINE_EXCEEDED" in status:
         return _unreachable(endpoint, _grpc_reason(text))
     if "unknown model" in text or "is not found" in text:

@@ -110,7 +110,8 @@ def test_wrong_protocol_for_the_port(server, photo):
     assert_message(run_cli("classify", "--http", "--url", server.grpc_url, photo),
                    f"the server port ({server.grpc_url}) does not speak HTTP: is it the gRPC port?")
     assert_message(run_cli("classify", "--url", server.http_url, photo),
-                   f"the server port ({server.http_url}) does not speak gRPC: is it the HTTP port? Add --http")
+                   f"the server port ({server.http_url}) accepted the connection but does not speak gRPC: "
+                   "is it the HTTP port? Add --http")
 
 
 def test_serve_refuses_ports_in_use(tmp_path):
