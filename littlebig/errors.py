@@ -58,15 +58,13 @@ def _triton_message(err, endpoint: Endpoint | None) -> str:
 
 
 def _library_message(err: BaseException, endpoint: Endpoint | None) -> str | None:
-    """Messages for failures reported by the libraries underneath (imported only if loaded)."""
-    import sys
-
+    """Messages for failures reported by the libraries underneath (recognised by name: not imported here)."""
     kind = type(err).__name__
     if kind == "InferenceServerException":
         return _triton_message(err, endpoint)
     if kind == "UnidentifiedImageError":  # Pillow: "cannot identify image file 'x.jpg'"
         return f"{err}: it is not an image Pillow can read (JPEG, PNG, BMP, GIF, WebP, TIFF)"
-    if kind == "DecodeError" and "google.protobuf" in sys.modules:
+    if kind == "DecodeError" and type(err).__module__.startswith("google.protobuf"):
         return f"a file is not in the expected protobuf format (ONNX or Triton config): {err}"
     if kind == "HTTPParseError":  # geventhttpclient got something that is not HTTP: a gRPC port
         port = f" ({endpoint.url})" if endpoint else ""
