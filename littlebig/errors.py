@@ -40,23 +40,12 @@ def _grpc_reason(message: str) -> str:
     return message.split(";")[0]
 
 
-def _accepts_connections(endpoint: Endpoint | None) -> bool:
-    if endpoint is None:
-        return False
-    host, _, port = endpoint.url.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
 def _triton_message(err, endpoint: Endpoint | None) -> str:
     status = str(err.status() or "")
     text = err.message() or str(err)
-    # Something answered, but not in gRPC: Triton's HTTP port, most likely. gRPC reports it as
-    # "HTTP/2 ..." or, against Triton's HTTP server, as a closed socket on a port that is open.
-    if "HTTP/2" in text or ("UNAVAILABLE" in status and "Socket closed" in text and _accepts_connections(endpoint)):
+    # Something accepted the connection but does not speak gRPC: Triton's HTTP port, most likely
+    # (Triton's HTTP server closes the socket; other HTTP/1 servers answer with a non-HTTP/2 frame).
+    if "HTTP/2" in text or "Socket closed" in text:
         where = f" ({endpoint.url})" if endpoint else ""
         return (f"the server port{where} accepted the connection but does not speak gRPC: is it the HTTP port? "
                 "Add --http, or use the gRPC port (8001 by default)")
@@ -69,15 +58,13 @@ def _triton_message(err, endpoint: Endpoint | None) -> str:
 
 
 def _library_message(err: BaseException, endpoint: Endpoint | None) -> str | None:
-    """Messages for failures reported by the libraries underneath (imported only if loaded)."""
-    import sys
-
+    """Messages for failures reported by the libraries underneath (recognised by name: not imported here)."""
     kind = type(err).__name__
     if kind == "InferenceServerException":
         return _triton_message(err, endpoint)
     if kind == "UnidentifiedImageError":  # Pillow: "cannot identify image file 'x.jpg'"
         return f"{err}: it is not an image Pillow can read (JPEG, PNG, BMP, GIF, WebP, TIFF)"
-    if kind == "DecodeError" and "google.protobuf" in sys.modules:
+    if kind == "DecodeError" and type(err).__module__.startswith("google.protobuf"):
         return f"a file is not in the expected protobuf format (ONNX or Triton config): {err}"
     if kind == "HTTPParseError":  # geventhttpclient got something that is not HTTP: a gRPC port
         port = f" ({endpoint.url})" if endpoint else ""
