@@ -12,6 +12,7 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
+from .admin import admin_headers
 from .infer import GATE_MODEL, LittleBigClient
 
 
@@ -37,7 +38,7 @@ def apply_threshold(
         params = config.setdefault("parameters", {})
         params["threshold"] = {"string_value": repr(float(threshold))}
         # A config override replaces the whole config; everything else stays as served.
-        client.load_model(model, config=json.dumps(config))
+        client.load_model(model, config=json.dumps(config), headers=admin_headers(url))
         if not client.is_model_ready(model):
             raise RuntimeError(f"model {model!r} is not ready after switching to threshold {threshold}")
 

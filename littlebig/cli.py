@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -50,6 +51,8 @@ def _repository_options(args):
         big_queue_delay_us=args.big_queue_delay_us,
         intra_op_threads=args.intra_op_threads,
         big_nice=args.big_nice,
+        on_big_failure=args.on_big_failure,
+        child_timeout_ms=args.child_timeout_ms,
     )
 
 
@@ -79,6 +82,7 @@ def _wait_forever(server) -> None:
 
 
 def cmd_serve(args) -> None:
+    from littlebig.client import admin
     from littlebig.server import TritonServer
 
     server = TritonServer(
@@ -88,10 +92,13 @@ def cmd_serve(args) -> None:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         log_file=args.log_file,
+        admin_key=args.admin_key or os.environ.get(admin.KEY_ENV) or None,
+        allow_remote=args.allow_remote,
     )
     print(f"starting tritonserver on {args.repo} (log {server.log_file}) ...", flush=True)
     with server:
         print(f"ready\n  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}\n  metrics {server.metrics_url}")
+        print(f"  admin   repository/shared-memory APIs locked; key in {admin.keys_file()} (or ${admin.KEY_ENV})")
         print("Ctrl-C to stop", flush=True)
         _wait_forever(server)
 
@@ -236,6 +243,10 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--big-nice", type=int, default=defaults.big_nice,
                         help="CPU priority increment (0..19) of big's python-runtime process: on a CPU server, "
                         "requests little answers go first (default %(default)s; 0 to treat both alike)")
+    parser.add_argument("--on-big-failure", choices=["fail", "little"], default=defaults.on_big_failure,
+                        help="when big fails: fail the escalated requests (default) or answer with little, ROUTE=2")
+    parser.add_argument("--child-timeout-ms", type=int, default=defaults.child_timeout_ms,
+                        help="bound on each gate call to little or big (0: none; default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve a model repository with Triton")
     p.add_argument("--repo", required=True)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; others need --allow-remote)")
+    p.add_argument("--allow-remote", action="store_true", help="allow --host to be a non-loopback address")
+    p.add_argument("--admin-key", help="key that unlocks the repository/shared-memory APIs (default: $LITTLEBIG_ADMIN_KEY, "
+                   "else a new one, stored in ~/.config/littlebig/admin-keys.json for this user's admin commands)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)

@@ -6,6 +6,10 @@ cleanly. Usable as a context manager::
 
     with TritonServer("repo") as server:
         print(server.grpc_url)
+
+The repository, shared-memory, logging and trace APIs are locked behind an admin key by default
+(client/admin.py): the key is stored for this server's addresses while it runs, so this user's admin
+calls find it. Binding anything but loopback needs ``allow_remote=True``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from littlebig.client import admin
 
 # Python-backend shared memory: each python model instance gets a region of this size that grows in
 # these steps. 64 images of 260x260x3 uint8 are 13 MB; start big enough that a full batch needs no growth.
@@ -119,10 +125,24 @@ class TritonServer:
         explicit_model_control: bool = True,
         extra_args: tuple[str, ...] = (),
         startup_timeout_s: float = 180.0,
+        admin_key: str | None = None,
+        lock_admin: bool = True,
+        allow_remote: bool = False,
+        exit_timeout_s: int = 30,
     ):
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
             raise ServerError(f"model repository {self.repository} does not exist")
+        if host not in admin.LOOPBACK_HOSTS and not allow_remote:
+            raise ServerError(
+                f"binding {host} exposes the server beyond this machine; pass --allow-remote "
+                "(allow_remote=True) to do that on purpose"
+            )
+        if allow_remote and not lock_admin:
+            raise ServerError("a server reachable from other machines must keep its admin APIs locked")
+        # None: admin APIs open (only for a caller that asks for it explicitly).
+        self.admin_key = (admin_key or admin.new_key()) if lock_admin else None
+        self.exit_timeout_s = exit_timeout_s
         self.host = host
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
@@ -147,6 +167,12 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
+    def admin_headers(self, protocol: str = "grpc") -> dict[str, str]:
+        """Headers that unlock this server's admin APIs (empty when they are open)."""
+        if self.admin_key is None:
+            return {}
+        return {admin.GRPC_HEADER if protocol == "grpc" else admin.HEADER: self.admin_key}
+
     def command(self, install: TritonInstall) -> list[str]:
         cmd = [
             str(install.binary),
@@ -159,7 +185,11 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true",
             "--log-verbose=0",
+            # On SIGINT/SIGTERM Triton stops taking requests and waits this long for those in flight.
+            f"--exit-timeout-secs={self.exit_timeout_s}",
         ]
+        if self.admin_key is not None:
+            cmd += admin.restricted_api_args(self.admin_key)
         if install.backend_dir is not None:
             cmd.append(f"--backend-directory={install.backend_dir}")
         cmd += [f"--backend-config={c}" for c in DEFAULT_BACKEND_CONFIG]
@@ -181,6 +211,8 @@ class TritonServer:
                 env=env,
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it in order
             )
+        if self.admin_key is not None:
+            admin.remember([self.http_url, self.grpc_url], self.admin_key)
         try:
             self.wait_ready()
         except BaseException:
@@ -216,9 +248,12 @@ class TritonServer:
         except OSError:
             return ""
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float | None = None) -> None:
+        if self.admin_key is not None:
+            admin.forget([self.http_url, self.grpc_url], self.admin_key)
         if self.process is None or self.process.poll() is not None:
             return
+        timeout_s = self.exit_timeout_s + 15 if timeout_s is None else timeout_s
         # SIGINT is Triton's graceful shutdown: it stops accepting, drains in-flight requests, unloads.
         self.process.send_signal(signal.SIGINT)
         try:
