@@ -69,16 +69,18 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _wait_forever(server) -> None:
-    # SIGTERM ends the wait like Ctrl-C does, so the server is always stopped in order.
+def _wait_forever(server, supervisor=None) -> None:
+    # SIGTERM ends the wait like Ctrl-C does, so the server is always stopped in order (drained).
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        while server.process.poll() is None:
-            time.sleep(0.5)
+        while supervisor is not None or server.process.poll() is None:
+            time.sleep(0.5)  # with a supervisor, a dead server is restarted, not the end
         print(f"tritonserver exited with code {server.process.returncode}; log {server.log_file}", file=sys.stderr)
         raise SystemExit(1)
     except KeyboardInterrupt:
-        print("stopping tritonserver ...")
+        if supervisor is not None:
+            supervisor.stop()
+        print("draining and stopping tritonserver ...", flush=True)
 
 
 def cmd_serve(args) -> None:
@@ -99,8 +101,16 @@ def cmd_serve(args) -> None:
     with server:
         print(f"ready\n  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}\n  metrics {server.metrics_url}")
         print(f"  admin   repository/shared-memory APIs locked; key in {admin.keys_file()} (or ${admin.KEY_ENV})")
+        supervisor = None
+        if not args.no_supervise:
+            from littlebig.supervisor import Supervisor, SupervisorOptions
+
+            metrics_file = server.log_file.with_name("supervisor.prom")
+            supervisor = Supervisor(server, SupervisorOptions(interval_s=args.canary_interval, metrics_file=metrics_file))
+            supervisor.start()
+            print(f"  supervisor canary every {args.canary_interval:g}s; recoveries counted in {metrics_file}")
         print("Ctrl-C to stop", flush=True)
-        _wait_forever(server)
+        _wait_forever(server, supervisor)
 
 
 def print_predictions(names, predictions, labels) -> None:
@@ -285,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--log-file", help="server log (default: a new temporary file)")
+    p.add_argument("--no-supervise", action="store_true", help="no watchdog (canaries, restore of dead models/server)")
+    p.add_argument("--canary-interval", type=float, default=1.0, help="seconds between the watchdog's canary rounds")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("classify", help="classify images through the served gate")

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from littlebig.client import admin
 
+GATE_MODEL = "littlebig"
+
 # Python-backend shared memory: each python model instance gets a region of this size that grows in
 # these steps. 64 images of 260x260x3 uint8 are 13 MB; start big enough that a full batch needs no growth.
 DEFAULT_BACKEND_CONFIG = (
@@ -203,7 +205,8 @@ class TritonServer:
         install = find_tritonserver()
         env = {**os.environ, **install.env}
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "wb") as log:
+        # A restart (by the supervisor) appends to the log of the run that died.
+        with open(self.log_file, "ab" if self.process is not None else "wb") as log:
             self.process = subprocess.Popen(
                 self.command(install),
                 stdout=log,
@@ -248,19 +251,60 @@ class TritonServer:
         except OSError:
             return ""
 
-    def stop(self, timeout_s: float | None = None) -> None:
+    def stop(self, timeout_s: float | None = None, drain: bool = True) -> None:
+        """Drain (see ``drain``), then Triton's own shutdown (SIGINT), then SIGKILL after ``timeout_s``."""
+        if self.process is not None and self.process.poll() is None:
+            if drain and self.explicit_model_control:
+                self.drain()
+            self._shutdown(self.exit_timeout_s + 15 if timeout_s is None else timeout_s)
         if self.admin_key is not None:
             admin.forget([self.http_url, self.grpc_url], self.admin_key)
-        if self.process is None or self.process.poll() is not None:
-            return
-        timeout_s = self.exit_timeout_s + 15 if timeout_s is None else timeout_s
-        # SIGINT is Triton's graceful shutdown: it stops accepting, drains in-flight requests, unloads.
+
+    def _shutdown(self, timeout_s: float) -> None:
+        # SIGINT is Triton's graceful shutdown: it stops accepting, waits for in-flight requests
+        # (--exit-timeout-secs), unloads.
         self.process.send_signal(signal.SIGINT)
         try:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+    def drain(self, gate: str = GATE_MODEL) -> bool:
+        """Unload the gate and wait until it is gone, with little and big still serving.
+
+        Triton's own shutdown refuses every new inference at once, BLS calls included, so a gate
+        request in flight would fail with "Server not ready" when it calls little or big. Unloading
+        the gate first stops new gate requests while Triton lets the accepted ones finish (their BLS
+        calls still work); only then is the server stopped. Returns whether the gate was gone within
+        the exit timeout.
+        """
+        import tritonclient.http as httpclient
+        from tritonclient.utils import InferenceServerException
+
+        deadline = time.monotonic() + self.exit_timeout_s
+        try:
+            with httpclient.InferenceServerClient(self.http_url, network_timeout=self.exit_timeout_s) as client:
+                client.unload_model(gate, headers=self.admin_headers("http"))
+                while time.monotonic() < deadline:
+                    states = {m["name"]: m.get("state") for m in client.get_model_repository_index(headers=self.admin_headers("http"))}
+                    if states.get(gate) in (None, "UNAVAILABLE"):
+                        return True
+                    time.sleep(0.1)
+        except (InferenceServerException, OSError) as err:
+            print(f"littlebig: draining {gate} failed ({err}); stopping anyway", file=sys.stderr)
+        return False
+
+    def restart(self) -> "TritonServer":
+        """Start again on the same ports after the process died (its group is killed first: a
+        stalled or orphaned stub must not keep the ports or shared memory)."""
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+        return self.start()
 
     def __enter__(self) -> "TritonServer":
         return self.start()
