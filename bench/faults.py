@@ -6,7 +6,9 @@
 Serves the pair (python runtime) with `littlebig serve`'s launcher and supervisor, runs closed-loop
 gRPC clients (mixed per-request thresholds, every answer checked against onnxruntime), and injects
 one fault at a time, waiting for recovery between them: big's stub SIGKILLed, big's stub paused
-(SIGSTOP, SIGCONT after --pause-s), a gate stub SIGKILLed, the server SIGKILLed.
+(SIGSTOP, SIGCONT after --pause-s and after --long-pause-s), a gate stub SIGKILLed, the server
+SIGKILLed. Times are from the fault (the SIGSTOP for a pause) to the end of the last failed request
+and to the first correct escalated answer after it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def kill_stub(server, instance):
 FAULTS = {
     "big stub SIGKILL": lambda server, args: kill_stub(server, "big_0_0"),
     "big stub SIGSTOP/SIGCONT": lambda server, args: pause(stub_pid(server.process.pid, "big_0_0"), args.pause_s),
+    "big stub SIGSTOP/SIGCONT long": lambda server, args: pause(stub_pid(server.process.pid, "big_0_0"), args.long_pause_s),
     "gate stub SIGKILL": lambda server, args: kill_stub(server, "littlebig_0_0"),
     "server SIGKILL": lambda server, args: os.kill(server.process.pid, signal.SIGKILL),
 }
@@ -63,13 +66,14 @@ def main(argv=None) -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated: " + ", ".join(FAULTS))
     parser.add_argument("--pause-s", type=float, default=2.0)
+    parser.add_argument("--long-pause-s", type=float, default=10.0)
     parser.add_argument("--settle-s", type=float, default=5.0, help="load before each fault")
     parser.add_argument("--observe-s", type=float, default=25.0, help="load after each fault")
     parser.add_argument("--out", help="JSON results")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="littlebig-faults-"))
-    repo = build_repository(args.little, args.big, work / "repo", RepositoryOptions(intra_op_threads=1, big_nice=0))
+    repo = build_repository(args.little, args.big, work / "repo", RepositoryOptions(intra_op_threads=1))
     size = int(read_config(repo / "littlebig" / "config.pbtxt").parameters["wire_size"].string_value)
     expected = Expected.from_repository(repo, wire_images(256, size))
     conf = expected.little.max(1)
