@@ -213,8 +213,8 @@ class TritonPythonModel:
     async def _infer(self, model_name, images):
         """``images``: a numpy batch, or a request's own IMAGE tensor (passed on without a copy)."""
         tensor = images if isinstance(images, pb_utils.Tensor) else pb_utils.Tensor("IMAGE", images)
-        # Triton drops the call if it waits in the child's queue past the timeout; wait_for bounds the
-        # rest (a child stuck while executing). A dead child's stub answers at once with an error.
+        # The request's own timeout is passed to Triton (its schedulers may drop a call queued past it);
+        # wait_for bounds the wait whatever the child does (a stub stuck while executing).
         request = pb_utils.InferenceRequest(
             model_name=model_name,
             requested_output_names=["PROBS"],
