@@ -277,10 +277,14 @@ def run_batch(
     """Classify every image under ``data`` with the cascade in two passes; write ``out`` (CSV).
 
     ``url`` is the server's gRPC address. T is the served gate's unless ``threshold`` is given.
+    ``headers`` go with every load/unload (default: the admin key stored for ``url``, see client/admin.py).
     ``progress`` is called with the number of images of each answered chunk.
     """
     from tritonclient.utils import InferenceServerException
 
+    from .admin import admin_headers
+
+    headers = admin_headers(url) if headers is None else headers  # load/unload are admin calls
     try:
         return _run_batch(url, Path(data), Path(out), threshold, labels, batch_size, concurrency, show_progress, headers, progress)
     except InferenceServerException as err:

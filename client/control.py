@@ -14,6 +14,7 @@ import json
 
 import tritonclient.grpc as grpcclient
 
+from .admin import admin_headers
 from .infer import GATE_MODEL, LittleBigClient
 
 
@@ -30,6 +31,6 @@ def switch_threshold(url: str, threshold: float, *, model: str = GATE_MODEL) -> 
         config = client.get_model_config(model, as_json=True)["config"]
         config.setdefault("parameters", {})["threshold"] = {"string_value": repr(float(threshold))}
         # A config override replaces the whole config; everything else stays as served.
-        client.load_model(model, config=json.dumps(config))
+        client.load_model(model, config=json.dumps(config), headers=admin_headers(url))
         if not client.is_model_ready(model):
             raise RuntimeError(f"model {model!r} is not ready after switching to threshold {threshold}")

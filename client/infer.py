@@ -11,14 +11,14 @@ from .images import ImageLike, to_wire_batch
 from .labels import ClassLabels
 
 GATE_MODEL = "littlebig"
-ROUTE_NAMES = {0: "little", 1: "big"}
+ROUTE_NAMES = {0: "little", 1: "big", 2: "little (big failed)"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     class_index: int
     confidence: float
-    route: int  # 0: little answered, 1: escalated to big
+    route: int  # 0: little answered, 1: escalated to big, 2: escalated, big failed, little answered
     probs: np.ndarray | None = None
 
     @property
@@ -98,6 +98,9 @@ class LittleBigClient:
         outputs: Sequence[str] | None = None,
     ) -> dict[str, np.ndarray]:
         """One request with a ready wire batch (uint8 [N, S, S, 3]); returns output name -> array."""
+        if len(batch) == 0:
+            # Triton itself refuses a zero-row tensor with "input byte size mismatch"; say what it means.
+            raise ValueError("empty batch: send at least one image")
         tc = self._tc
         image = tc.InferInput("IMAGE", list(batch.shape), _triton_dtype(batch.dtype))
         image.set_data_from_numpy(batch)

@@ -178,7 +178,10 @@ class ServeReplica:
         stem = self.log_dir / f"{self.name}-{self.starts}"
         cmd = [sys.executable, "-m", "littlebig.cli", "serve", "--repo", str(self.repository),
                "--http-port", str(self.ports.http), "--grpc-port", str(self.ports.grpc),
-               "--metrics-port", str(self.ports.metrics), "--log-file", f"{stem}.tritonserver.log"]
+               "--metrics-port", str(self.ports.metrics), "--log-file", f"{stem}.tritonserver.log",
+               # The replica's death is the scenario: its own supervisor would restart it in place,
+               # and what is measured here is the proxy's failover and taking the replica back.
+               "--no-supervise"]
         with open(f"{stem}.serve.log", "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:

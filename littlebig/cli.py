@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -59,6 +60,8 @@ def _repository_options(args):
         big_queue_delay_us=args.big_queue_delay_us,
         intra_op_threads=args.intra_op_threads,
         big_nice=args.big_nice,
+        on_big_failure=args.on_big_failure,
+        child_timeout_ms=args.child_timeout_ms,
     )
 
 
@@ -97,16 +100,18 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _wait_forever(server) -> None:
-    # SIGTERM ends the wait like Ctrl-C does, so the server is always stopped in order.
+def _wait_forever(server, supervisor=None) -> None:
+    # SIGTERM ends the wait like Ctrl-C does, so the server is always stopped in order (drained).
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        while server.process.poll() is None:
-            time.sleep(0.5)
+        while supervisor is not None or server.process.poll() is None:
+            time.sleep(0.5)  # with a supervisor, a dead server is restarted, not the end
         print(f"tritonserver exited with code {server.process.returncode}; log {server.log_file}", file=sys.stderr)
         raise SystemExit(1)
     except KeyboardInterrupt:
-        print("stopping tritonserver ...")
+        if supervisor is not None:
+            supervisor.stop()
+        print("draining and stopping tritonserver ...", flush=True)
 
 
 def _check_ports_free(host: str, ports: dict[str, int]) -> None:
@@ -125,6 +130,7 @@ def _check_ports_free(host: str, ports: dict[str, int]) -> None:
 
 
 def cmd_serve(args) -> None:
+    from littlebig.client import admin
     from littlebig.server import TritonServer
 
     _check_ports_free(
@@ -137,12 +143,23 @@ def cmd_serve(args) -> None:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         log_file=args.log_file,
+        admin_key=args.admin_key or os.environ.get(admin.KEY_ENV) or None,
+        allow_remote=args.allow_remote,
     )
     print(f"starting tritonserver on {args.repo} (log {server.log_file}) ...", flush=True)
     with server:
         print(f"ready\n  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}\n  metrics {server.metrics_url}")
+        print(f"  admin   repository/shared-memory APIs locked; key in {admin.keys_file()} (or ${admin.KEY_ENV})")
+        supervisor = None
+        if not args.no_supervise:
+            from littlebig.supervisor import Supervisor, SupervisorOptions
+
+            metrics_file = server.log_file.with_name("supervisor.prom")
+            supervisor = Supervisor(server, SupervisorOptions(interval_s=args.canary_interval, metrics_file=metrics_file))
+            supervisor.start()
+            print(f"  supervisor canary every {args.canary_interval:g}s; recoveries counted in {metrics_file}")
         print("Ctrl-C to stop", flush=True)
-        _wait_forever(server)
+        _wait_forever(server, supervisor)
 
 
 def print_predictions(names, predictions, labels, little_confidence=None) -> None:
@@ -406,6 +423,10 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--big-nice", type=int, default=defaults.big_nice,
                         help="CPU priority increment (0..19) of big's python-runtime process: on a CPU server, "
                         "requests little answers go first (0 to treat both alike)")
+    parser.add_argument("--on-big-failure", choices=["fail", "little"], default=defaults.on_big_failure,
+                        help="when big fails: fail the escalated requests (default) or answer with little, ROUTE=2")
+    parser.add_argument("--child-timeout-ms", type=int, default=defaults.child_timeout_ms,
+                        help="bound on each gate call to little or big (0: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -448,11 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve a model repository with Triton")
     p.add_argument("--repo", required=True, help="model repository folder (from littlebig repo)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; others need --allow-remote)")
+    p.add_argument("--allow-remote", action="store_true", help="allow --host to be a non-loopback address")
+    p.add_argument("--admin-key", help="key that unlocks the repository/shared-memory APIs (default: $LITTLEBIG_ADMIN_KEY, "
+                   "else a new one, stored in ~/.config/littlebig/admin-keys.json for this user's admin commands)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
     p.add_argument("--log-file", help="server log (default: a new temporary file)")
+    p.add_argument("--no-supervise", action="store_true", help="no watchdog (canaries, restore of dead models/server)")
+    p.add_argument("--canary-interval", type=float, default=1.0, help="seconds between the watchdog's canary rounds")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("classify", help="classify images through the served gate")
@@ -474,10 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     from littlebig.client.criterion import DEFAULT_CONFIDENCE_LEVEL, DEFAULT_MAX_ACC_DROP
 
     p.add_argument("--max-acc-drop", type=float, default=DEFAULT_MAX_ACC_DROP,
-                   help="tolerated accuracy drop against big (default %(default)s = 2 points): the cheapest T whose "
+                   help="tolerated accuracy drop against big (0.02 = 2 points): the cheapest T whose "
                    "upper bound on the drop at --confidence-level is within it")
     p.add_argument("--confidence-level", type=float, default=DEFAULT_CONFIDENCE_LEVEL,
-                   help="level of the bound the choice is certified at and every report states (default %(default)s)")
+                   help="level of the bound the choice is certified at and every report states")
     p.add_argument("--point-estimate", action="store_true",
                    help="choose by the measured drop alone (the paper's rule; noisy on a few hundred images: the report "
                    "warns when its bound is far above the tolerance)")

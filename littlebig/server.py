@@ -6,6 +6,10 @@ cleanly. Usable as a context manager::
 
     with TritonServer("repo") as server:
         print(server.grpc_url)
+
+The repository, shared-memory, logging and trace APIs are locked behind an admin key by default
+(client/admin.py): the key is stored for this server's addresses while it runs, so this user's admin
+calls find it. Binding anything but loopback needs ``allow_remote=True``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from littlebig.client import admin
+
+GATE_MODEL = "littlebig"
 
 # Python-backend shared memory: each python model instance gets a region of this size that grows in
 # these steps. 64 images of 260x260x3 uint8 are 13 MB; start big enough that a full batch needs no growth.
@@ -119,10 +127,24 @@ class TritonServer:
         explicit_model_control: bool = True,
         extra_args: tuple[str, ...] = (),
         startup_timeout_s: float = 180.0,
+        admin_key: str | None = None,
+        lock_admin: bool = True,
+        allow_remote: bool = False,
+        exit_timeout_s: int = 30,
     ):
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
             raise ServerError(f"model repository {self.repository} does not exist")
+        if host not in admin.LOOPBACK_HOSTS and not allow_remote:
+            raise ServerError(
+                f"binding {host} exposes the server beyond this machine; pass --allow-remote "
+                "(allow_remote=True) to do that on purpose"
+            )
+        if allow_remote and not lock_admin:
+            raise ServerError("a server reachable from other machines must keep its admin APIs locked")
+        # None: admin APIs open (only for a caller that asks for it explicitly).
+        self.admin_key = (admin_key or admin.new_key()) if lock_admin else None
+        self.exit_timeout_s = exit_timeout_s
         self.host = host
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
@@ -147,6 +169,12 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
+    def admin_headers(self, protocol: str = "grpc") -> dict[str, str]:
+        """Headers that unlock this server's admin APIs (empty when they are open)."""
+        if self.admin_key is None:
+            return {}
+        return {admin.GRPC_HEADER if protocol == "grpc" else admin.HEADER: self.admin_key}
+
     def command(self, install: TritonInstall) -> list[str]:
         cmd = [
             str(install.binary),
@@ -159,7 +187,11 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true",
             "--log-verbose=0",
+            # On SIGINT/SIGTERM Triton stops taking requests and waits this long for those in flight.
+            f"--exit-timeout-secs={self.exit_timeout_s}",
         ]
+        if self.admin_key is not None:
+            cmd += admin.restricted_api_args(self.admin_key)
         if install.backend_dir is not None:
             cmd.append(f"--backend-directory={install.backend_dir}")
         cmd += [f"--backend-config={c}" for c in DEFAULT_BACKEND_CONFIG]
@@ -173,7 +205,8 @@ class TritonServer:
         install = find_tritonserver()
         env = {**os.environ, **install.env}
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "wb") as log:
+        # A restart (by the supervisor) appends to the log of the run that died.
+        with open(self.log_file, "ab" if self.process is not None else "wb") as log:
             self.process = subprocess.Popen(
                 self.command(install),
                 stdout=log,
@@ -181,6 +214,8 @@ class TritonServer:
                 env=env,
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it in order
             )
+        if self.admin_key is not None:
+            admin.remember([self.http_url, self.grpc_url], self.admin_key)
         try:
             self.wait_ready()
         except BaseException:
@@ -216,16 +251,60 @@ class TritonServer:
         except OSError:
             return ""
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        # SIGINT is Triton's graceful shutdown: it stops accepting, drains in-flight requests, unloads.
+    def stop(self, timeout_s: float | None = None, drain: bool = True) -> None:
+        """Drain (see ``drain``), then Triton's own shutdown (SIGINT), then SIGKILL after ``timeout_s``."""
+        if self.process is not None and self.process.poll() is None:
+            if drain and self.explicit_model_control:
+                self.drain()
+            self._shutdown(self.exit_timeout_s + 15 if timeout_s is None else timeout_s)
+        if self.admin_key is not None:
+            admin.forget([self.http_url, self.grpc_url], self.admin_key)
+
+    def _shutdown(self, timeout_s: float) -> None:
+        # SIGINT is Triton's graceful shutdown: it stops accepting, waits for in-flight requests
+        # (--exit-timeout-secs), unloads.
         self.process.send_signal(signal.SIGINT)
         try:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+    def drain(self, gate: str = GATE_MODEL) -> bool:
+        """Unload the gate and wait until it is gone, with little and big still serving.
+
+        Triton's own shutdown refuses every new inference at once, BLS calls included, so a gate
+        request in flight would fail with "Server not ready" when it calls little or big. Unloading
+        the gate first stops new gate requests while Triton lets the accepted ones finish (their BLS
+        calls still work); only then is the server stopped. Returns whether the gate was gone within
+        the exit timeout.
+        """
+        import tritonclient.http as httpclient
+        from tritonclient.utils import InferenceServerException
+
+        deadline = time.monotonic() + self.exit_timeout_s
+        try:
+            with httpclient.InferenceServerClient(self.http_url, network_timeout=self.exit_timeout_s) as client:
+                client.unload_model(gate, headers=self.admin_headers("http"))
+                while time.monotonic() < deadline:
+                    states = {m["name"]: m.get("state") for m in client.get_model_repository_index(headers=self.admin_headers("http"))}
+                    if states.get(gate) in (None, "UNAVAILABLE"):
+                        return True
+                    time.sleep(0.1)
+        except (InferenceServerException, OSError) as err:
+            print(f"littlebig: draining {gate} failed ({err}); stopping anyway", file=sys.stderr)
+        return False
+
+    def restart(self) -> "TritonServer":
+        """Start again on the same ports after the process died (its group is killed first: a
+        stalled or orphaned stub must not keep the ports or shared memory)."""
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+        return self.start()
 
     def __enter__(self) -> "TritonServer":
         return self.start()

@@ -80,6 +80,10 @@ class RepositoryOptions:
     # escalated requests pay (p50 ~460 vs ~400 ms). Big alone is as fast at 19 as at 0 (nothing
     # competes with it). Ignored by the native runtimes.
     big_nice: int = 19
+    # Degraded mode: "little" answers escalated rows with little's answer (ROUTE=2) when big fails.
+    on_big_failure: str = "fail"
+    # Bound on each call of the gate to little or big (a stalled child fails the call instead of hanging it).
+    child_timeout_ms: int = 30_000
 
     def validate(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -95,6 +99,10 @@ class RepositoryOptions:
                 raise RepositoryError(f"{name.replace('_', ' ')} must be >= 1")
         if not 0 <= self.big_nice <= 19:
             raise RepositoryError(f"big nice must be in 0..19, got {self.big_nice}")
+        if self.on_big_failure not in ("fail", "little"):
+            raise RepositoryError(f"on_big_failure must be 'fail' or 'little', got {self.on_big_failure!r}")
+        if self.child_timeout_ms < 0:
+            raise RepositoryError(f"child timeout must be >= 0 ms (0: none), got {self.child_timeout_ms}")
 
 
 def _tensor(cls, name: str, data_type: int, dims: list[int]):
@@ -168,6 +176,8 @@ def gate_config(little: ModelFacts, big: ModelFacts, options: RepositoryOptions,
             "num_classes": little.num_classes,
             # Both children answer CLASS and CONFIDENCE: the gate asks for PROBS only when it needs them.
             "children_top1": int(little.top1 and big.top1),
+            "on_big_failure": options.on_big_failure,
+            "child_timeout_ms": options.child_timeout_ms,
         },
     )
     if labels is not None:

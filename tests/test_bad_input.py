@@ -5,6 +5,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from littlebig.client.admin import admin_headers
+
 from .conftest import WIRE
 from .test_serving import gate_counts, send_concurrently
 
@@ -69,11 +71,11 @@ def test_missing_big_fails_only_the_escalated_requests(server, offline):
     plan = [0.0, 1.0, 0.0, 1.0]  # T=0: little answers all; T=1: every row goes to big
     requests = [(offline.images[i * 4 : (i + 1) * 4], t) for i, t in enumerate(plan)]
     with grpcclient.InferenceServerClient(server.grpc_url) as admin:
-        admin.unload_model("big")
+        admin.unload_model("big", headers=admin_headers(server.grpc_url, "grpc"))
         try:
             results = send_concurrently(server.grpc_url, requests)
         finally:
-            admin.load_model("big")
+            admin.load_model("big", headers=admin_headers(server.grpc_url, "grpc"))
     for threshold, (result, error) in zip(plan, results):
         if threshold == 0.0:
             assert error is None, error
@@ -84,3 +86,32 @@ def test_missing_big_fails_only_the_escalated_requests(server, offline):
     result, error = send_concurrently(server.grpc_url, requests[1:2])[0]
     assert error is None, error
     assert result.as_numpy("ROUTE").all()
+
+
+def test_degraded_mode_answers_escalated_rows_with_little_flagged(server, offline):
+    """on_big_failure=little with big unloaded: escalated rows get little's answer and ROUTE=2, the
+    others ROUTE=0, and littlebig_fallback_rows_total counts them; the default still fails."""
+    images = offline.images[:16]
+    threshold = float(np.median(offline.little.max(1)))
+    escalated = offline.little[:16].max(1) < threshold
+    assert 0 < escalated.sum() < 16
+    before = fallback_rows(server)
+    with grpcclient.InferenceServerClient(server.grpc_url) as admin:
+        admin.unload_model("big", headers=admin_headers(server.grpc_url, "grpc"))
+        try:
+            degraded = infer_raw(server.grpc_url, [image_input(images)], {"threshold": threshold, "on_big_failure": "little"})
+            with pytest.raises(InferenceServerException, match="'big'") as failed:
+                infer_raw(server.grpc_url, [image_input(images)], {"threshold": threshold})
+        finally:
+            admin.load_model("big", headers=admin_headers(server.grpc_url, "grpc"))
+    assert failed.value.status() == "StatusCode.UNAVAILABLE"
+    np.testing.assert_array_equal(degraded.as_numpy("ROUTE")[:, 0], np.where(escalated, 2, 0))
+    np.testing.assert_array_equal(degraded.as_numpy("CLASS")[:, 0], offline.little[:16].argmax(1))
+    assert fallback_rows(server) - before == escalated.sum()
+
+
+def fallback_rows(server) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    return float(next(line for line in text.splitlines() if line.startswith("littlebig_fallback_rows_total")).rsplit(" ", 1)[1])

@@ -88,7 +88,7 @@ def test_compose_file_validates_and_publishes_on_loopback_only():
 def _unload(http_url: str, key: str | None) -> int:
     request = urllib.request.Request(f"http://{http_url}/v2/repository/models/littlebig/unload", data=b"{}", method="POST")
     if key is not None:
-        request.add_header("admin-key", key)
+        request.add_header("littlebig-admin-key", key)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status

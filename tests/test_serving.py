@@ -222,15 +222,13 @@ def test_ensemble_weight_mixes_probabilities_of_escalated_rows(pair, offline, tm
 SLOW_BIG_SECONDS = 2.0
 
 
-@pytest.fixture(scope="module")
-def slow_big_server(pair, tmp_path_factory):
-    """One gate instance in front of a big that takes 2 s per call."""
+def slow_big_repository(pair, out, slow="big", **options):
+    """A repository with one gate instance in front of a big (or ``slow``) that takes 2 s per call."""
     from littlebig.model_repository.builder import RepositoryOptions, build_repository
 
-    work = tmp_path_factory.mktemp("slow_big")
-    repo = build_repository(pair.little, pair.big, work / "repo", RepositoryOptions(gate_instances=1, big_nice=0))
-    big_model = repo / "big" / "1" / "model.py"
-    # A slower big: the same runtime with a sleep in front of every execute.
+    repo = build_repository(pair.little, pair.big, out, RepositoryOptions(gate_instances=1, big_nice=0, **options))
+    big_model = repo / slow / "1" / "model.py"
+    # A slower model: the same runtime with a sleep in front of every execute.
     big_model.write_text(big_model.read_text() + f"""
 
 import time
@@ -245,7 +243,14 @@ def _slow_execute(self, requests):
 
 TritonPythonModel.execute = _slow_execute
 """)
-    with TritonServer(repo, log_file=work / "log.txt") as running:
+    return repo
+
+
+@pytest.fixture(scope="module")
+def slow_big_server(pair, tmp_path_factory):
+    """One gate instance in front of a big that takes 2 s per call."""
+    work = tmp_path_factory.mktemp("slow_big")
+    with TritonServer(slow_big_repository(pair, work / "repo"), log_file=work / "log.txt") as running:
         yield running
 
 

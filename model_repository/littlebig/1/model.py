@@ -15,11 +15,23 @@ runs on the stub's event loop thread: with BLS calls and response sends from two
 crashed under perf_analyzer load (signal 11 in libtriton_python.so); this form ran it cleanly.
 
 Self-contained (numpy + triton_python_backend_utils) so the same file runs in the NGC container.
-Config parameters: little_model, big_model, threshold, ensemble_weight. A request parameter
-`threshold` (number or numeric string in [0, 1]) overrides T for that request.
+Config parameters: little_model, big_model, threshold, ensemble_weight, on_big_failure ("fail" or
+"little"), child_timeout_ms (bound on each call of little or big; 0: none). Request parameters:
+`threshold` (number or numeric string in [0, 1]) overrides T for that request, `on_big_failure`
+overrides the config's; any other request parameter is refused.
+
+Errors: a bad request gets INVALID_ARG (gRPC INVALID_ARGUMENT, HTTP 400); a failing or timed-out
+child UNAVAILABLE. Triton counts the gate's error answers as successes in nv_inference_request_*
+(the response was delivered); littlebig_requests_total{status="error"} and
+littlebig_errors_total{cause=request|little|big} count them.
+
+Degraded mode (on_big_failure="little", opt-in): when big fails or times out, escalated rows are
+answered with little's answer and ROUTE=2 (counted in littlebig_fallback_rows_total) instead of an
+error.
 """
 
 import asyncio
+import dataclasses
 import json
 import math
 
@@ -28,10 +40,68 @@ import triton_python_backend_utils as pb_utils
 
 ROUTE_LITTLE = 0
 ROUTE_BIG = 1
+ROUTE_LITTLE_FALLBACK = 2  # escalated, big failed, little answered (degraded mode)
+ON_BIG_FAILURE = ("fail", "little")
+REQUEST_PARAMETERS = ("threshold", "on_big_failure")
 
 
 class RequestError(ValueError):
-    """A problem with one request; only that request fails."""
+    """A problem with one request; only that request fails (INVALID_ARG)."""
+
+
+class ChildError(RuntimeError):
+    """little or big failed, timed out or is not loaded (UNAVAILABLE)."""
+
+    def __init__(self, model_name, message):
+        super().__init__(f"model '{model_name}' failed: {message}")
+        self.model_name = model_name
+
+
+@dataclasses.dataclass
+class Accepted:
+    """A parsed request."""
+
+    tensor: object  # the request's IMAGE pb_utils.Tensor
+    image: np.ndarray
+    threshold: float
+    want_probs: bool
+    on_big_failure: str
+
+
+@dataclasses.dataclass
+class Waiting:
+    """A request with at least one row for big, answered when big's call ends."""
+
+    sender: object  # the request's response sender
+    rows: slice
+    want_probs: bool
+    on_big_failure: str
+
+
+@dataclasses.dataclass
+class Answers:
+    """Per-row answers of one batch: little's, then big's on the escalated rows."""
+
+    probs: np.ndarray
+    label: np.ndarray
+    confidence: np.ndarray
+    route: np.ndarray
+
+    def response(self, rows, want_probs):
+        outputs = [
+            pb_utils.Tensor("CLASS", self.label[rows].reshape(-1, 1)),
+            pb_utils.Tensor("CONFIDENCE", self.confidence[rows].reshape(-1, 1)),
+            pb_utils.Tensor("ROUTE", self.route[rows].reshape(-1, 1)),
+        ]
+        if want_probs:
+            outputs.append(pb_utils.Tensor("PROBS", np.ascontiguousarray(self.probs[rows])))
+        return pb_utils.InferenceResponse(output_tensors=outputs)
+
+
+def parse_on_big_failure(value, where):
+    if value not in ON_BIG_FAILURE:
+        raise RequestError(f"on_big_failure ({where}) must be one of {', '.join(map(repr, ON_BIG_FAILURE))}, got {value!r}")
+    return value
 
 
 def parse_threshold(value, where):
@@ -65,6 +135,12 @@ class TritonPythonModel:
         self.macs = {ROUTE_LITTLE: int(params.get("macs_little", "0")), ROUTE_BIG: int(params.get("macs_big", "0"))}
         if not 0.0 <= self.ensemble_weight <= 1.0:
             raise pb_utils.TritonModelException(f"ensemble_weight must be in [0, 1], got {self.ensemble_weight}")
+        try:
+            self.on_big_failure = parse_on_big_failure(params.get("on_big_failure", "fail"), "config parameter")
+        except RequestError as err:
+            raise pb_utils.TritonModelException(str(err)) from None
+        # Bound on each BLS call, so a stalled child cannot hold a request forever.
+        self.child_timeout_s = float(params.get("child_timeout_ms", "30000")) / 1000.0
         image_input = next(i for i in config["input"] if i["name"] == "IMAGE")
         self.row_shape = tuple(int(d) for d in image_input["dims"])
         self._init_metrics(args["model_name"])
@@ -75,39 +151,38 @@ class TritonPythonModel:
         self._escalations = set()
 
     def _init_metrics(self, model_name):
-        labels = {"model": model_name}
-        requests = pb_utils.MetricFamily(
-            name="littlebig_requests_total",
-            description="Inference requests the gate answered (ok) or refused (error)",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        rows = pb_utils.MetricFamily(
-            name="littlebig_rows_total",
-            description="Rows (images) answered, by the model that answered them",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        macs = pb_utils.MetricFamily(
-            name="littlebig_macs_total",
-            description="Multiply-accumulates spent (little on every row, big on escalated rows); "
-            "divided by littlebig_rows_total it is the live cost per image (paper Eq. 5)",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        threshold = pb_utils.MetricFamily(
-            name="littlebig_threshold",
-            description="Confidence threshold T in force (config value; requests may override it)",
-            kind=pb_utils.MetricFamily.GAUGE,
-        )
-        self.metric_ok = requests.Metric(labels={**labels, "status": "ok"})
-        self.metric_error = requests.Metric(labels={**labels, "status": "error"})
-        self.metric_rows = {
-            ROUTE_LITTLE: rows.Metric(labels={**labels, "route": "little"}),
-            ROUTE_BIG: rows.Metric(labels={**labels, "route": "big"}),
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        families = {
+            name: pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            for name, description, kind in (
+                ("littlebig_requests_total", "Inference requests the gate answered (ok) or refused (error)", counter),
+                ("littlebig_rows_total", "Rows (images) answered, by the model that answered them", counter),
+                ("littlebig_macs_total", "Multiply-accumulates spent (little on every row, big on escalated rows); "
+                 "divided by littlebig_rows_total it is the live cost per image (paper Eq. 5)", counter),
+                ("littlebig_threshold", "Confidence threshold T in force (config value; requests may override it)", gauge),
+                ("littlebig_errors_total", "Error answers by cause: request (client mistake, INVALID_ARG), "
+                 "little or big (child failed or timed out, UNAVAILABLE)", counter),
+                ("littlebig_fallback_rows_total", "Escalated rows answered by little because big failed "
+                 "(on_big_failure=little, ROUTE=2)", counter),
+            )
         }
-        self.metric_macs = macs.Metric(labels=labels)
-        self.metric_threshold = threshold.Metric(labels=labels)
+
+        def metric(family, **labels):
+            return families[family].Metric(labels={"model": model_name, **labels})
+
+        self.metric_ok = metric("littlebig_requests_total", status="ok")
+        self.metric_error = metric("littlebig_requests_total", status="error")
+        self.metric_rows = {
+            ROUTE_LITTLE: metric("littlebig_rows_total", route="little"),
+            ROUTE_BIG: metric("littlebig_rows_total", route="big"),
+        }
+        self.metric_macs = metric("littlebig_macs_total")
+        self.metric_threshold = metric("littlebig_threshold")
         self.metric_threshold.set(self.threshold)
+        self.metric_errors = {cause: metric("littlebig_errors_total", cause=cause) for cause in ("request", "little", "big")}
+        self.metric_fallback = metric("littlebig_fallback_rows_total")
         # Keep the families alive as long as their metrics.
-        self._metric_families = (requests, rows, macs, threshold)
+        self._metric_families = families
 
     def _parse_request(self, request):
         tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
@@ -119,22 +194,44 @@ class TritonPythonModel:
         if image.ndim != len(self.row_shape) + 1 or tuple(image.shape[1:]) != self.row_shape:
             expected = ", ".join(str(d) for d in ("N",) + self.row_shape)
             raise RequestError(f"input 'IMAGE' must have shape [{expected}], got {list(image.shape)}")
-        threshold = self.threshold
+        if len(image) == 0:
+            raise RequestError("input 'IMAGE' has no rows: send at least one image")
         parameters = json.loads(request.parameters() or "{}")
+        unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
+        if unknown:
+            raise RequestError(
+                f"unknown request parameter(s) {', '.join(map(repr, unknown))}; known: {', '.join(REQUEST_PARAMETERS)}"
+            )
+        threshold = self.threshold
         if "threshold" in parameters:
             threshold = parse_threshold(parameters["threshold"], "request parameter")
-        return tensor, image, threshold, "PROBS" in request.requested_output_names()
+        on_big_failure = self.on_big_failure
+        if "on_big_failure" in parameters:
+            on_big_failure = parse_on_big_failure(parameters["on_big_failure"], "request parameter")
+        return Accepted(tensor, image, threshold, "PROBS" in request.requested_output_names(), on_big_failure)
 
     async def _infer(self, model_name, images):
         """``images``: a numpy batch, or a request's own IMAGE tensor (passed on without a copy)."""
         tensor = images if isinstance(images, pb_utils.Tensor) else pb_utils.Tensor("IMAGE", images)
-        request = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=["PROBS"], inputs=[tensor])
+        # The request's own timeout is passed to Triton (its schedulers may drop a call queued past it);
+        # wait_for bounds the wait whatever the child does (a stub stuck while executing).
+        request = pb_utils.InferenceRequest(
+            model_name=model_name,
+            requested_output_names=["PROBS"],
+            inputs=[tensor],
+            timeout=int(self.child_timeout_s * 1e6),
+        )
         try:
-            response = await request.async_exec()
+            if self.child_timeout_s > 0:
+                response = await asyncio.wait_for(request.async_exec(), self.child_timeout_s)
+            else:
+                response = await request.async_exec()
+        except asyncio.TimeoutError:
+            raise ChildError(model_name, f"no answer within {self.child_timeout_s:g} s (child_timeout_ms)") from None
         except Exception as err:  # noqa: BLE001 - e.g. the model is not loaded
-            raise RuntimeError(f"model '{model_name}' failed: {err}") from None
+            raise ChildError(model_name, str(err)) from None
         if response.has_error():
-            raise RuntimeError(f"model '{model_name}' failed: {response.error().message()}")
+            raise ChildError(model_name, response.error().message())
         return pb_utils.get_output_tensor_by_name(response, "PROBS").as_numpy()
 
     def _count(self, response):
@@ -146,58 +243,56 @@ class TritonPythonModel:
         # sender instead of returning it; it leaves at once, so it does not wait for big.
         sender.send(self._count(response), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    @staticmethod
-    def _error(message):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+    def _error(self, err):
+        """The error answer for a RequestError (INVALID_ARG) or a ChildError (UNAVAILABLE)."""
+        if isinstance(err, RequestError):
+            cause, code = "request", pb_utils.TritonError.INVALID_ARG
+        else:
+            cause, code = ("little" if err.model_name == self.little_model else "big"), pb_utils.TritonError.UNAVAILABLE
+        self.metric_errors[cause].increment(1)
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), code))
 
-    @staticmethod
-    def _answer(rows, label, confidence, route, probs, want_probs):
-        outputs = [
-            pb_utils.Tensor("CLASS", label[rows].reshape(-1, 1)),
-            pb_utils.Tensor("CONFIDENCE", confidence[rows].reshape(-1, 1)),
-            pb_utils.Tensor("ROUTE", route[rows].reshape(-1, 1)),
-        ]
-        if want_probs:
-            outputs.append(pb_utils.Tensor("PROBS", np.ascontiguousarray(probs[rows])))
-        return pb_utils.InferenceResponse(output_tensors=outputs)
-
-    async def execute(self, requests):
+    def _accept(self, requests):
+        """Parse every request: (accepted ones, responses with the refusals filled in)."""
         responses = [None] * len(requests)
-        accepted = []  # (index, tensor, image, threshold, want_probs)
+        accepted = []
         for index, request in enumerate(requests):
             try:
-                accepted.append((index,) + self._parse_request(request))
+                accepted.append((index, self._parse_request(request)))
             except RequestError as err:
-                responses[index] = self._error(str(err))
+                responses[index] = self._error(err)
+        return accepted, responses
+
+    async def execute(self, requests):
+        accepted, responses = self._accept(requests)
         if not accepted:
             return [self._count(r) for r in responses]
 
-        images = [a[2] for a in accepted]
+        images = [a.image for _, a in accepted]
         ends = np.cumsum([len(x) for x in images])
         rows_of = [slice(end - len(x), end) for end, x in zip(ends, images)]
         batch = images[0] if len(images) == 1 else np.concatenate(images)
         # Compare in float64 so T means exactly the number that was sent (no rounding to float32).
-        row_threshold = np.repeat(np.asarray([a[3] for a in accepted], dtype=np.float64), [len(x) for x in images])
+        row_threshold = np.repeat(np.asarray([a.threshold for _, a in accepted], dtype=np.float64), [len(x) for x in images])
         try:
-            probs = await self._infer(self.little_model, accepted[0][1] if len(accepted) == 1 else batch)
-        except RuntimeError as err:
-            for index, *_ in accepted:
-                responses[index] = self._error(str(err))
+            probs = await self._infer(self.little_model, accepted[0][1].tensor if len(accepted) == 1 else batch)
+        except ChildError as err:
+            for index, _ in accepted:
+                responses[index] = self._error(err)
             return [self._count(r) for r in responses]
 
-        confidence = probs.max(axis=1)
-        label = probs.argmax(axis=1).astype(np.int64)
-        escalated = confidence.astype(np.float64) < row_threshold
-        route = escalated.astype(np.int32)
+        answers = Answers(probs, probs.argmax(axis=1).astype(np.int64), probs.max(axis=1), None)
+        escalated = answers.confidence.astype(np.float64) < row_threshold
+        answers.route = escalated.astype(np.int32)
         escalate = np.flatnonzero(escalated)
         self.metric_rows[ROUTE_LITTLE].increment(len(batch) - len(escalate))
         self.metric_macs.increment(len(batch) * self.macs[ROUTE_LITTLE])
-        waiting = []  # (response sender, rows, want_probs) of requests with a row for big
-        for (index, _, _, _, want_probs), rows in zip(accepted, rows_of):
+        waiting = []  # Waiting of the requests with a row for big
+        for (index, request), rows in zip(accepted, rows_of):
             if escalated[rows].any():
-                waiting.append((requests[index].get_response_sender(), rows, want_probs))
+                waiting.append(Waiting(requests[index].get_response_sender(), rows, request.want_probs, request.on_big_failure))
             else:
-                responses[index] = self._answer(rows, label, confidence, route, probs, want_probs)
+                responses[index] = answers.response(rows, request.want_probs)
         if not waiting:
             return [self._count(r) for r in responses]  # one message back for the whole batch
 
@@ -207,27 +302,42 @@ class TritonPythonModel:
                 self._send(requests[index].get_response_sender(), response)
         # Fancy indexing copies the rows out of the request's input buffer, which Triton may free
         # once execute returns.
-        task = asyncio.create_task(self._escalate(batch[escalate], escalate, probs, label, confidence, route, waiting))
+        task = asyncio.create_task(self._escalate(batch[escalate], escalate, answers, waiting))
         self._escalations.add(task)
         task.add_done_callback(self._escalations.discard)
         return None
 
-    async def _escalate(self, images, escalate, probs, label, confidence, route, waiting):
+    async def _escalate(self, images, escalate, answers, waiting):
         """Run big on the escalated rows and answer the requests that wait for them."""
         try:
             big_probs = await self._infer(self.big_model, images)
+        except ChildError as err:
+            for wait in waiting:
+                self._send(wait.sender, self._fallback(wait, answers, err))
+            return
+        try:
             if self.ensemble_weight != 1.0:
-                big_probs = (1.0 - self.ensemble_weight) * probs[escalate] + self.ensemble_weight * big_probs
-            confidence[escalate] = big_probs.max(axis=1)
-            label[escalate] = big_probs.argmax(axis=1)
-            if any(want_probs for _, _, want_probs in waiting):
-                probs = np.array(probs)  # the child's output buffer may be read-only
-                probs[escalate] = big_probs
+                big_probs = (1.0 - self.ensemble_weight) * answers.probs[escalate] + self.ensemble_weight * big_probs
+            answers.confidence[escalate] = big_probs.max(axis=1)
+            answers.label[escalate] = big_probs.argmax(axis=1)
+            if any(wait.want_probs for wait in waiting):
+                answers.probs = np.array(answers.probs)  # the child's output buffer may be read-only
+                answers.probs[escalate] = big_probs
             self.metric_rows[ROUTE_BIG].increment(len(escalate))
             self.metric_macs.increment(len(escalate) * self.macs[ROUTE_BIG])
-            answers = [self._answer(rows, label, confidence, route, probs, want) for _, rows, want in waiting]
+            responses = [answers.response(wait.rows, wait.want_probs) for wait in waiting]
         except Exception as err:  # noqa: BLE001 - whatever fails, every waiting request gets an answer
-            message = str(err) if isinstance(err, RuntimeError) else f"escalation to '{self.big_model}' failed: {err!r}"
-            answers = [self._error(message) for _ in waiting]
-        for (sender, _, _), answer in zip(waiting, answers):
-            self._send(sender, answer)
+            failure = pb_utils.TritonError(f"escalation to '{self.big_model}' failed: {err!r}")
+            responses = [pb_utils.InferenceResponse(error=failure) for _ in waiting]
+        for wait, response in zip(waiting, responses):
+            self._send(wait.sender, response)
+
+    def _fallback(self, wait, answers, err):
+        """Big failed: an error, or (on_big_failure=little) little's answer with ROUTE=2."""
+        if wait.on_big_failure != "little":
+            return self._error(err)
+        rows = wait.rows
+        route = np.where(answers.route[rows] == ROUTE_BIG, ROUTE_LITTLE_FALLBACK, ROUTE_LITTLE).astype(np.int32)
+        self.metric_fallback.increment(int((route == ROUTE_LITTLE_FALLBACK).sum()))
+        fallback = Answers(answers.probs[rows], answers.label[rows], answers.confidence[rows], route)
+        return fallback.response(slice(None), wait.want_probs)

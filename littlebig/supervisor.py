@@ -1,0 +1,202 @@
+"""Watchdog for a served cascade: canary inferences through every model, restore on failure.
+
+Triton's ready endpoints stay green when a python-backend stub has died (2.51 marks it unhealthy and
+does not restart it while the model stays READY), so health is judged by a cheap canary inference
+(one blank image) through little, big and the gate (the gate's at T = 0, so it does not depend on
+big). A canary reaches one instance of a model only, so the supervisor (on the server's machine)
+also counts the python-backend stub processes: a READY model with an instance whose stub is gone
+(killed, crashed) is restored at once. A model that is READY but fails its canary is restored by unload + load through the
+repository API (with the admin key); a plain load of an unchanged model changes nothing. A server
+process that died is started again on the same ports. Each recovery logs a line and increments
+littlebig_supervisor_recoveries_total{model, action} (written, Prometheus text format, to
+``metrics_file``); repeated failures of one target back off exponentially up to ``max_backoff_s``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from littlebig.server import GATE_MODEL, ServerError, TritonServer
+
+SERVER = "tritonserver"  # the target name of a whole-server restart
+
+
+@dataclasses.dataclass(frozen=True)
+class SupervisorOptions:
+    interval_s: float = 2.0  # between rounds of canaries
+    canary_timeout_s: float = 5.0  # a canary slower than this counts as a failure (a stalled stub)
+    failures_to_restore: int = 2  # consecutive failed canaries before a restore (one may be bad luck)
+    min_backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    metrics_file: Path | None = None
+
+
+@dataclasses.dataclass
+class Backoff:
+    """When a target may be restored again: doubles after each restore that did not help."""
+
+    failures: int = 0  # consecutive failed canaries
+    restores: int = 0  # consecutive restores not followed by a passing canary
+    not_before: float = 0.0
+
+
+class Supervisor(threading.Thread):
+    def __init__(self, server: TritonServer, options: SupervisorOptions = SupervisorOptions(), log: Callable[[str], None] | None = None):
+        super().__init__(name="littlebig-supervisor", daemon=True)
+        self.server = server
+        self.options = options
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.recoveries: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._backoff: dict[str, Backoff] = collections.defaultdict(Backoff)
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join()
+
+    def run(self) -> None:
+        while not self._stopping.wait(self.options.interval_s):
+            try:
+                self.check_once()
+            except Exception as err:  # noqa: BLE001 - the watchdog itself must not die
+                self.log(f"littlebig supervisor: check failed: {err!r}")
+
+    def check_once(self) -> None:
+        """One round: restart a dead server, else canary every model and restore the failing ones."""
+        if self.server.process is None or self.server.process.poll() is not None:
+            self._recover(SERVER, "restart", self._restart_server, f"exited with code {self.server.process.returncode}")
+            return
+        alive = stub_processes(self.server.process.pid)
+        for model, instances in self._models().items():
+            missing = [name for name in instances if name not in alive]
+            if missing:
+                self._recover(model, "reload", lambda m=model: self._reload(m), f"stub of {', '.join(missing)} is gone")
+                return
+            error = self.canary(model)
+            state = self._backoff[model]
+            if error is None:
+                state.failures = state.restores = 0
+                continue
+            state.failures += 1
+            if state.failures >= self.options.failures_to_restore:
+                self._recover(model, "reload", lambda m=model: self._reload(m), error)
+                return  # children first: a gate canary right after a child's restore would be noise
+
+    def _models(self) -> dict[str, list[str]]:
+        """little, big, gate (the gate's children first, so a gate is not blamed for a child), each
+        with the instance names of its python-backend stubs (none for native backends)."""
+        models = {}
+        with self._client() as client:
+            params = client.get_model_config(GATE_MODEL)["parameters"]
+            for model in (params["little_model"]["string_value"], params["big_model"]["string_value"], GATE_MODEL):
+                config = client.get_model_config(model)
+                groups = config.get("instance_group", []) if config.get("backend") == "python" else []
+                models[model] = [f"{model}_{g}_{i}" for g, group in enumerate(groups) for i in range(int(group.get("count", 1)))]
+        return models
+
+    def _client(self) -> httpclient.InferenceServerClient:
+        timeout = self.options.canary_timeout_s
+        return httpclient.InferenceServerClient(self.server.http_url, connection_timeout=timeout, network_timeout=timeout)
+
+    def canary(self, model: str) -> str | None:
+        """None if one blank image comes back through ``model`` in time, else what went wrong."""
+        try:
+            with self._client() as client:
+                dims = client.get_model_config(model)["input"][0]["dims"]
+                image = httpclient.InferInput("IMAGE", [1, *map(int, dims)], "UINT8")
+                image.set_data_from_numpy(np.zeros([1, *map(int, dims)], np.uint8))
+                parameters = {"threshold": 0.0} if model == GATE_MODEL else None
+                client.infer(model, [image], parameters=parameters)
+        except (InferenceServerException, OSError, TimeoutError) as err:
+            return f"{type(err).__name__}: {err}"
+        except Exception as err:  # noqa: BLE001 - geventhttpclient raises its own timeout types
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    def _recover(self, target: str, action: str, restore: Callable[[], None], reason: str) -> None:
+        state = self._backoff[target]
+        now = time.monotonic()
+        if now < state.not_before:
+            return
+        self.log(f"littlebig supervisor: {target} unhealthy ({reason}); {action} (attempt {state.restores + 1})")
+        started = time.monotonic()
+        try:
+            restore()
+            self.log(f"littlebig supervisor: {target} {action} done in {time.monotonic() - started:.1f}s")
+        except (InferenceServerException, ServerError, OSError) as err:
+            self.log(f"littlebig supervisor: {target} {action} failed: {err}")
+        self.recoveries[(target, action)] += 1
+        self._write_metrics()
+        delay = min(self.options.max_backoff_s, self.options.min_backoff_s * 2**state.restores)
+        state.restores += 1
+        state.failures = 0
+        state.not_before = time.monotonic() + delay
+
+    def _reload(self, model: str) -> None:
+        """New instances of ``model``: a load with its own config as override swaps them in while the
+        old ones keep serving (no gap); if its stubs are still missing after that, unload + load."""
+        headers = self.server.admin_headers("http")
+        with httpclient.InferenceServerClient(self.server.http_url, network_timeout=120) as client:
+            config = client.get_model_config(model)
+            client.load_model(model, headers=headers, config=json.dumps(config))
+            instances = self._models().get(model, [])
+            alive = stub_processes(self.server.process.pid)
+            if any(name not in alive for name in instances):
+                self.log(f"littlebig supervisor: {model} reload left stubs missing; unload + load")
+                client.unload_model(model, headers=headers)
+                client.load_model(model, headers=headers)
+
+    def _restart_server(self) -> None:
+        self.server.restart()
+
+    def _write_metrics(self) -> None:
+        if self.options.metrics_file is None:
+            return
+        lines = [
+            "# HELP littlebig_supervisor_recoveries_total Restores by the littlebig supervisor",
+            "# TYPE littlebig_supervisor_recoveries_total counter",
+        ]
+        for (target, action), count in sorted(self.recoveries.items()):
+            lines.append(f'littlebig_supervisor_recoveries_total{{model="{target}",action="{action}"}} {count}')
+        tmp = self.options.metrics_file.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(self.options.metrics_file)
+
+
+def stub_processes(server_pid: int) -> dict[str, int]:
+    """Instance name (e.g. "big_0_0") -> pid of each live python-backend stub under ``server_pid``."""
+    stubs = {}
+    for pid in descendants(server_pid):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        # argv: stub, model.py, shm region, shm size, growth, parent pid, backend dir, ipc size, instance name, ...
+        if args and args[0].endswith(b"triton_python_backend_stub") and len(args) > 8:
+            stubs[args[8].decode()] = pid
+    return stubs
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
