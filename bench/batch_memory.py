@@ -46,9 +46,10 @@ def idle_rss(server: TritonServer) -> float:
 
 
 def big_alone(server: TritonServer, folder: Path, files: list[str], batch_size: int, concurrency: int) -> dict[str, float]:
-    settings = settings_from_server(server.grpc_url, folder, None)
+    headers = server.admin_headers()
+    settings = settings_from_server(server.grpc_url, folder, None, headers)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        keep_only(client, settings, settings.big_model)
+        keep_only(client, settings, settings.big_model, headers)
     idle = idle_rss(server)
     with MemorySampler(server.process.pid) as sampler:
         asyncio.run(infer_files(server.grpc_url, settings.big_model, folder, files, settings, lambda *_: None, batch_size, concurrency))

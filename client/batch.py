@@ -125,13 +125,13 @@ def restore(client, settings: JobSettings, headers=None) -> None:
             set_loaded(client, model, True, config=config, headers=headers)
 
 
-def settings_from_server(url: str, data: Path, threshold: float | None, gate: str = GATE_MODEL) -> JobSettings:
+def settings_from_server(url: str, data: Path, threshold: float | None, headers: dict[str, str] | None, gate: str = GATE_MODEL) -> JobSettings:
     with LittleBigClient(url, model=gate) as gate_client:
         if not gate_client.client.is_model_ready(gate):
             raise BatchError(f"the gate {gate!r} is not loaded on {url}: its config names the models and T; load it first")
         info = gate_client.gate_info()
         config = gate_client.model_config()
-        loaded = loaded_models(gate_client.client)
+        loaded = loaded_models(gate_client.client, headers)
     weight = float(config.get("parameters", {}).get("ensemble_weight", {}).get("string_value", "1"))
     if weight != 1.0:
         raise BatchError(f"the gate blends little and big (ensemble_weight {weight}); batch supports only w = 1")
@@ -306,7 +306,7 @@ def _run_batch(url, folder: Path, out: Path, threshold, labels, batch_size, conc
     if not files:
         raise BatchError(f"no images found under {folder}")
     partial = PartialResults.open(out.with_name(out.name + ".partial.jsonl"),
-                                  lambda: settings_from_server(url, folder, threshold), threshold)
+                                  lambda: settings_from_server(url, folder, threshold, headers), threshold)
     settings = partial.settings
     if settings.data != str(folder.resolve()):
         raise BatchError(f"{partial.path} belongs to a job over {settings.data}, not {folder.resolve()}")

@@ -65,7 +65,7 @@ def test_batch_equals_the_served_cascade(batch_server, image_folder, tmp_path):
     assert [w.model for w in result.windows] == ["little", "big"]
     assert not (tmp_path / "preds.csv.partial.jsonl").exists()
     with grpcclient.InferenceServerClient(url) as client:
-        assert {"little", "big", "littlebig"} <= loaded_models(client)
+        assert {"little", "big", "littlebig"} <= loaded_models(client, batch_server.admin_headers())
 
 
 class Interrupted(Exception):
@@ -89,7 +89,7 @@ def test_batch_resumes_after_an_interruption(batch_server, image_folder, tmp_pat
         run_batch(url, image_folder, out, batch_size=8, concurrency=1, show_progress=False, progress=interrupt_in_pass_two)
     assert not out.exists() and (tmp_path / "preds.csv.partial.jsonl").exists()
     with grpcclient.InferenceServerClient(url) as client:
-        assert {"little", "big", "littlebig"} <= loaded_models(client), "an interrupted job gives the models back"
+        assert {"little", "big", "littlebig"} <= loaded_models(client, batch_server.admin_headers()), "an interrupted job gives the models back"
 
     resumed = run_batch(url, image_folder, out, batch_size=8, show_progress=False)
     assert resumed.inferred == {"little": 0, "big": escalated - 16}

@@ -291,3 +291,28 @@ def test_reloading_the_gate_keeps_escalations_in_flight(slow_big_server, offline
     assert served_threshold(slow_big_server.grpc_url) == 0.0 != before
     with LittleBigClient(slow_big_server.grpc_url) as client:
         assert not client.infer(offline.images[:4])["ROUTE"].any()
+
+
+def test_children_without_in_graph_top1_still_match_offline(pair, offline, served_threshold, tmp_path):
+    """Files exported before CLASS/CONFIDENCE were in the graph: the gate falls back to reading PROBS."""
+    import onnx
+
+    from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config
+
+    paths = {}
+    for role, path in (("little", pair.little), ("big", pair.big)):
+        model = onnx.load(str(path))
+        keep = [o for o in model.graph.output if o.name == "PROBS"]
+        del model.graph.output[:]
+        model.graph.output.extend(keep)
+        paths[role] = tmp_path / f"{role}.onnx"
+        onnx.save(model, str(paths[role]))
+    repo = build_repository(paths["little"], paths["big"], tmp_path / "repo", RepositoryOptions(threshold=served_threshold, intra_op_threads=1))
+    assert read_config(repo / "littlebig" / "config.pbtxt").parameters["children_top1"].string_value == "0"
+    with TritonServer(repo, log_file=tmp_path / "log.txt") as old, LittleBigClient(old.grpc_url) as client:
+        images = offline.images[:64]
+        out = serve_all(client, images, return_probs=True)
+        little_offline = type(offline)(images, offline.little[:64], offline.big[:64])
+        assert_matches_offline(out, little_offline, served_threshold)
+        expected = np.where(out["ROUTE"] == 1, little_offline.big, little_offline.little)
+        np.testing.assert_allclose(out["PROBS"], expected, rtol=0, atol=2e-6)

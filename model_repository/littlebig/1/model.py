@@ -25,6 +25,12 @@ child UNAVAILABLE. Triton counts the gate's error answers as successes in nv_inf
 (the response was delivered); littlebig_requests_total{status="error"} and
 littlebig_errors_total{cause=request|little|big} count them.
 
+Reading only what it needs: when both children answer their top-1 in the graph (CLASS and
+CONFIDENCE beside PROBS; config parameter children_top1=1, set by the repository builder), the gate
+asks a child for PROBS only when a request asked for PROBS or the ensemble needs them: two numbers per
+row instead of C probabilities. Every call asks for its outputs in CPU memory, so children on a GPU
+(TensorRT, onnxruntime-GPU) answer in memory numpy can read.
+
 Degraded mode (on_big_failure="little", opt-in): when big fails or times out, escalated rows are
 answered with little's answer and ROUTE=2 (counted in littlebig_fallback_rows_total) instead of an
 error.
@@ -69,6 +75,15 @@ class Accepted:
 
 
 @dataclasses.dataclass
+class ChildAnswer:
+    """One child's answer on a batch: top-1 class and probability per row, and PROBS when asked for."""
+
+    label: np.ndarray  # int64 [N], writable
+    confidence: np.ndarray  # float32 [N], writable
+    probs: np.ndarray | None  # float32 [N, C]
+
+
+@dataclasses.dataclass
 class Waiting:
     """A request with at least one row for big, answered when big's call ends."""
 
@@ -82,7 +97,7 @@ class Waiting:
 class Answers:
     """Per-row answers of one batch: little's, then big's on the escalated rows."""
 
-    probs: np.ndarray
+    probs: np.ndarray | None  # only when some request asked for PROBS (or the ensemble needs them)
     label: np.ndarray
     confidence: np.ndarray
     route: np.ndarray
@@ -141,6 +156,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(str(err)) from None
         # Bound on each BLS call, so a stalled child cannot hold a request forever.
         self.child_timeout_s = float(params.get("child_timeout_ms", "30000")) / 1000.0
+        self.children_top1 = params.get("children_top1", "0") == "1"
         image_input = next(i for i in config["input"] if i["name"] == "IMAGE")
         self.row_shape = tuple(int(d) for d in image_input["dims"])
         self._init_metrics(args["model_name"])
@@ -210,16 +226,20 @@ class TritonPythonModel:
             on_big_failure = parse_on_big_failure(parameters["on_big_failure"], "request parameter")
         return Accepted(tensor, image, threshold, "PROBS" in request.requested_output_names(), on_big_failure)
 
-    async def _infer(self, model_name, images):
+    async def _infer(self, model_name, images, want_probs):
         """``images``: a numpy batch, or a request's own IMAGE tensor (passed on without a copy)."""
         tensor = images if isinstance(images, pb_utils.Tensor) else pb_utils.Tensor("IMAGE", images)
+        top1 = ["CLASS", "CONFIDENCE"] if self.children_top1 else []
+        outputs = top1 + (["PROBS"] if want_probs or not top1 else [])
         # The request's own timeout is passed to Triton (its schedulers may drop a call queued past it);
         # wait_for bounds the wait whatever the child does (a stub stuck while executing).
         request = pb_utils.InferenceRequest(
             model_name=model_name,
-            requested_output_names=["PROBS"],
+            requested_output_names=outputs,
             inputs=[tensor],
             timeout=int(self.child_timeout_s * 1e6),
+            # GPU children answer in GPU memory by default, which as_numpy() cannot read.
+            preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
         )
         try:
             if self.child_timeout_s > 0:
@@ -232,7 +252,16 @@ class TritonPythonModel:
             raise ChildError(model_name, str(err)) from None
         if response.has_error():
             raise ChildError(model_name, response.error().message())
-        return pb_utils.get_output_tensor_by_name(response, "PROBS").as_numpy()
+        return self._child_answer(response, want_probs)
+
+    def _child_answer(self, response, want_probs):
+        def output(name):
+            return pb_utils.get_output_tensor_by_name(response, name).as_numpy()
+
+        probs = output("PROBS") if want_probs or not self.children_top1 else None
+        if self.children_top1:  # copies: the answers are updated in place for escalated rows
+            return ChildAnswer(output("CLASS")[:, 0].astype(np.int64), np.array(output("CONFIDENCE")[:, 0]), probs)
+        return ChildAnswer(probs.argmax(axis=1).astype(np.int64), probs.max(axis=1), probs)
 
     def _count(self, response):
         (self.metric_error if response.has_error() else self.metric_ok).increment(1)
@@ -274,14 +303,15 @@ class TritonPythonModel:
         batch = images[0] if len(images) == 1 else np.concatenate(images)
         # Compare in float64 so T means exactly the number that was sent (no rounding to float32).
         row_threshold = np.repeat(np.asarray([a.threshold for _, a in accepted], dtype=np.float64), [len(x) for x in images])
+        want_probs = self.ensemble_weight != 1.0 or any(a.want_probs for _, a in accepted)
         try:
-            probs = await self._infer(self.little_model, accepted[0][1].tensor if len(accepted) == 1 else batch)
+            little = await self._infer(self.little_model, accepted[0][1].tensor if len(accepted) == 1 else batch, want_probs)
         except ChildError as err:
             for index, _ in accepted:
                 responses[index] = self._error(err)
             return [self._count(r) for r in responses]
 
-        answers = Answers(probs, probs.argmax(axis=1).astype(np.int64), probs.max(axis=1), None)
+        answers = Answers(little.probs, little.label, little.confidence, None)
         escalated = answers.confidence.astype(np.float64) < row_threshold
         answers.route = escalated.astype(np.int32)
         escalate = np.flatnonzero(escalated)
@@ -309,20 +339,23 @@ class TritonPythonModel:
 
     async def _escalate(self, images, escalate, answers, waiting):
         """Run big on the escalated rows and answer the requests that wait for them."""
+        ensemble = self.ensemble_weight != 1.0
+        want_probs = ensemble or any(wait.want_probs for wait in waiting)
         try:
-            big_probs = await self._infer(self.big_model, images)
+            big = await self._infer(self.big_model, images, want_probs)
         except ChildError as err:
             for wait in waiting:
                 self._send(wait.sender, self._fallback(wait, answers, err))
             return
         try:
-            if self.ensemble_weight != 1.0:
-                big_probs = (1.0 - self.ensemble_weight) * answers.probs[escalate] + self.ensemble_weight * big_probs
-            answers.confidence[escalate] = big_probs.max(axis=1)
-            answers.label[escalate] = big_probs.argmax(axis=1)
-            if any(wait.want_probs for wait in waiting):
+            if ensemble:  # Eq. 8: the blend decides the class and the confidence
+                big.probs = (1.0 - self.ensemble_weight) * answers.probs[escalate] + self.ensemble_weight * big.probs
+                big.label, big.confidence = big.probs.argmax(axis=1), big.probs.max(axis=1)
+            answers.confidence[escalate] = big.confidence
+            answers.label[escalate] = big.label
+            if want_probs:
                 answers.probs = np.array(answers.probs)  # the child's output buffer may be read-only
-                answers.probs[escalate] = big_probs
+                answers.probs[escalate] = big.probs
             self.metric_rows[ROUTE_BIG].increment(len(escalate))
             self.metric_macs.increment(len(escalate) * self.macs[ROUTE_BIG])
             responses = [answers.response(wait.rows, wait.want_probs) for wait in waiting]
@@ -339,5 +372,6 @@ class TritonPythonModel:
         rows = wait.rows
         route = np.where(answers.route[rows] == ROUTE_BIG, ROUTE_LITTLE_FALLBACK, ROUTE_LITTLE).astype(np.int32)
         self.metric_fallback.increment(int((route == ROUTE_LITTLE_FALLBACK).sum()))
-        fallback = Answers(answers.probs[rows], answers.label[rows], answers.confidence[rows], route)
+        probs = None if answers.probs is None else answers.probs[rows]
+        fallback = Answers(probs, answers.label[rows], answers.confidence[rows], route)
         return fallback.response(slice(None), wait.want_probs)
