@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -61,7 +62,7 @@ def test_kubernetes_manifests_validate_against_the_schemas():
         kubernetes_validate.validate(broken, version, strict=True)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert "littlebig-canary" in " ".join(container["livenessProbe"]["exec"]["command"])
 
 
 def test_kserve_inference_service_shape():
@@ -118,3 +119,18 @@ def test_entrypoint_locks_the_repository_api(repository, tmp_path):
         assert _unload(server.http_url, "s3cret") == 200
     finally:
         server.stop()
+
+
+def test_container_canary_passes_on_a_healthy_server_and_names_a_model_that_does_not_answer(server, tmp_path):
+    """docker/canary.py (the container's liveness check) through the real server: every model answers;
+    a model that is not served, or a server that is gone, fails it with a line naming the cause."""
+    canary = [sys.executable, str(DOCKER / "canary.py"), "--url", server.http_url]
+    ok = subprocess.run(canary, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    missing = subprocess.run(canary + ["--models", "little,nosuch"], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "canary: model 'nosuch' did not answer" in missing.stderr
+    from littlebig.server import free_port
+
+    gone = subprocess.run([sys.executable, str(DOCKER / "canary.py"), "--url", f"127.0.0.1:{free_port()}"],
+                          capture_output=True, text=True, timeout=120)
+    assert gone.returncode == 1 and "canary: model 'little' did not answer" in gone.stderr
