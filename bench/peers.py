@@ -60,6 +60,9 @@ def add_peer(repository: Path) -> None:
     (repository / PEER / "1").mkdir(parents=True, exist_ok=True)
     write_config(repository / PEER, config)
     shutil.copyfile(Path(__file__).parent / "peers" / "bls_cascade" / "model.py", repository / PEER / "1" / "model.py")
+    for name in ("labels.txt",):  # the outputs' label_filename
+        if (repository / GATE / name).is_file():
+            shutil.copyfile(repository / GATE / name, repository / PEER / name)
 
 
 def image_inputs(images: np.ndarray) -> list[grpcaio.InferInput]:
