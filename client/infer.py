@@ -10,8 +10,7 @@ import numpy as np
 from .images import ImageLike, to_wire_batch
 from .labels import ClassLabels
 
-GATE_MODEL = "littlebig"
-ROUTE_NAMES = {0: "little", 1: "big", 2: "little (big failed)"}
+from littlebig.contract import GATE_MODEL, Route  # noqa: F401 - GATE_MODEL is re-exported for the client modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +22,7 @@ class Prediction:
 
     @property
     def route_name(self) -> str:
-        return ROUTE_NAMES[self.route]
+        return Route(self.route).label
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,8 +29,7 @@ import urllib.request
 from pathlib import Path
 
 from littlebig.client import admin
-
-GATE_MODEL = "littlebig"
+from littlebig.contract import GATE_MODEL
 
 # Python-backend shared memory: each python model instance gets a region of this size that grows in
 # these steps. 64 images of 260x260x3 uint8 are 13 MB; start big enough that a full batch needs no growth.

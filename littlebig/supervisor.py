@@ -27,7 +27,8 @@ import numpy as np
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from littlebig.server import GATE_MODEL, ServerError, TritonServer
+from littlebig.contract import GATE_MODEL
+from littlebig.server import ServerError, TritonServer
 
 SERVER = "tritonserver"  # the target name of a whole-server restart
 

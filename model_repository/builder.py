@@ -15,10 +15,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig.client.labels import ClassLabels
+from littlebig.contract import BIG_MODEL, GATE_MODEL, LITTLE_MODEL
 from littlebig.export.metadata import output_names, read_metadata
 
 RUNTIMES = ("python", "onnxruntime", "tensorrt")
-LITTLE, BIG, GATE = "little", "big", "littlebig"
+LITTLE, BIG, GATE = LITTLE_MODEL, BIG_MODEL, GATE_MODEL
 LABEL_FILE = "labels.txt"
 
 

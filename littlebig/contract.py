@@ -1,0 +1,54 @@
+"""What the package and the gate (model_repository/littlebig/1/model.py) must agree on: model and
+tensor names, routes, config and request parameter keys, and what a valid threshold is.
+
+The gate file stays self-contained (it runs unchanged in the NGC container), so it keeps its own copy
+of these; tests/test_contract.py checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+GATE_MODEL, LITTLE_MODEL, BIG_MODEL = "littlebig", "little", "big"
+
+# Tensors: the wire images in; each child answers PROBS and (in-graph) CLASS and CONFIDENCE; the gate
+# answers CLASS, CONFIDENCE, ROUTE and, when asked, PROBS.
+IMAGE, PROBS, CLASS, CONFIDENCE, ROUTE = "IMAGE", "PROBS", "CLASS", "CONFIDENCE", "ROUTE"
+GATE_OUTPUTS = (CLASS, CONFIDENCE, ROUTE, PROBS)
+
+
+class Route(enum.IntEnum):
+    """Which model answered a row (the gate's ROUTE output)."""
+
+    LITTLE = 0
+    BIG = 1
+    LITTLE_FALLBACK = 2  # escalated, big failed, little answered (degraded mode, on_big_failure=little)
+
+    @property
+    def label(self) -> str:
+        return {Route.LITTLE: "little", Route.BIG: "big", Route.LITTLE_FALLBACK: "little (big failed)"}[self]
+
+
+# The gate's config parameters (all string values in config.pbtxt), written by the repository builder.
+CONFIG_PARAMETERS = (
+    "little_model", "big_model", "threshold", "ensemble_weight", "macs_little", "macs_big", "wire_size",
+    "crop_pct", "num_classes", "children_top1", "labels", "on_big_failure", "child_timeout_ms",
+)
+# Request parameters the gate accepts; any other is refused.
+REQUEST_PARAMETERS = ("threshold", "on_big_failure")
+ON_BIG_FAILURE = ("fail", "little")
+
+
+def parse_threshold(value, where: str) -> float:
+    """T as a float in [0, 1]: numbers and numeric strings; booleans, NaN and anything else refused
+    with a ValueError naming ``where`` (the gate's rule, so the client can check before sending)."""
+    if isinstance(value, bool):
+        raise ValueError(f"threshold ({where}) must be a number in [0, 1], got {value!r}")
+    try:
+        threshold = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold ({where}) must be a number in [0, 1], got {value!r}") from None
+    if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold ({where}) must be in [0, 1], got {value!r}")
+    return threshold
