@@ -125,6 +125,9 @@ def calibrate(
     log=print,
 ) -> dict:
     criterion.validate()
+    for folder in (data, eval_data):
+        if folder is not None and not Path(folder).is_dir():  # before asking the server anything
+            raise FileNotFoundError(f"data folder {folder} does not exist")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kwargs = dict(batch_size=batch_size, concurrency=concurrency, show_progress=show_progress, refresh=refresh, log=log)
