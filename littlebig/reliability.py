@@ -21,6 +21,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from littlebig.contract import GATE_MODEL
+
 CONFIDENCE_ATOL = 2e-6  # same ONNX, same onnxruntime; batch composition may differ by float noise
 
 
@@ -101,7 +103,7 @@ class Load:
         escalated = bool((self.expected.little[rows].max(1) < threshold).any())
         sent = time.monotonic()
         try:
-            result = client.infer("littlebig", [image], outputs=outputs, parameters={"threshold": threshold},
+            result = client.infer(GATE_MODEL, [image], outputs=outputs, parameters={"threshold": threshold},
                                   client_timeout=self.timeout_s)
         except InferenceServerException as err:
             return Outcome(sent, time.monotonic(), "error", f"{err.status()} {err.message()}", escalated)

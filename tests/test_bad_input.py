@@ -111,7 +111,6 @@ def test_degraded_mode_answers_escalated_rows_with_little_flagged(server, offlin
 
 
 def fallback_rows(server) -> float:
-    import urllib.request
+    from littlebig.client.metrics import read_samples, sample_sum
 
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    return float(next(line for line in text.splitlines() if line.startswith("littlebig_fallback_rows_total")).rsplit(" ", 1)[1])
+    return sample_sum(read_samples(server.metrics_url, "littlebig_fallback"), "littlebig_fallback_rows_total")

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import urllib.request
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
+
+from littlebig.client.metrics import read_samples, sample_sum
 
 from ..conftest import WIRE
 
@@ -85,9 +86,7 @@ def send(protocol: str, url: str, case: Bad) -> None:
         client.infer(case.model, inputs, model_version=case.version, outputs=outputs, parameters=case.params)
 
 def request_errors(server) -> float:
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    line = next(line for line in text.splitlines() if line.startswith("littlebig_errors_total") and 'cause="request"' in line)
-    return float(line.rsplit(" ", 1)[1])
+    return sample_sum(read_samples(server.metrics_url, "littlebig_errors"), "littlebig_errors_total", cause="request")
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_bad_requests_are_client_errors_naming_the_problem(server, protocol):
