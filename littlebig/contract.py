@@ -12,6 +12,14 @@ import math
 
 GATE_MODEL, LITTLE_MODEL, BIG_MODEL = "littlebig", "little", "big"
 
+
+def stage_models(count: int) -> tuple[str, ...]:
+    """Model names of a cascade of ``count`` stages in cost order: little, stage1 ... stage{K-2}, big
+    (two stages: little, big)."""
+    if count < 2:
+        raise ValueError(f"a cascade needs at least two stages, got {count}")
+    return (LITTLE_MODEL, *(f"stage{k}" for k in range(1, count - 1)), BIG_MODEL)
+
 # Tensors: the wire images in; each child answers PROBS and (in-graph) CLASS and CONFIDENCE; the gate
 # answers CLASS, CONFIDENCE, ROUTE and, when asked, PROBS.
 IMAGE, PROBS, CLASS, CONFIDENCE, ROUTE = "IMAGE", "PROBS", "CLASS", "CONFIDENCE", "ROUTE"
