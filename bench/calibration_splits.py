@@ -77,7 +77,7 @@ def subset_folder(root: Path, name: str, collected: Collected, rows: np.ndarray,
         links.append(str(folder / source.name))
     order = np.argsort(links)  # load_image_set lists files sorted
     cached = dataclasses.replace(
-        collected, little=collected.little[rows][order], big=collected.big[rows][order],
+        collected, stages=[probs[rows][order] for probs in collected.stages],
         labels=collected.labels[rows][order], paths=[links[j] for j in order],
     )
     return folder, cached

@@ -123,23 +123,34 @@ def calibrate(
     refresh: bool = False,
     show_progress: bool = True,
     log=print,
+    signal: str | None = None,
+    models: tuple[str, ...] | None = None,
+    ensemble_weights: tuple[float, ...] | None = None,
 ) -> dict:
+    """Two stages gated on max_softmax: the threshold T as below. More stages (``models``, default: the
+    gate's) or another gating signal: calibrate_stages (joint thresholds); both add the signal comparison
+    and, with ``ensemble_weights``, the ensemble sweep."""
     criterion.validate()
     for folder in (data, eval_data):
         if folder is not None and not Path(folder).is_dir():  # before asking the server anything
             raise FileNotFoundError(f"data folder {folder} does not exist")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(batch_size=batch_size, concurrency=concurrency, show_progress=show_progress, refresh=refresh, log=log)
+    kwargs = dict(batch_size=batch_size, concurrency=concurrency, show_progress=show_progress, refresh=refresh, log=log,
+                  models=models)
 
     def image_set(folder, csv_file):
         return lambda model_labels: load_image_set(folder, labels_csv=csv_file, classes=classes, model_labels=model_labels)
 
     collected, images = collect_cached(url, image_set(data, labels_csv), out / "calibration.npz", **kwargs)
     log(f"calibration set: {len(images)} images ({describe_set(images)})")
+    if len(collected.stages) > 2 or signal not in (None, "max_softmax"):
+        return _calibrate_stages(url, collected, images, criterion, out, kwargs, image_set(eval_data, eval_labels_csv) if eval_data else None,
+                                 signal, ensemble_weights, apply, log)
     s, outcomes, choice = analyse(collected, criterion)
     check_labels_fit(outcomes, collected.little.shape[1], images.mapping)
     report = build_report(s, outcomes, choice, criterion, images.mapping)
+    report.update(_two_stage_extras(collected, criterion, ensemble_weights, out))
 
     evaluation = None
     if eval_data is not None:
@@ -161,6 +172,39 @@ def calibrate(
     write_json(out / "report.json", report)
     log(text)
     log(describe(report))
+    return report
+
+
+def _two_stage_extras(collected: Collected, criterion: Criterion, ensemble_weights, out: Path) -> dict:
+    """The signal comparison and the ensemble sweep (calibrate_stages) beside the two-stage report."""
+    from . import calibrate_stages as cs
+
+    if collected.labels is None:
+        return {}
+    extras = {"signals": cs.compare_signals(collected, criterion)}
+    if ensemble_weights:
+        extras["ensemble"] = cs.ensemble_sweep(collected, criterion, "max_softmax", ensemble_weights)
+    cs.write_plots(out, {**extras, "metric_name": "accuracy"}, collected)
+    return extras
+
+
+def _calibrate_stages(url, collected, images, criterion, out, kwargs, eval_images, signal, ensemble_weights, apply, log) -> dict:
+    """K stages or another signal: thresholds chosen jointly (client/calibrate_stages.py)."""
+    from . import calibrate_stages as cs
+
+    if apply:
+        raise CalibrationError("--apply writes the two-stage max_softmax T; for K stages or another signal write the "
+                               "thresholds printed here into the repository (`littlebig repo ... --thresholds`)")
+    check_labels_fit(outcomes_of(collected), collected.little.shape[1], images.mapping)
+    evaluation = None
+    if eval_images is not None:
+        evaluation, eval_set = collect_cached(url, eval_images, out / "evaluation.npz", **kwargs)
+        log(f"evaluation set: {len(eval_set)} images ({describe_set(eval_set)})")
+    report, _, _ = cs.stage_calibration(collected, criterion, signal, evaluation=evaluation, ensemble_weights=ensemble_weights)
+    report["labels"] = images.mapping or None
+    report["plots"] = cs.write_plots(out, report, collected)
+    write_json(out / "report.json", report)
+    log(cs.describe(report))
     return report
 
 

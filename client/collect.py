@@ -21,37 +21,59 @@ from .labels import ClassLabels
 
 @dataclasses.dataclass
 class Collected:
-    little: np.ndarray  # float32 [N, C]
-    big: np.ndarray
-    labels: np.ndarray | None
+    """Every stage's probabilities on the same images, in cost order (two stages: little, big)."""
+
+    stages: list[np.ndarray]  # float32 [N, C] per stage
+    labels: np.ndarray | None  # class indices [N], or multi-hot [N, C] (multi-label)
     paths: list[str]
-    macs_little: int
-    macs_big: int
+    macs: list[int]  # per stage
     model_labels: ClassLabels | None = None  # the served model's labels the data labels were mapped through
+    models: tuple[str, ...] = ()  # the served names the stages were asked under
+
+    def __post_init__(self) -> None:
+        if len(self.stages) < 2 or len(self.stages) != len(self.macs):
+            raise ValueError(f"need >= 2 stages with one MACs count each, got {len(self.stages)} stages, {len(self.macs)} MACs")
+
+    @property
+    def little(self) -> np.ndarray:
+        return self.stages[0]
+
+    @property
+    def big(self) -> np.ndarray:
+        return self.stages[-1]
+
+    @property
+    def macs_little(self) -> int:
+        return self.macs[0]
+
+    @property
+    def macs_big(self) -> int:
+        return self.macs[-1]
 
     def save(self, path: str | Path) -> None:
         np.savez_compressed(
             path,
-            little=self.little,
-            big=self.big,
+            stages=np.stack(self.stages),
             labels=self.labels if self.labels is not None else np.zeros(0, np.int64),
             has_labels=self.labels is not None,
             paths=np.asarray(self.paths),
-            macs=np.asarray([self.macs_little, self.macs_big], dtype=np.int64),
+            macs=np.asarray(self.macs, dtype=np.int64),
+            models=np.asarray(self.models, dtype=str),
             model_labels=np.asarray("" if self.model_labels is None else self.model_labels.to_json()),
         )
 
     @classmethod
     def load(cls, path: str | Path) -> "Collected":
         with np.load(path) as data:
+            # Two-stage caches written before K stages hold `little` and `big` instead of `stages`.
+            stages = list(data["stages"]) if "stages" in data.files else [data["little"], data["big"]]
             return cls(
-                little=data["little"],
-                big=data["big"],
+                stages=stages,
                 labels=data["labels"] if bool(data["has_labels"]) else None,
                 paths=[str(p) for p in data["paths"]],
-                macs_little=int(data["macs"][0]),
-                macs_big=int(data["macs"][1]),
+                macs=[int(m) for m in data["macs"]],
                 model_labels=_labels_of(data),
+                models=tuple(str(m) for m in data["models"]) if "models" in data.files else (),
             )
 
 
@@ -60,7 +82,7 @@ def _labels_of(data) -> ClassLabels | None:
     return ClassLabels.from_json(text) if text else None
 
 
-async def _collect(url: str, images: ImageSet, models: tuple[str, str], info: GateInfo, batch_size: int, concurrency: int, progress) -> dict:
+async def _collect(url: str, images: ImageSet, models: tuple[str, ...], wire: "WireFormat", batch_size: int, concurrency: int, progress) -> dict:
     import tritonclient.grpc.aio as grpcaio
 
     results = {m: [None] * len(images) for m in models}
@@ -72,7 +94,7 @@ async def _collect(url: str, images: ImageSet, models: tuple[str, str], info: Ga
         async with gate:
             paths = images.paths[start : start + batch_size]
             # Decoding and resizing are CPU work: off the event loop, so requests keep flowing.
-            batch = await loop.run_in_executor(None, to_wire_batch, paths, info.wire_size, info.crop_pct)
+            batch = await loop.run_in_executor(None, to_wire_batch, paths, wire.size, wire.crop_pct)
             image = grpcaio.InferInput("IMAGE", list(batch.shape), "UINT8")
             image.set_data_from_numpy(batch)
             answers = await asyncio.gather(
@@ -89,51 +111,101 @@ async def _collect(url: str, images: ImageSet, models: tuple[str, str], info: Ga
     return {m: np.concatenate([r for r in results[m] if r is not None]) for m in models}
 
 
+@dataclasses.dataclass(frozen=True)
+class WireFormat:
+    """How images are sent: uint8 [N, size, size, 3], centre-cropped by crop_pct."""
+
+    size: int
+    crop_pct: float
+
+
 def collect(
     url: str, images: ImageSet, *, batch_size: int = 16, concurrency: int = 4, show_progress: bool = True, info: GateInfo | None = None
 ) -> Collected:
     """Both models' probabilities for every image, in the image set's order."""
-    from tqdm import tqdm
-
     if info is None:
         with LittleBigClient(url) as client:
             info = client.gate_info()
-    little_model, big_model = info.little_model, info.big_model
+    return collect_stages(
+        url, images, (info.little_model, info.big_model), WireFormat(info.wire_size, info.crop_pct),
+        macs=[info.macs_little, info.macs_big], model_labels=info.labels,
+        batch_size=batch_size, concurrency=concurrency, show_progress=show_progress,
+    )
+
+
+def served_macs(url: str, models: tuple[str, ...]) -> list[int]:
+    """Each served classifier's MACs per image (its config parameter `macs`, written by the builder)."""
+    macs = []
+    with LittleBigClient(url) as client:
+        for model in models:
+            params = client.model_config(model).get("parameters", {})
+            if "macs" not in params:
+                raise ValueError(f"served model {model!r} states no `macs` parameter: build the repository with `littlebig repo`")
+            macs.append(int(params["macs"]["string_value"]))
+    return macs
+
+
+def collect_stages(
+    url: str, images: ImageSet, models: tuple[str, ...], wire: WireFormat, *, macs: list[int] | None = None,
+    model_labels: ClassLabels | None = None, batch_size: int = 16, concurrency: int = 4, show_progress: bool = True,
+) -> Collected:
+    """Every stage model's probabilities for every image, asking each served model directly (not the
+    gate: every image needs every stage's answer). ``macs`` default: each model's served config."""
+    from tqdm import tqdm
+
     if len(images) == 0:
         raise ValueError("the image set is empty")
     if batch_size < 1 or concurrency < 1:
         raise ValueError("batch size and concurrency must be >= 1")
-    with tqdm(total=len(images), desc="collect", unit="img", disable=not show_progress) as bar:
-        probs = asyncio.run(
-            _collect(url, images, (little_model, big_model), info, batch_size, concurrency, bar.update)
-        )
+    if macs is None:
+        macs = served_macs(url, models)
+    with tqdm(total=len(images), desc=f"collect ({len(models)} models)", unit="img", disable=not show_progress) as bar:
+        probs = asyncio.run(_collect(url, images, models, wire, batch_size, concurrency, bar.update))
     return Collected(
-        little=probs[little_model],
-        big=probs[big_model],
+        stages=[probs[m] for m in models],
         labels=images.labels,
         paths=[str(p) for p in images.paths],
-        macs_little=info.macs_little,
-        macs_big=info.macs_big,
-        model_labels=info.labels,
+        macs=list(macs),
+        model_labels=model_labels,
+        models=tuple(models),
     )
 
 
-def collect_cached(url: str, load_images, cache: Path, *, refresh: bool = False, log=print, **kwargs) -> tuple[Collected, ImageSet]:
+def gate_stage_models(url: str) -> tuple[str, ...]:
+    """The stage models the served gate calls, in cost order: its `stage_models` parameter (K stages),
+    else its little and big."""
+    with LittleBigClient(url) as client:
+        params = {k: v["string_value"] for k, v in client.model_config().get("parameters", {}).items()}
+    if params.get("stage_models"):
+        return tuple(name.strip() for name in params["stage_models"].split(","))
+    return (params["little_model"], params["big_model"])
+
+
+def collect_cached(
+    url: str, load_images, cache: Path, *, refresh: bool = False, log=print, models: tuple[str, ...] | None = None, **kwargs
+) -> tuple[Collected, ImageSet]:
     """Reuse ``cache`` when it holds exactly the images ``load_images(model_labels)`` lists, with the
-    same labels; otherwise ask the server (its gate's labels map the data's labels) and write it."""
+    same labels (and the same ``models``, when given); otherwise ask the server (its gate's labels map
+    the data's labels; ``models`` default: the stages the gate serves) and write it."""
     if cache.is_file() and not refresh:
         cached = Collected.load(cache)
         images = load_images(cached.model_labels)
         same_labels = (cached.labels is None) == (images.labels is None) and (
             images.labels is None or np.array_equal(cached.labels, images.labels)
         )
-        if cached.paths == [str(p) for p in images.paths] and same_labels:
+        same_models = models is None or cached.models == tuple(models)
+        if cached.paths == [str(p) for p in images.paths] and same_labels and same_models:
             log(f"using cached probabilities {cache} (--recollect to ask the server again)")
             return cached, images
     with LittleBigClient(url) as client:
         info = client.gate_info()
     images = load_images(info.labels)
-    collected = collect(url, images, info=info, **kwargs)
+    models = tuple(models) if models is not None else gate_stage_models(url)
+    if models == (info.little_model, info.big_model):
+        collected = collect(url, images, info=info, **kwargs)
+    else:
+        wire = WireFormat(info.wire_size, info.crop_pct)
+        collected = collect_stages(url, images, models, wire, model_labels=info.labels, **kwargs)
     cache.parent.mkdir(parents=True, exist_ok=True)
     collected.save(cache)
     return collected, images

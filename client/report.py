@@ -101,3 +101,79 @@ def plot_confidence_histogram(path: Path, outcomes: Outcomes, bins: int = 10) ->
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _metric_label(metric: str) -> str:
+    return {"accuracy": "top-1 accuracy (%)", "micro_f1": "micro-F1 (%)"}.get(metric, metric)
+
+
+def plot_frontiers(ax, blocks: list[dict], singles: list[tuple[str, float, float]], metric: str) -> None:
+    """Each cascade's accuracy-vs-GMACs frontier (best metric at each cost) with its chosen point, and
+    each model alone (paper Figure 3's view)."""
+    for block in blocks:
+        label = " -> ".join(block["stages"])
+        if "frontier" in block:
+            line, = ax.step(block["frontier"]["gmacs"], np.asarray(block["frontier"]["metric"]) * 100, where="post",
+                            lw=1.0 if len(block["stages"]) == 2 else 1.8, label=label)
+            colour = line.get_color()
+        else:
+            colour = None
+        ax.scatter([block["gmacs"]], [block["metric"] * 100], marker="*", s=120, color=colour, zorder=4,
+                   edgecolors="black", linewidths=0.5)
+    for name, gmacs, value in singles:
+        ax.scatter([gmacs], [value * 100], color="black", zorder=5)
+        ax.annotate(name, (gmacs, value * 100), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.set(xlabel="GMACs per image", ylabel=_metric_label(metric))
+    ax.legend(loc="lower right", fontsize=7)
+
+
+def plot_chains(path: Path, report: dict, collected) -> None:
+    """Every pair and the full chain of a K-stage calibration (stars: the thresholds each one chose)."""
+    from .calibrate_stages import single_points
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    plot_frontiers(ax, report["chains"], single_points(collected, report["task"]), report["metric_name"])
+    ax.set_title(f"Cascades of {', '.join(report['stages'])} ({report['signal']}); stars: {report['criterion']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_signals(path: Path, rows: list[dict], metric: str) -> None:
+    """MACs saved by each gating signal under the same criterion, with the metric it reached."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = [r["signal"] for r in rows]
+    saved = [r["macs_reduction"] * 100 for r in rows]
+    bars = ax.bar(names, saved, color="tab:blue")
+    for bar, row in zip(bars, rows):
+        ax.annotate(f"{metric} {row['metric']:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set(ylabel="MACs saved vs the last stage alone (%)", title=f"Gating signals at equal criterion ({rows[0]['criterion']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ensemble(path: Path, rows: list[dict]) -> None:
+    """Paper Figure 5: the chosen T and the MACs saved for each ensemble weight w."""
+    plt = _pyplot()
+    w = [r["ensemble_weight"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(w, [r["threshold"] for r in rows], marker="o")
+    axes[0].set(xlabel="ensemble weight w (1 = big alone answers escalated rows)", ylabel="chosen T", title="Threshold vs w")
+    axes[1].plot(w, [r["macs_reduction"] * 100 for r in rows], marker="o", color="tab:green")
+    axes[1].set(xlabel="ensemble weight w", ylabel="MACs saved vs big alone (%)", title=f"MACs saved vs w ({rows[0]['criterion']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -324,7 +324,28 @@ def cmd_calibrate(args) -> None:
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         refresh=args.recollect,
+        signal=args.signal,
+        models=tuple(args.models) if args.models else None,
+        ensemble_weights=tuple(args.ensemble_weights) if args.ensemble_weights else None,
     )
+
+
+def _criterion(args):
+    from littlebig.client.criterion import Criterion
+
+    return Criterion(
+        max_acc_drop=args.max_acc_drop,
+        confidence_level=args.confidence_level,
+        point_estimate=args.point_estimate,
+        min_agreement=args.min_agreement,
+    )
+
+
+def cmd_pairs(args) -> None:
+    from littlebig.client.pairs import pairs
+
+    pairs(args.big, args.candidates, args.data, args.out, _criterion(args), signal=args.signal, labels_csv=args.labels_csv,
+          classes=args.classes, refresh=args.recollect, batch_size=args.batch_size, concurrency=args.concurrency)
 
 
 def cmd_threshold(args) -> None:
@@ -429,6 +450,24 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bound on each gate call to little or big (0: none)")
 
 
+def weight(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"an ensemble weight must be in (0, 1], got {text}")
+    return value
+
+
+def add_stage_arguments(parser) -> None:
+    """Calibration options of K-stage cascades, gating signals and the ensemble (issue 11)."""
+    from littlebig.signals import SIGNALS
+
+    parser.add_argument("--signal", choices=SIGNALS, help="gating signal to calibrate (default: max_softmax; another "
+                        "signal or more stages choose the thresholds jointly)")
+    parser.add_argument("--models", nargs="+", help="served stage models in cost order (default: the gate's stages)")
+    parser.add_argument("--ensemble-weights", nargs="+", type=weight, metavar="W",
+                        help="also sweep the ensemble weight w over these (paper Figure 5), e.g. 0.5 0.6 0.7 0.8 0.9 1.0")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="littlebig",
@@ -498,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the served model's own labels)")
     p.add_argument("--out", required=True, help="folder for report.json, table.txt, PNGs and cached probabilities")
     from littlebig.client.criterion import DEFAULT_CONFIDENCE_LEVEL, DEFAULT_MAX_ACC_DROP
+    from littlebig.signals import SIGNALS
 
     p.add_argument("--max-acc-drop", type=float, default=DEFAULT_MAX_ACC_DROP,
                    help="tolerated accuracy drop against big (0.02 = 2 points): the cheapest T whose "
@@ -516,7 +556,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images per request")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--recollect", action="store_true", help="ask the server again even if cached probabilities exist")
+    add_stage_arguments(p)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("pairs", help="which little model for this big one: serve big and every candidate, rank every "
+                       "cascade ending at big by MACs saved, all on one accuracy-vs-MACs plot")
+    p.add_argument("--big", required=True, help="big model .onnx (from littlebig export)")
+    p.add_argument("--candidates", required=True, nargs="+", help="candidate little models .onnx (same classes and wire size)")
+    p.add_argument("--data", required=True, help="labelled image folder (as for calibrate)")
+    p.add_argument("--labels-csv", help="CSV of file,label for --data")
+    p.add_argument("--classes", help="class list to map label names to indices (default: the models' own labels)")
+    p.add_argument("--out", required=True, help="folder for pairs.json, pairs.png, the repository and cached probabilities")
+    p.add_argument("--max-acc-drop", type=float, default=DEFAULT_MAX_ACC_DROP, help="tolerated accuracy drop against big")
+    p.add_argument("--confidence-level", type=float, default=DEFAULT_CONFIDENCE_LEVEL, help="level of the certified bound")
+    p.add_argument("--point-estimate", action="store_true", help="choose by the measured drop alone")
+    p.add_argument("--min-agreement", type=float, help="label-free: cheapest thresholds agreeing with big on this share")
+    p.add_argument("--signal", choices=SIGNALS, default="max_softmax", help="gating signal")
+    p.add_argument("--batch-size", type=int, default=16, help="images per request")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--recollect", action="store_true", help="serve and ask again even if cached probabilities exist")
+    p.set_defaults(func=cmd_pairs)
 
     p = sub.add_parser("threshold", help="show or set the served threshold T (no downtime)")
     p.add_argument("value", nargs="?", type=probability, help="new T in [0, 1]; omit to show the current one")

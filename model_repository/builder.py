@@ -280,3 +280,25 @@ def set_threshold(repository: str | Path, threshold: float) -> mc.ModelConfig:
     config.parameters["threshold"].string_value = repr(float(threshold))
     path.write_text(config_text(config))
     return config
+
+
+def build_classifiers(models: dict[str, str | Path], out: str | Path, options: RepositoryOptions = RepositoryOptions()) -> Path:
+    """A repository of classifiers only, one per ``name: onnx file`` (no gate): several candidates served
+    side by side so each can be asked directly (`littlebig pairs`). All must answer the same classes
+    at the same wire size."""
+    options.validate()
+    if options.runtime == "tensorrt":
+        raise RepositoryError("build_classifiers serves ONNX files (runtime python or onnxruntime), not TensorRT plans")
+    facts = {name: ModelFacts.from_onnx(path) for name, path in models.items()}
+    first = next(iter(facts.values()))
+    for other in facts.values():
+        check_pair(first, other)
+    labels = next((f.labels for f in facts.values() if f.labels is not None), None)
+    out = Path(out)
+    for name, model in facts.items():
+        model_dir = out / name
+        _write_model(model_dir, classifier_config(name, model, options, 1, 0, 0, labels), labels)
+        shutil.copyfile(model.path, model_dir / "1" / "model.onnx")
+        if options.runtime == "python":
+            shutil.copyfile(_template("python_runtime"), model_dir / "1" / "model.py")
+    return out
