@@ -47,6 +47,15 @@ def test_routes_and_parameter_keys_agree():
     assert read <= set(contract.CONFIG_PARAMETERS), read - set(contract.CONFIG_PARAMETERS)
 
 
+def test_metrics_interval_default_agrees():
+    defaults = [
+        node.args[1].value for node in ast.walk(TREE)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "params.get" and len(node.args) == 2
+        and isinstance(node.args[0], ast.Constant) and node.args[0].value == "metrics_interval_ms"
+    ]
+    assert defaults == [str(contract.METRICS_INTERVAL_MS)]
+
+
 def test_tensor_names_agree():
     assert gate_strings_in_calls("pb_utils.Tensor") == {contract.CLASS, contract.CONFIDENCE, contract.ROUTE, contract.PROBS, contract.IMAGE}
     assert gate_strings_in_calls("get_input_tensor_by_name", 1) == {contract.IMAGE}
