@@ -95,7 +95,7 @@ def test_multilabel_export_answers_sigmoid_probs_with_metadata(multilabel_pair):
     assert parity["decision_agreement"] == 1.0 and parity["max_abs_diff"] <= 1e-4
     assert json.loads(meta["inputs"]) == [{"name": "FEATURES", "dtype": "float32", "dims": [64]}]
     little, big = summary["models"]["little"], summary["models"]["big"]
-    assert little["macs"] == 64 * 8 + 8 * 6 and big["macs"] == 64 * 256 + 256 * 256 + 256 * 6
+    assert little["macs"] == 64 * 16 + 16 * 6 and big["macs"] == 64 * 256 + 256 * 256 + 256 * 6
     test = TensorSet.load(out / "test.npz")
     (probs,) = stage_probs([out / "big.onnx"], test)
     assert probs.shape == (len(test), 6) and probs.min() >= 0 and probs.max() <= 1
