@@ -6,6 +6,8 @@ the calibration and test splits with onnxruntime, choose T on calibration (fewes
 metric at most --max-drop below big's; signal: mean_abs_margin for multi-label, max_softmax for
 text), and report on the test split little, big and the cascade at T: the metric (micro-F1 or
 accuracy), the share escalated and the MACs saved against big alone. Plots every T on the test split.
+Then serves each pair at its T through the real server and compares the gate's answers with the
+offline cascade row by row (routes, classes or LABELS, CONFIDENCE and PROBS).
 
     flock /tmp/littlebig-cpu.lock .venv/bin/python bench/examples.py [--workdir runs/examples] [--reuse]
 """
@@ -63,6 +65,19 @@ def evaluate(folder: Path, max_drop: float) -> tuple[dict, dict]:
     return result, sweep
 
 
+def serve_and_compare(folder: Path, result: dict, work: Path) -> dict:
+    """The pair at its T through the real Triton server, compared row by row with the offline cascade."""
+    from littlebig.examples.served import build_example_repository, compare, served_answers
+    from littlebig.server import TritonServer
+
+    task, signal = result["task"], result["signal"]
+    repository = build_example_repository(folder, work / "repository", result["threshold"], signal)
+    test = TensorSet.load(folder / "test.npz")
+    expected = cascade(stage_probs([folder / "little.onnx", folder / "big.onnx"], test), [result["threshold"]], signal)
+    with TritonServer(repository, log_file=work / "tritonserver.log") as server:
+        return compare(served_answers(server.grpc_url, test, task), expected, task)
+
+
 def plot(results: list[dict], sweeps: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -86,13 +101,22 @@ def plot(results: list[dict], sweeps: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _served(check: dict | None) -> str:
+    if check is None:
+        return "not run"
+    same = check["route_mismatches"] == 0 and check["answer_mismatches"] == 0
+    return (f"{check['rows'] - max(check['route_mismatches'], check['answer_mismatches'])}/{check['rows']} rows"
+            f"{'' if same else ' (MISMATCH)'}, max abs dprob {check['max_abs_probs_diff']:.1e}")
+
+
 def table(results: list[dict]) -> str:
-    lines = ["| example | metric | little | big | cascade at T | T | escalated | MACs saved vs big | MACs little / big |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| example | metric | little | big | cascade at T | T | escalated | MACs saved vs big | MACs little / big | served = offline |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         t = r["test"]
         lines.append(f"| {r['example']} | {r['metric']} | {t['little']:.4f} | {t['big']:.4f} | {t['cascade']:.4f} | "
-                     f"{r['threshold']:.4f} | {t['escalated']:.1%} | {t['macs_saved']:.1%} | {r['macs_little']:,} / {r['macs_big']:,} |")
+                     f"{r['threshold']:.4f} | {t['escalated']:.1%} | {t['macs_saved']:.1%} | {r['macs_little']:,} / {r['macs_big']:,} | "
+                     f"{_served(r.get('served'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,6 +126,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="use examples already built in --workdir")
     parser.add_argument("--max-drop", type=float, default=0.005, help="largest metric drop below big's on calibration")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--no-serve", action="store_true", help="skip the row-by-row check through the server")
     args = parser.parse_args()
     results, sweeps = [], []
     for name in EXAMPLES:
@@ -109,6 +134,9 @@ def main() -> None:
         if not (args.reuse and (folder / "example.json").is_file()):
             build_example(name, folder)
         result, sweep = evaluate(folder, args.max_drop)
+        if not args.no_serve:
+            result["served"] = serve_and_compare(folder, result, Path(args.workdir) / f"{name}-served")
+            print(f"{name}: served vs offline {result['served']}")
         results.append(result)
         sweeps.append(sweep)
     out = Path(args.out)

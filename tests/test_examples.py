@@ -16,6 +16,7 @@ from littlebig.examples.data import ExampleError, TensorSet, split_rows
 from littlebig.examples.reference import cascade, choose_threshold, expected_macs, micro_f1, stage_probs
 from littlebig.export import ExportError, read_metadata
 from littlebig.export.tensor_export import ClassifierHead, TensorModel, export_tensor_model, tensor_parity
+from littlebig.signals import signal as gating_signal
 
 QUIET = dict(log=lambda *_: None)
 
@@ -160,3 +161,47 @@ def test_offline_threshold_choice_keeps_the_metric_within_the_drop(multilabel_pa
     assert choice.metric >= choice.big_metric - 0.01 and choice.relative_macs < 1.0
     answers = cascade(probs, [choice.threshold], "mean_abs_margin")
     assert micro_f1(answers.decisions("multilabel"), calib.labels) == pytest.approx(choice.metric)
+
+
+# ---------------------------------------------------------------- through the real server
+
+
+@pytest.fixture(scope="module")
+def examples_server(multilabel_pair, text_pair, tmp_path_factory):
+    """One server with both pairs: gates `digits` and `debtext`, each at its little's median signal."""
+    from littlebig.examples.served import build_example_repository
+    from littlebig.server import TritonServer
+    from littlebig.signals import DEFAULT_SIGNAL
+
+    from .test_stages import add_cascade
+
+    work = tmp_path_factory.mktemp("examples-repos")
+    repo = work / "repository"
+    repo.mkdir()
+    thresholds = {}
+    for gate, (folder, summary) in {"digits": multilabel_pair, "debtext": text_pair}.items():
+        signal = DEFAULT_SIGNAL[summary["task"]]
+        little = stage_probs([folder / "little.onnx"], TensorSet.load(folder / "test.npz"))[0]
+        thresholds[gate] = float(np.median(gating_signal(signal, little)))
+        built = build_example_repository(folder, work / gate, thresholds[gate], signal, intra_op_threads=1)
+        add_cascade(repo, built, gate, 2)
+    with TritonServer(repo, log_file=work / "tritonserver.log") as server:
+        yield server, thresholds
+
+
+@pytest.mark.parametrize("gate, pair_fixture", [("digits", "multilabel_pair"), ("debtext", "text_pair")])
+def test_served_example_equals_the_offline_cascade_row_by_row(examples_server, gate, pair_fixture, request):
+    from littlebig.examples.served import compare, served_answers
+    from littlebig.signals import DEFAULT_SIGNAL
+
+    server, thresholds = examples_server
+    folder, summary = request.getfixturevalue(pair_fixture)
+    task, signal = summary["task"], DEFAULT_SIGNAL[summary["task"]]
+    test = TensorSet.load(folder / "test.npz").take(slice(0, 200))
+    expected = cascade(stage_probs([folder / "little.onnx", folder / "big.onnx"], test), [thresholds[gate]], signal)
+    served = served_answers(server.grpc_url, test, task, gate=gate, batch_size=48)
+    assert ("LABELS" in served) == (task == "multilabel")
+    result = compare(served, expected, task)
+    assert set(result["routes"]) == {0, 1}, "the rows must reach both stages"
+    assert result["route_mismatches"] == 0 and result["answer_mismatches"] == 0, result
+    assert result["max_abs_confidence_diff"] <= 1e-6 and result["max_abs_probs_diff"] <= 1e-6, result
