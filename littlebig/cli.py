@@ -53,6 +53,8 @@ def _repository_options(args):
         runtime=args.runtime,
         max_batch_size=args.max_batch_size,
         threshold=args.threshold,
+        thresholds=getattr(args, "thresholds", None),
+        signal=getattr(args, "signal", None),
         ensemble_weight=args.ensemble_weight,
         gate_instances=args.gate_instances,
         little_instances=args.little_instances,
@@ -86,14 +88,39 @@ def _warn_if_little_is_not_cheaper(little, big) -> None:
         )
 
 
-def cmd_repo(args) -> None:
-    from littlebig.model_repository.builder import build_repository
+def _stage_files(args) -> list[str]:
+    """The models in cost order: --models, or --little and --big."""
+    if args.models and (args.little or args.big):
+        raise UsageError("give either --models (K stages) or --little and --big (two), not both")
+    if args.models:
+        if len(args.models) < 2:
+            raise UsageError(f"--models needs at least two models in cost order, got {len(args.models)}")
+        if args.little_plan or args.big_plan:
+            raise UsageError("--little-plan/--big-plan go with --little/--big")
+        return list(args.models)
+    if not (args.little and args.big):
+        raise UsageError("name the models: --little L.onnx --big B.onnx, or --models M0.onnx M1.onnx ... (cost order)")
+    return [args.little, args.big]
 
-    _warn_if_little_is_not_cheaper(_onnx_facts(args.little, "little"), _onnx_facts(args.big, "big"))
-    out = build_repository(
-        args.little, args.big, args.out, _repository_options(args), little_plan=args.little_plan, big_plan=args.big_plan
-    )
-    print(f"wrote model repository {out} (little, big, littlebig; runtime {args.runtime})")
+
+def _parse_thresholds(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1] (T1,T2,...), got {text!r}") from None
+
+
+def cmd_repo(args) -> None:
+    from littlebig.contract import stage_models
+    from littlebig.model_repository.builder import build_cascade
+
+    files = _stage_files(args)
+    roles = ["models"] * len(files) if args.models else ["little", "big"]
+    facts = [_onnx_facts(path, role) for path, role in zip(files, roles)]
+    for cheaper, dearer in zip(facts, facts[1:]):
+        _warn_if_little_is_not_cheaper(cheaper, dearer)
+    out = build_cascade(files, args.out, _repository_options(args), plans=[args.little_plan, args.big_plan] if not args.models else None)
+    print(f"wrote model repository {out} ({', '.join(stage_models(len(files)))}, littlebig; runtime {args.runtime})")
 
 
 def _interrupt(signum, frame) -> None:
@@ -400,6 +427,13 @@ def cmd_plan(args) -> None:
                            escalation=args.escalation, max_p99_ms=args.max_p99_ms)))
 
 
+def cmd_example(args) -> None:
+    from littlebig.examples.build import build_example
+
+    summary = build_example(args.name, args.out, seed=args.seed, epoch_scale=args.epoch_scale)
+    print(f"wrote {args.out}: little.onnx, big.onnx ({summary['task']}), calib.npz, test.npz, labels.txt, example.json")
+
+
 def probability(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -497,9 +531,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: photographs bundled with scikit-image)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("repo", help="write a Triton model repository for a little/big pair")
-    p.add_argument("--little", required=True, help="little model .onnx (from littlebig export)")
-    p.add_argument("--big", required=True, help="big model .onnx (from littlebig export)")
+    p = sub.add_parser("repo", help="write a Triton model repository for a little/big pair or a K-stage cascade")
+    p.add_argument("--little", help="little model .onnx (from littlebig export)")
+    p.add_argument("--big", help="big model .onnx (from littlebig export)")
+    p.add_argument("--models", nargs="+", metavar="ONNX",
+                   help="K >= 2 models in cost order (instead of --little/--big): served as little, stage1, ..., big")
+    p.add_argument("--thresholds", type=_parse_thresholds,
+                   help="T1,T2,...: K-1 thresholds; stage k answers a row when its signal >= T_k (two stages: same as --threshold)")
+    p.add_argument("--signal", choices=["max_softmax", "margin", "entropy", "mean_abs_margin"],
+                   help="gating signal (default: max_softmax; mean_abs_margin for multi-label models)")
     p.add_argument("--out", required=True, help="repository folder")
     p.add_argument("--little-plan", help="TensorRT plan for little (--runtime tensorrt)")
     p.add_argument("--big-plan", help="TensorRT plan for big (--runtime tensorrt)")
@@ -615,6 +655,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--escalation", type=float, help="expected escalation share p (default: the one measured in the bench)")
     p.add_argument("--max-p99-ms", type=float, help="only concurrency levels whose p99 latency is within this budget")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("example", help="train and export a small real-data pair: multilabel (handwritten digits "
+                       "with binary attributes) or text (Debian package descriptions by section)")
+    p.add_argument("name", choices=["multilabel", "text"], help="which example")
+    p.add_argument("--out", required=True, help="folder for little.onnx, big.onnx, calib.npz, test.npz, example.json")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split and the training")
+    p.add_argument("--epoch-scale", type=float, default=1.0, help="train this fraction (or multiple) of the usual epochs")
+    p.set_defaults(func=cmd_example)
 
     p = sub.add_parser("demo", help="EfficientNet-Lite0 -> Lite2 end to end: export, repository, serve, classify")
     p.add_argument("--workdir", default="runs/demo", help="folder for the ONNX files, repository and server log")
