@@ -12,6 +12,7 @@ from .collect import Collected, collect_cached
 from .control import switch_threshold
 from .criterion import Criterion
 from .datasets import ImageSet, load_image_set
+from .infer import LittleBigClient
 from .report import plot_confidence_histogram, plot_curves, table, write_json
 
 # Big's accuracy with a p-value above this against guessing (1 / classes) counts as "near chance".
@@ -145,8 +146,9 @@ def calibrate(
     collected, images = collect_cached(url, image_set(data, labels_csv), out / "calibration.npz", **kwargs)
     log(f"calibration set: {len(images)} images ({describe_set(images)})")
     if len(collected.stages) > 2 or signal not in (None, "max_softmax"):
-        return _calibrate_stages(url, collected, images, criterion, out, kwargs, image_set(eval_data, eval_labels_csv) if eval_data else None,
-                                 signal, ensemble_weights, apply, log)
+        eval_images = image_set(eval_data, eval_labels_csv) if eval_data else None
+        return _calibrate_stages(url, collected, images, criterion, out, kwargs=kwargs, eval_images=eval_images, signal=signal,
+                                 ensemble_weights=ensemble_weights, apply=apply, repository=repository, log=log)
     s, outcomes, choice = analyse(collected, criterion)
     check_labels_fit(outcomes, collected.little.shape[1], images.mapping)
     report = build_report(s, outcomes, choice, criterion, images.mapping)
@@ -188,13 +190,10 @@ def _two_stage_extras(collected: Collected, criterion: Criterion, ensemble_weigh
     return extras
 
 
-def _calibrate_stages(url, collected, images, criterion, out, kwargs, eval_images, signal, ensemble_weights, apply, log) -> dict:
+def _calibrate_stages(url, collected, images, criterion, out, *, kwargs, eval_images, signal, ensemble_weights, apply, repository, log) -> dict:
     """K stages or another signal: thresholds chosen jointly (client/calibrate_stages.py)."""
     from . import calibrate_stages as cs
 
-    if apply:
-        raise CalibrationError("--apply writes the two-stage max_softmax T; for K stages or another signal write the "
-                               "thresholds printed here into the repository (`littlebig repo ... --thresholds`)")
     check_labels_fit(outcomes_of(collected), collected.little.shape[1], images.mapping)
     evaluation = None
     if eval_images is not None:
@@ -203,9 +202,32 @@ def _calibrate_stages(url, collected, images, criterion, out, kwargs, eval_image
     report, _, _ = cs.stage_calibration(collected, criterion, signal, evaluation=evaluation, ensemble_weights=ensemble_weights)
     report["labels"] = images.mapping or None
     report["plots"] = cs.write_plots(out, report, collected)
+    if apply:
+        report["applied"] = apply_stage_choice(url, report["thresholds"], report["signal"], repository)
     write_json(out / "report.json", report)
     log(cs.describe(report))
     return report
+
+
+def apply_stage_choice(url: str, thresholds: list[float], signal: str, repository: str | Path | None) -> dict:
+    """Switch the running K-stage gate to ``thresholds`` and, side by side, write them into the repository
+    given; refused when the gate gates on another signal than the one calibrated."""
+    from littlebig.model_repository.builder import set_thresholds
+
+    from .control import switch_thresholds
+
+    with LittleBigClient(url) as client:
+        params = {k: v["string_value"] for k, v in client.model_config().get("parameters", {}).items()}
+    served = params.get("signal", "max_softmax")
+    if served != signal:
+        raise CalibrationError(f"the gate gates on {served!r}, these thresholds are for {signal!r}: calibrate with "
+                               f"--signal {served}, or rebuild the repository with the signal {signal}")
+    switch_thresholds(url, thresholds)
+    written = None
+    if repository is not None:
+        set_thresholds(repository, tuple(thresholds))
+        written = str(Path(repository) / "littlebig" / "config.pbtxt")
+    return {"thresholds": thresholds, "config": written}
 
 
 def apply_choice(url: str, threshold: float, repository: str | Path | None) -> dict:

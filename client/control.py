@@ -34,3 +34,27 @@ def switch_threshold(url: str, threshold: float, *, model: str = GATE_MODEL) -> 
         client.load_model(model, config=json.dumps(config), headers=admin_headers(url))
         if not client.is_model_ready(model):
             raise RuntimeError(f"model {model!r} is not ready after switching to threshold {threshold}")
+
+
+def switch_thresholds(url: str, thresholds: list[float], *, model: str = GATE_MODEL) -> dict:
+    """Switch a running K-stage gate to ``thresholds`` (two stages: switch_threshold). Returns the gate's
+    config parameters as served before the switch."""
+    with grpcclient.InferenceServerClient(url) as client:
+        config = client.get_model_config(model, as_json=True)["config"]
+    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    stages = params["stage_models"].split(",") if params.get("stage_models") else [params["little_model"], params["big_model"]]
+    if len(thresholds) != len(stages) - 1:
+        raise ValueError(f"the gate serves {len(stages)} stages ({', '.join(stages)}): give {len(stages) - 1} thresholds, got {len(thresholds)}")
+    if len(stages) == 2:
+        switch_threshold(url, thresholds[0], model=model)
+        return params
+    for value in thresholds:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {value}")
+    config["parameters"]["thresholds"] = {"string_value": ",".join(repr(float(t)) for t in thresholds)}
+    config["parameters"].pop("threshold", None)
+    with grpcclient.InferenceServerClient(url) as client:
+        client.load_model(model, config=json.dumps(config), headers=admin_headers(url))
+        if not client.is_model_ready(model):
+            raise RuntimeError(f"model {model!r} is not ready after switching to thresholds {thresholds}")
+    return params

@@ -335,13 +335,25 @@ def choose_min_agreement(outcomes: StageOutcomes, s: JointSweep, min_agreement: 
     return _choice(outcomes, s, _safest(s), name, False)
 
 
+def choose_target_escalation(outcomes: StageOutcomes, s: JointSweep, share: float) -> JointChoice:
+    """Label-free, two stages: T = the ``share``-quantile of little's signal (as thresholds.choose_target_escalation)."""
+    if outcomes.k != 2:
+        raise ValueError("--target-escalation sets one threshold (two stages): use --min-agreement or a labelled "
+                         "criterion for this cascade")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"target escalation must be in [0, 1], got {share}")
+    ordered = np.sort(outcomes.confidence[0])
+    target = 1.0 if share >= 1.0 else ordered[min(outcomes.n - 1, math.ceil(share * outcomes.n))] if share > 0 else 0.0
+    index = min(int(np.searchsorted(s.thresholds[:, 0], target, side="left")), len(s.thresholds) - 1)
+    return _choice(outcomes, s, index, f"target_escalation={share}", True)
+
+
 def choose(outcomes: StageOutcomes, s: JointSweep, criterion) -> JointChoice:
     """The choice a client/criterion.Criterion asks for. Multi-label (micro-F1) always uses the point
     estimate (the bound is for accuracy); --target-escalation is a two-stage criterion."""
     criterion.validate()
     if criterion.target_escalation is not None:
-        raise ValueError("--target-escalation sets one threshold (two stages, max_softmax): use --min-agreement "
-                         "or a labelled criterion for this cascade")
+        return choose_target_escalation(outcomes, s, criterion.target_escalation)
     if criterion.min_agreement is not None:
         return choose_min_agreement(outcomes, s, criterion.min_agreement)
     if not outcomes.has_labels:

@@ -447,15 +447,11 @@ def build_classifiers(models: dict[str, str | Path], out: str | Path, options: R
     if options.runtime == "tensorrt":
         raise RepositoryError("build_classifiers serves ONNX files (runtime python or onnxruntime), not TensorRT plans")
     facts = {name: ModelFacts.from_onnx(path) for name, path in models.items()}
-    first = next(iter(facts.values()))
-    for other in facts.values():
-        check_pair(first, other)
+    (first_name, first), *rest = facts.items()
+    for name, other in rest:
+        check_pair(first, other, (first_name, name))
     labels = next((f.labels for f in facts.values() if f.labels is not None), None)
     out = Path(out)
     for name, model in facts.items():
-        model_dir = out / name
-        _write_model(model_dir, classifier_config(name, model, options, 1, 0, 0, labels), labels)
-        shutil.copyfile(model.path, model_dir / "1" / "model.onnx")
-        if options.runtime == "python":
-            shutil.copyfile(_template("python_runtime"), model_dir / "1" / "model.py")
+        _write_stage(out / name, classifier_config(name, model, options, 1, 0, 0, labels), model, options, labels, None)
     return out
