@@ -38,6 +38,7 @@ class GateInfo:
     little_model: str
     big_model: str
     labels: ClassLabels | None = None  # the model's own class labels, where the export recorded them
+    thresholds: tuple[float, ...] = ()  # T_0 .. T_{K-2} (two stages: (threshold,))
 
 
 def _module(protocol: str):
@@ -75,16 +76,19 @@ class LittleBigClient:
 
     def gate_info(self) -> GateInfo:
         params = {k: v["string_value"] for k, v in self.model_config().get("parameters", {}).items()}
+        # K-stage gates write `thresholds` ("T1,T2,..."); two-stage ones `threshold`.
+        thresholds = tuple(float(t) for t in params["thresholds"].split(",")) if params.get("thresholds") else (float(params["threshold"]),)
         return GateInfo(
             wire_size=int(params["wire_size"]),
             crop_pct=float(params["crop_pct"]),
             num_classes=int(params["num_classes"]),
-            threshold=float(params["threshold"]),
+            threshold=thresholds[0],
             macs_little=int(params["macs_little"]),
             macs_big=int(params["macs_big"]),
             little_model=params["little_model"],
             big_model=params["big_model"],
             labels=ClassLabels.from_json(params["labels"]) if "labels" in params else None,
+            thresholds=thresholds,
         )
 
     def infer(

@@ -219,3 +219,37 @@ def test_pairs_serves_collects_and_ranks_every_chain(digit_models):
     stage_report, _, _ = cs.stage_calibration(collected, Criterion(max_acc_drop=0.0, point_estimate=True), "max_softmax")
     assert len(stage_report["chains"]) == 4 and {r["signal"] for r in stage_report["signals"]} == {"max_softmax", "margin", "entropy"}
     assert cs.write_plots(root, stage_report, collected) == ["chains.png", "signals.png"]
+
+
+def test_calibrate_three_stage_gate_and_apply_reproduce_offline_routes(digit_models):
+    """`calibrate` on a served 3-stage gate: joint thresholds, applied live; the gate then routes every
+    row as Eq. 7 says offline on the collected probabilities."""
+    from littlebig.client.calibrate import CalibrationError, calibrate
+    from littlebig.client.infer import LittleBigClient
+    from littlebig.model_repository.builder import RepositoryOptions, build_cascade, read_config
+    from littlebig.server import TritonServer
+
+    root, paths = digit_models
+    repo = build_cascade([paths["pool"], paths["linear"], paths["mlp"]], root / "cascade",
+                         RepositoryOptions(runtime="python", thresholds=(0.5, 0.5), intra_op_threads=1))
+    with TritonServer(repo, log_file=root / "cascade.log") as server:
+        kwargs = dict(show_progress=False, log=lambda *_: None)
+        with pytest.raises(CalibrationError, match="gates on 'max_softmax'"):
+            calibrate(server.grpc_url, root / "calib", root / "out3", signal="margin", apply=True, **kwargs)
+        report = calibrate(server.grpc_url, root / "calib", root / "out3", Criterion(max_acc_drop=0.0, point_estimate=True),
+                           apply=True, repository=repo, **kwargs)
+        collected = Collected.load(root / "out3" / "calibration.npz")
+        assert collected.models == ("little", "stage1", "big") and report["stages"] == list(collected.models)
+        thresholds = report["thresholds"]
+        metric, gmacs, routes = brute(collected.stages, collected.labels, collected.macs, "max_softmax", thresholds)
+        assert report["metric"] == pytest.approx(metric) and report["gmacs"] == pytest.approx(gmacs)
+        assert report["criterion_met"] and metric >= report["reference_metric"]
+        config = read_config(repo / "littlebig" / "config.pbtxt")
+        assert [float(t) for t in config.parameters["thresholds"].string_value.split(",")] == thresholds
+        wire = np.stack([np.repeat(np.asarray(Image.open(p).convert("L"))[:, :, None], 3, axis=2) for p in collected.paths])
+        with LittleBigClient(server.grpc_url) as client:  # no request parameter: the applied thresholds
+            out = [client.infer(wire[i : i + 64]) for i in range(0, len(wire), 64)]
+        served_routes = np.concatenate([o["ROUTE"][:, 0] for o in out])
+        served_classes = np.concatenate([o["CLASS"][:, 0] for o in out])
+        np.testing.assert_array_equal(served_routes, routes)
+        np.testing.assert_array_equal(served_classes, np.choose(routes, [p.argmax(1) for p in collected.stages]))
