@@ -21,9 +21,10 @@ def stage_models(count: int) -> tuple[str, ...]:
     return (LITTLE_MODEL, *(f"stage{k}" for k in range(1, count - 1)), BIG_MODEL)
 
 # Tensors: the wire images in; each child answers PROBS and (in-graph) CLASS and CONFIDENCE; the gate
-# answers CLASS, CONFIDENCE, ROUTE and, when asked, PROBS.
+# answers CLASS, CONFIDENCE, ROUTE, THRESHOLD and, when asked, PROBS.
 IMAGE, PROBS, CLASS, CONFIDENCE, ROUTE = "IMAGE", "PROBS", "CLASS", "CONFIDENCE", "ROUTE"
-GATE_OUTPUTS = (CLASS, CONFIDENCE, ROUTE, PROBS)
+THRESHOLD = "THRESHOLD"  # FP64 per row: the T that applied (the gate's gear, or the request's pinned T)
+GATE_OUTPUTS = (CLASS, CONFIDENCE, ROUTE, PROBS, THRESHOLD)
 
 
 class Route(enum.IntEnum):
@@ -42,7 +43,11 @@ class Route(enum.IntEnum):
 CONFIG_PARAMETERS = (
     "little_model", "big_model", "threshold", "ensemble_weight", "macs_little", "macs_big", "wire_size",
     "crop_pct", "num_classes", "children_top1", "labels", "on_big_failure", "child_timeout_ms",
+    "gears", "latency_target_ms", "gear_interval_ms",
 )
+# Gears (client/gears.py): the ladder [[T, expected drop], ...] from the config T down, the latency the
+# gate keeps by moving along it (ms, its p99 estimate), and how often it may move (ms).
+GEARS, LATENCY_TARGET_MS, GEAR_INTERVAL_MS = "gears", "latency_target_ms", "gear_interval_ms"
 # Request parameters the gate accepts; any other is refused.
 REQUEST_PARAMETERS = ("threshold", "on_big_failure")
 ON_BIG_FAILURE = ("fail", "little")

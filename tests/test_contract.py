@@ -48,7 +48,7 @@ def test_routes_and_parameter_keys_agree():
 
 
 def test_tensor_names_agree():
-    assert gate_strings_in_calls("pb_utils.Tensor") == {contract.CLASS, contract.CONFIDENCE, contract.ROUTE, contract.PROBS, contract.IMAGE}
+    assert gate_strings_in_calls("pb_utils.Tensor") == {*contract.GATE_OUTPUTS, contract.IMAGE}
     assert gate_strings_in_calls("get_input_tensor_by_name", 1) == {contract.IMAGE}
 
 
@@ -56,7 +56,7 @@ def test_builder_writes_only_contract_parameters_and_outputs(pair, tmp_path):
     repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions())
     gate = read_config(repo / contract.GATE_MODEL / "config.pbtxt")
     assert set(gate.parameters) <= set(contract.CONFIG_PARAMETERS)
-    assert tuple(o.name for o in gate.output) == (contract.CLASS, contract.CONFIDENCE, contract.ROUTE, contract.PROBS)
+    assert tuple(o.name for o in gate.output) == contract.GATE_OUTPUTS
     assert {m.name for m in repo.iterdir()} >= {contract.GATE_MODEL, contract.LITTLE_MODEL, contract.BIG_MODEL}
 
 

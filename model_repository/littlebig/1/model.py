@@ -31,6 +31,13 @@ asks a child for PROBS only when a request asked for PROBS or the ensemble needs
 row instead of C probabilities. Every call asks for its outputs in CPU memory, so children on a GPU
 (TensorRT, onnxruntime-GPU) answer in memory numpy can read.
 
+Gears (opt-in, two-stage cascades): with a config `gears` ladder [[T, expected drop], ...] from the
+config T down (written by `littlebig calibrate`, client/gears.py) and `latency_target_ms` > 0, class
+Gears lowers T one gear at a time while its latency estimate misses the target and raises it again once
+the estimate is comfortably below it (hysteresis), at most once per `gear_interval_ms`. While the target
+is met it stays in gear 0: the answers are those of the fixed config T. A request that sends its own
+`threshold` is never adapted. Every answer says in THRESHOLD which T applied to each row.
+
 Degraded mode (on_big_failure="little", opt-in): when big fails or times out, escalated rows are
 answered with little's answer and ROUTE=2 (counted in littlebig_fallback_rows_total) instead of an
 error.
@@ -40,6 +47,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -72,6 +80,7 @@ class Accepted:
     threshold: float
     want_probs: bool
     on_big_failure: str
+    pinned: bool = False  # the request sent its own threshold: gears never change it
 
 
 @dataclasses.dataclass
@@ -101,12 +110,14 @@ class Answers:
     label: np.ndarray
     confidence: np.ndarray
     route: np.ndarray
+    threshold: np.ndarray  # float64 [N]: the T that applied to each row
 
     def response(self, rows, want_probs):
         outputs = [
             pb_utils.Tensor("CLASS", self.label[rows].reshape(-1, 1)),
             pb_utils.Tensor("CONFIDENCE", self.confidence[rows].reshape(-1, 1)),
             pb_utils.Tensor("ROUTE", self.route[rows].reshape(-1, 1)),
+            pb_utils.Tensor("THRESHOLD", self.threshold[rows].reshape(-1, 1)),
         ]
         if want_probs:
             outputs.append(pb_utils.Tensor("PROBS", np.ascontiguousarray(self.probs[rows])))
@@ -130,6 +141,107 @@ def parse_threshold(value, where):
     if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise RequestError(f"threshold ({where}) must be in [0, 1], got {value!r}")
     return threshold
+
+
+def parse_gears(text, threshold):
+    """The config's ladder: [[T, expected drop], ...] starting at the config T, T strictly decreasing."""
+    try:
+        ladder = [(float(t), float(d)) for t, d in json.loads(text)]
+    except (ValueError, TypeError) as err:
+        raise RequestError(f"config parameter gears must be JSON [[T, drop], ...], got {text!r} ({err})") from None
+    thresholds = [t for t, _ in ladder]
+    if not ladder or thresholds[0] != threshold:
+        raise RequestError(f"config parameter gears must start at the config threshold {threshold}, got {thresholds[:1]}")
+    if any(b >= a for a, b in zip(thresholds, thresholds[1:])) or not all(0.0 <= t <= 1.0 for t in thresholds):
+        raise RequestError(f"gear thresholds must be in [0, 1] and strictly decreasing, got {thresholds}")
+    return ladder
+
+
+class Gears:
+    """Moves T along the calibrated ladder to keep a latency target (one instance's own view).
+
+    Signals, all observed inside this instance (Triton does not tell a Python model when a request
+    arrived or how long it queued): each answer's time from the start of its execute to its send, plus
+    this instance's last wait for little as the estimate of the time spent in the gate's queue (the
+    dynamic batcher hands over everything waiting, so a request waits about one execute), and the age of
+    the oldest escalation still waiting for big (big's backlog shows there before any answer does).
+    Every ``interval_s`` the worse of the window's p99 and that age is compared with the target: above
+    it, one gear down (lower T); below ``RAISE_BELOW`` x target, one gear up per interval elapsed (so a
+    quiet spell climbs back at once); in between, hold. While the target is met the gear stays 0.
+    """
+
+    RAISE_BELOW = 0.5
+
+    def __init__(self, ladder, target_s, interval_s, metrics, now):
+        self.thresholds = [t for t, _ in ladder]
+        self.drops = [d for _, d in ladder]
+        self.target_s, self.interval_s = target_s, interval_s
+        self.metrics = metrics  # GearMetrics
+        self.gear = 0
+        self.queue_s = 0.0  # this instance's last wait for little: the estimated gate queue wait
+        self.window = []  # latency estimates (s) of answers since the last decision
+        self.pending = []  # start times of escalations waiting for big
+        self.decided = self.accounted = self.began = self.last_answer = now
+
+    @property
+    def threshold(self):
+        return self.thresholds[self.gear]
+
+    def start(self, now):
+        """At the start of an execute: maybe change gear; returns when its requests probably arrived."""
+        if now - self.decided >= self.interval_s:
+            self._decide(now)
+        self.began = now
+        return now - self.queue_s
+
+    def little_answered(self, now):
+        self.queue_s = now - self.began
+
+    def answered(self, started, count, now):
+        self.window.extend([now - started] * count)
+        self.last_answer = now
+
+    def adapted(self, rows):
+        """``rows`` were answered at this gear's T (not pinned): the expected accuracy they gave up."""
+        if self.gear:
+            self.metrics.cost.increment(rows * self.drops[self.gear])
+
+    def escalation_started(self, started):
+        self.pending.append(started)
+
+    def escalation_ended(self, started):
+        self.pending.remove(started)
+
+    def _signal(self, now):
+        if self.pending:
+            return max(now - min(self.pending), float(np.percentile(self.window, 99)) if self.window else 0.0)
+        if not self.window or now - self.last_answer > self.interval_s:
+            return 0.0  # quiet for an interval: what the window holds is old news
+        return float(np.percentile(self.window, 99))
+
+    def _decide(self, now):
+        signal = self._signal(now)
+        self.metrics.seconds[self.gear].increment(now - self.accounted)
+        self.accounted = now
+        gear = self.gear
+        if signal > self.target_s:
+            gear = min(gear + 1, len(self.thresholds) - 1)
+        elif signal < self.RAISE_BELOW * self.target_s:
+            gear = max(gear - int((now - self.decided) / self.interval_s), 0)
+        if gear != self.gear:
+            self.gear = gear
+            self.metrics.gear.set(gear)
+            self.metrics.threshold.set(self.threshold)
+        self.window.clear()
+        self.decided = now
+
+
+@dataclasses.dataclass
+class GearMetrics:
+    gear: object  # gauge: the gear in force
+    threshold: object  # gauge: its T
+    seconds: list  # counters per gear: seconds spent in it
+    cost: object  # counter: expected answers lost against the config T (sum of the gears' drops per row)
 
 
 class TritonPythonModel:
@@ -160,6 +272,7 @@ class TritonPythonModel:
         image_input = next(i for i in config["input"] if i["name"] == "IMAGE")
         self.row_shape = tuple(int(d) for d in image_input["dims"])
         self._init_metrics(args["model_name"])
+        self.gears = self._init_gears(params, args["model_name"], args["model_instance_name"])
         # Big calls still running after their execute returned; a strong reference keeps each task
         # alive until it ends (the event loop holds tasks only weakly). No finalize waits for them:
         # Triton keeps an instance until every response it owes is sent (a reload under load
@@ -200,7 +313,42 @@ class TritonPythonModel:
         # Keep the families alive as long as their metrics.
         self._metric_families = families
 
-    def _parse_request(self, request):
+    def _init_gears(self, params, model_name, instance):
+        """Gears when the config has a ladder and a latency target; None (T stays fixed) otherwise."""
+        target_ms = float(params.get("latency_target_ms", "0"))
+        if not params.get("gears") or target_ms <= 0:
+            return None
+        try:
+            ladder = parse_gears(params["gears"], self.threshold)
+        except RequestError as err:
+            raise pb_utils.TritonModelException(str(err)) from None
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        families = [
+            pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            for name, description, kind in (
+                ("littlebig_gear", "Gear in force (0: the config T; higher: lower T), per gate instance", gauge),
+                ("littlebig_gear_threshold", "T of the gear in force, per gate instance", gauge),
+                ("littlebig_gear_seconds_total", "Seconds spent in each gear, per gate instance", counter),
+                ("littlebig_gear_accuracy_cost_total", "Expected answers lost against the config T: each row answered "
+                 "in a lower gear adds that gear's calibrated drop; divided by littlebig_rows_total it is the "
+                 "expected accuracy drop", counter),
+            )
+        ]
+        self._gear_families = families  # keep the families alive as long as their metrics
+
+        def metric(family, **labels):
+            return family.Metric(labels={"model": model_name, "instance": instance, **labels})
+
+        metrics = GearMetrics(
+            metric(families[0]), metric(families[1]),
+            [metric(families[2], gear=str(k), threshold=repr(t)) for k, (t, _) in enumerate(ladder)], metric(families[3]),
+        )
+        metrics.gear.set(0)
+        metrics.threshold.set(self.threshold)
+        interval_s = float(params.get("gear_interval_ms", "500")) / 1000.0
+        return Gears(ladder, target_ms / 1000.0, interval_s, metrics, time.monotonic())
+
+    def _parse_request(self, request, threshold):
         tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
         if tensor is None:
             raise RequestError("missing input 'IMAGE'")
@@ -218,13 +366,13 @@ class TritonPythonModel:
             raise RequestError(
                 f"unknown request parameter(s) {', '.join(map(repr, unknown))}; known: {', '.join(REQUEST_PARAMETERS)}"
             )
-        threshold = self.threshold
-        if "threshold" in parameters:
+        pinned = "threshold" in parameters
+        if pinned:
             threshold = parse_threshold(parameters["threshold"], "request parameter")
         on_big_failure = self.on_big_failure
         if "on_big_failure" in parameters:
             on_big_failure = parse_on_big_failure(parameters["on_big_failure"], "request parameter")
-        return Accepted(tensor, image, threshold, "PROBS" in request.requested_output_names(), on_big_failure)
+        return Accepted(tensor, image, threshold, "PROBS" in request.requested_output_names(), on_big_failure, pinned)
 
     async def _infer(self, model_name, images, want_probs):
         """``images``: a numpy batch, or a request's own IMAGE tensor (passed on without a copy)."""
@@ -281,19 +429,22 @@ class TritonPythonModel:
         self.metric_errors[cause].increment(1)
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), code))
 
-    def _accept(self, requests):
-        """Parse every request: (accepted ones, responses with the refusals filled in)."""
+    def _accept(self, requests, threshold):
+        """Parse every request (``threshold``: T for those that do not pin their own): (accepted ones,
+        responses with the refusals filled in)."""
         responses = [None] * len(requests)
         accepted = []
         for index, request in enumerate(requests):
             try:
-                accepted.append((index, self._parse_request(request)))
+                accepted.append((index, self._parse_request(request, threshold)))
             except RequestError as err:
                 responses[index] = self._error(err)
         return accepted, responses
 
     async def execute(self, requests):
-        accepted, responses = self._accept(requests)
+        gears = self.gears
+        started = gears.start(time.monotonic()) if gears else None
+        accepted, responses = self._accept(requests, gears.threshold if gears else self.threshold)
         if not accepted:
             return [self._count(r) for r in responses]
 
@@ -309,9 +460,14 @@ class TritonPythonModel:
         except ChildError as err:
             for index, _ in accepted:
                 responses[index] = self._error(err)
+            if gears:
+                gears.answered(started, len(accepted), time.monotonic())
             return [self._count(r) for r in responses]
+        if gears:
+            gears.little_answered(time.monotonic())
+            gears.adapted(sum(len(a.image) for _, a in accepted if not a.pinned))
 
-        answers = Answers(little.probs, little.label, little.confidence, None)
+        answers = Answers(little.probs, little.label, little.confidence, None, row_threshold)
         escalated = answers.confidence.astype(np.float64) < row_threshold
         answers.route = escalated.astype(np.int32)
         escalate = np.flatnonzero(escalated)
@@ -323,6 +479,8 @@ class TritonPythonModel:
                 waiting.append(Waiting(requests[index].get_response_sender(), rows, request.want_probs, request.on_big_failure))
             else:
                 responses[index] = answers.response(rows, request.want_probs)
+        if gears:
+            gears.answered(started, len(accepted) - len(waiting), time.monotonic())
         if not waiting:
             return [self._count(r) for r in responses]  # one message back for the whole batch
 
@@ -332,10 +490,22 @@ class TritonPythonModel:
                 self._send(requests[index].get_response_sender(), response)
         # Fancy indexing copies the rows out of the request's input buffer, which Triton may free
         # once execute returns.
-        task = asyncio.create_task(self._escalate(batch[escalate], escalate, answers, waiting))
+        escalation = self._escalate(batch[escalate], escalate, answers, waiting)
+        if gears:
+            gears.escalation_started(started)
+            escalation = self._observed(escalation, started, len(waiting))
+        task = asyncio.create_task(escalation)
         self._escalations.add(task)
         task.add_done_callback(self._escalations.discard)
         return None
+
+    async def _observed(self, escalation, started, count):
+        """The escalation, with its requests' latency told to the gears."""
+        try:
+            await escalation
+        finally:
+            self.gears.escalation_ended(started)
+            self.gears.answered(started, count, time.monotonic())
 
     async def _escalate(self, images, escalate, answers, waiting):
         """Run big on the escalated rows and answer the requests that wait for them."""
@@ -373,5 +543,5 @@ class TritonPythonModel:
         route = np.where(answers.route[rows] == ROUTE_BIG, ROUTE_LITTLE_FALLBACK, ROUTE_LITTLE).astype(np.int32)
         self.metric_fallback.increment(int((route == ROUTE_LITTLE_FALLBACK).sum()))
         probs = None if answers.probs is None else answers.probs[rows]
-        fallback = Answers(probs, answers.label[rows], answers.confidence[rows], route)
+        fallback = Answers(probs, answers.label[rows], answers.confidence[rows], route, answers.threshold[rows])
         return fallback.response(slice(None), wait.want_probs)
