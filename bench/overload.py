@@ -2,9 +2,10 @@
 
 One repository holds two gates over the same `little` and `big`: `littlebig` with the calibration
 report's gears and a latency target, and `littlebig_fixed`, the same config without them (T fixed).
-The fixed gate's capacity is measured first (closed loop, one image per request); then Poisson arrivals
-at 1.0x, 1.2x and 1.5x of it are sent for a bounded time to each gate in turn (order alternating per
-round; medians of rounds). Every answer's THRESHOLD output says which gear answered it, so the client
+The fixed gate's capacity is measured first: the open-loop rate it sustains with p99 within the
+latency target (bisection over short runs, one image per request). Then Poisson arrivals at 1.0x, 1.2x
+and 1.5x of it are sent for a bounded time to each gate in turn (order alternating per round; medians
+of rounds). Every answer's THRESHOLD output says which gear answered it, so the client
 counts the time in each gear and the expected accuracy drop (the gears' calibrated drops, per answer).
 Both gates have Triton's bounded queue: what they cannot take is refused (UNAVAILABLE) and counted.
 
@@ -35,7 +36,7 @@ from littlebig.client.metrics import read_samples
 from littlebig.contract import GATE_MODEL, GEARS, LATENCY_TARGET_MS
 from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config, write_config
 from littlebig.server import TritonServer
-from peers import image_inputs  # bench/peers.py, beside this script
+from peers import closed_loop, image_inputs  # bench/peers.py, beside this script
 
 FIXED = "littlebig_fixed"
 VARIANTS = {"fixed": FIXED, "adaptive": GATE_MODEL}
@@ -63,11 +64,9 @@ class Run:
 
 
 def add_fixed_gate(repository: Path) -> None:
-    """The same gate under another name with the gears removed: T stays fixed."""
+    """The same gate under another name (gears are installed in `littlebig` only, once its target is known)."""
     config = read_config(repository / GATE_MODEL / "config.pbtxt")
     config.name = FIXED
-    for key in (GEARS, LATENCY_TARGET_MS):
-        del config.parameters[key]
     (repository / FIXED / "1").mkdir(parents=True, exist_ok=True)
     write_config(repository / FIXED, config)
     for name in ("1/model.py", "labels.txt"):
@@ -76,30 +75,6 @@ def add_fixed_gate(repository: Path) -> None:
 
 
 OUTPUTS = [grpcaio.InferRequestedOutput(name) for name in ("CLASS", "THRESHOLD")]
-
-
-async def capacity(url: str, inputs, concurrency: int, seconds: float) -> tuple[float, float]:
-    """The fixed gate's closed-loop throughput (img/s) and p99 (ms) at ``concurrency``."""
-    client = grpcaio.InferenceServerClient(url)
-    loop = asyncio.get_running_loop()
-    start = loop.time() + 1.0  # one second of warm-up
-    end = start + seconds
-    latencies = []
-
-    async def worker(k):
-        i = k
-        while loop.time() < end:
-            sent = loop.time()
-            await client.infer(FIXED, [inputs[i % len(inputs)]], outputs=OUTPUTS)
-            if sent >= start:
-                latencies.append((loop.time() - sent) * 1000.0)
-            i += concurrency
-
-    try:
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    finally:
-        await client.close()
-    return len(latencies) / seconds, float(np.percentile(latencies, 99))
 
 
 async def open_loop(url: str, variant: str, inputs, rate: float, seconds: float, load: float, seed: int) -> Run:
@@ -141,6 +116,21 @@ async def open_loop(url: str, variant: str, inputs, rate: float, seconds: float,
     run.latencies_ms = [a[1] for a in answered]
     run.thresholds = [a[2] for a in answered]
     return run
+
+
+def capacity_at_target(url: str, inputs, upper: float, target_ms: float, seconds: float, pause: float, steps: int) -> float:
+    """The highest open-loop rate at which the fixed gate keeps p99 <= target with nothing refused,
+    by bisection between a quarter of its closed-loop throughput and all of it (short runs)."""
+    low, high = 0.25 * upper, upper
+    for step in range(steps):
+        rate = (low + high) / 2.0
+        run = asyncio.run(open_loop(url, "fixed", inputs, rate, seconds, 0.0, seed=step))
+        met = run.refused == 0 and run.failed == 0 and run.percentile(99) <= target_ms
+        print(f"capacity search: {rate:6.1f} req/s -> p99 {run.percentile(99):6.0f} ms, refused {run.refused}: "
+              f"{'met' if met else 'missed'}", flush=True)
+        low, high = (rate, high) if met else (low, rate)
+        time.sleep(pause)
+    return low
 
 
 def gear_seconds(run: Run, ladder: list[float]) -> list[float]:
@@ -245,8 +235,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=12.0, help="length of each open-loop run")
     parser.add_argument("--capacity-concurrency", type=int, default=16)
     parser.add_argument("--capacity-seconds", type=float, default=10.0)
-    parser.add_argument("--target-ms", type=float, help="the adaptive gate's latency target (default: 2x the fixed "
-                        "gate's p99 in the capacity run)")
+    parser.add_argument("--target-ms", type=float, default=500.0, help="p99 latency target: the fixed gate's capacity "
+                        "is the rate it sustains within it, and the adaptive gate's latency_target_ms")
+    parser.add_argument("--capacity-steps", type=int, default=5, help="bisection steps of the capacity search")
     parser.add_argument("--max-queue-size", type=int, default=64, help="Triton queue bound on both gates")
     parser.add_argument("--pause", type=float, default=3.0, help="seconds of quiet between runs")
     parser.add_argument("--out", required=True, help="folder for overload.json and overload.png")
@@ -260,8 +251,7 @@ def main() -> None:
     loads = [float(x) for x in args.loads.split(",")]
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        options = RepositoryOptions(threshold=ladder[0], gears=ladder_.config_value(), latency_target_ms=1.0,
-                                    max_queue_size=args.max_queue_size)
+        options = RepositoryOptions(threshold=ladder[0], max_queue_size=args.max_queue_size)
         repo = build_repository(args.little, args.big, Path(tmp) / "repository", options)
         add_fixed_gate(repo)
         with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
@@ -269,11 +259,15 @@ def main() -> None:
                 info = client.gate_info()
             images = to_wire_batch(list_images(args.data)[: args.images], info.wire_size, info.crop_pct)
             inputs = image_inputs(images)
-            rate0, p99 = asyncio.run(capacity(server.grpc_url, inputs, args.capacity_concurrency, args.capacity_seconds))
-            target = args.target_ms or 2.0 * p99
-            print(f"fixed gate (T={ladder[0]:.4f}) capacity: {rate0:.1f} img/s, p99 {p99:.0f} ms at concurrency "
-                  f"{args.capacity_concurrency}; adaptive latency target {target:.0f} ms", flush=True)
-            set_target(server, target)
+            # The gate at fixed T (`littlebig` has no gears yet): closed-loop throughput, one image per
+            # request, then its capacity at the target: the open-loop rate it sustains within it.
+            run = asyncio.run(closed_loop(server.grpc_url, "gate", inputs, args.capacity_concurrency, args.capacity_seconds, ladder[0]))
+            print(f"fixed gate (T={ladder[0]:.4f}) closed loop at concurrency {args.capacity_concurrency}: "
+                  f"{run.throughput:.1f} img/s, p99 {run.percentile(99):.0f} ms", flush=True)
+            rate0 = capacity_at_target(server.grpc_url, inputs, run.throughput, args.target_ms, args.capacity_seconds / 2,
+                                       args.pause, args.capacity_steps)
+            print(f"fixed gate capacity within p99 <= {args.target_ms:.0f} ms: {rate0:.1f} req/s", flush=True)
+            install_gears(server, ladder_.config_value(), args.target_ms)
             runs = measure(server.grpc_url, inputs, rate0, loads, args.rounds, args.seconds, ladder, drops, args.pause)
             metrics = read_samples(server.metrics_url, "littlebig_gear")
     reference = {}
@@ -281,20 +275,21 @@ def main() -> None:
         if run.variant == "fixed":
             reference.update(run.classes)
     rows = summarise(runs, loads, ladder, drops, reference)
-    report(rows, args, ladder_, rate0, p99, target, metrics, time.time() - started)
+    report(rows, args, ladder_, rate0, run.throughput, metrics, time.time() - started)
 
 
-def set_target(server: TritonServer, target_ms: float) -> None:
-    """Reload the adaptive gate with the chosen target (the repository was written before capacity was known)."""
+def install_gears(server: TritonServer, gears: str, target_ms: float) -> None:
+    """Reload `littlebig` with the gears and the target (known only once capacity was measured)."""
     import tritonclient.grpc as grpcclient
 
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         config = client.get_model_config(GATE_MODEL, as_json=True)["config"]
+        config["parameters"][GEARS] = {"string_value": gears}
         config["parameters"][LATENCY_TARGET_MS] = {"string_value": repr(float(target_ms))}
         client.load_model(GATE_MODEL, config=json.dumps(config), headers=server.admin_headers())
 
 
-def report(rows, args, ladder_: Ladder, rate0, p99, target, metrics, wall_s) -> None:
+def report(rows, args, ladder_: Ladder, rate0, closed_loop_rate, metrics, wall_s) -> None:
     ladder = [g.threshold for g in ladder_.gears]
     print(f"{'load':>5} {'variant':>9} {'p50 ms':>8} {'p99 ms':>8} {'img/s':>6} {'refused':>7}  seconds per gear "
           f"({', '.join(f'T={t:.3f}' for t in ladder)})  expected drop  answers != fixed")
@@ -306,7 +301,7 @@ def report(rows, args, ladder_: Ladder, rate0, p99, target, metrics, wall_s) -> 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {
-        "ladder": ladder_.as_dict(), "capacity_img_s": rate0, "capacity_p99_ms": p99, "target_ms": target,
+        "ladder": ladder_.as_dict(), "capacity_req_s": rate0, "closed_loop_img_s": closed_loop_rate, "target_ms": args.target_ms,
         "rounds": args.rounds, "seconds_per_run": args.seconds, "max_queue_size": args.max_queue_size,
         "images": args.images, "wall_s": wall_s, "rows": rows,
         "gate_gear_metrics": [{"name": n, "labels": labels, "value": v} for n, labels, v in metrics],

@@ -250,3 +250,22 @@ def test_full_queue_is_refused_with_unavailable(gear_server, offline):
     assert refused and outcomes.count("ok") >= QUEUE, outcomes
     for status, message in refused:
         assert status == "StatusCode.UNAVAILABLE" and "queue" in message.lower(), (status, message)
+
+
+def test_repo_command_installs_gears_and_queue_policy(pair, tmp_path):
+    from littlebig.cli import main
+    from littlebig.model_repository.builder import read_config
+
+    ladder = g.Ladder((g.Gear(0.4, 0.2, 1.0, 0.9, 0.0, 0.0), g.Gear(0.3, 0.1, 0.9, 0.895, 0.005, 0.02)), 0.01, 0.95, False)
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "calib" / "report.json").write_text(json.dumps({"threshold": 0.4, "gears": ladder.as_dict()}))
+    main(["repo", "--little", str(pair.little), "--big", str(pair.big), "--out", str(tmp_path / "repo"),
+          "--gears", str(tmp_path / "calib"), "--latency-target-ms", "250", "--max-queue-size", "8", "--queue-timeout-ms", "2000"])
+    config = read_config(tmp_path / "repo" / "littlebig" / "config.pbtxt")
+    assert float(config.parameters["threshold"].string_value) == 0.4  # the ladder's top
+    assert json.loads(config.parameters["gears"].string_value) == [[0.4, 0.0], [0.3, 0.005]]
+    assert float(config.parameters["latency_target_ms"].string_value) == 250
+    policy = config.dynamic_batching.default_queue_policy
+    assert (policy.max_queue_size, policy.default_timeout_microseconds) == (8, 2_000_000)
+    assert policy.timeout_action == policy.REJECT
+
