@@ -1,7 +1,8 @@
 """Under overload: the gate at a fixed T against the gate with gears, on one server, open-loop load.
 
-One repository holds two gates over the same `little` and `big`: `littlebig` with the calibration
-report's gears and a latency target, and `littlebig_fixed`, the same config without them (T fixed).
+One gate serves both variants: it has the calibration report's gears and a latency target; the fixed
+variant's requests pin the config T (request parameter `threshold`: a pinned request is never
+adapted), the adaptive variant's do not. Same model, same instances, same code path otherwise.
 The fixed gate's capacity is measured first: the open-loop rate it sustains with p99 within the
 latency target (bisection over short runs, one image per request). Then Poisson arrivals at 1.0x, 1.2x
 and 1.5x of it are sent for a bounded time to each gate in turn (order alternating per round; medians
@@ -19,7 +20,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import shutil
 import statistics
 import tempfile
 import time
@@ -34,12 +34,12 @@ from littlebig.client.images import list_images, to_wire_batch
 from littlebig.client.infer import LittleBigClient
 from littlebig.client.metrics import read_samples
 from littlebig.contract import GATE_MODEL, GEARS, LATENCY_TARGET_MS
-from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config, write_config
+from littlebig.model_repository.builder import RepositoryOptions, build_repository
 from littlebig.server import TritonServer
 from peers import closed_loop, image_inputs  # bench/peers.py, beside this script
 
-FIXED = "littlebig_fixed"
-VARIANTS = {"fixed": FIXED, "adaptive": GATE_MODEL}
+VARIANTS = ("fixed", "adaptive")
+OUTPUTS = [grpcaio.InferRequestedOutput(name) for name in ("CLASS", "THRESHOLD")]
 
 
 @dataclasses.dataclass
@@ -63,21 +63,7 @@ class Run:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
 
-def add_fixed_gate(repository: Path) -> None:
-    """The same gate under another name (gears are installed in `littlebig` only, once its target is known)."""
-    config = read_config(repository / GATE_MODEL / "config.pbtxt")
-    config.name = FIXED
-    (repository / FIXED / "1").mkdir(parents=True, exist_ok=True)
-    write_config(repository / FIXED, config)
-    for name in ("1/model.py", "labels.txt"):
-        if (repository / GATE_MODEL / name).is_file():
-            shutil.copyfile(repository / GATE_MODEL / name, repository / FIXED / name)
-
-
-OUTPUTS = [grpcaio.InferRequestedOutput(name) for name in ("CLASS", "THRESHOLD")]
-
-
-async def open_loop(url: str, variant: str, inputs, rate: float, seconds: float, load: float, seed: int) -> Run:
+async def open_loop(url: str, variant: str, inputs, rate: float, seconds: float, load: float, seed: int, pin: float) -> Run:
     """Poisson arrivals at ``rate`` for ``seconds``; waits for every answer (bounded by the child timeout)."""
     client = grpcaio.InferenceServerClient(url)
     loop = asyncio.get_running_loop()
@@ -85,12 +71,13 @@ async def open_loop(url: str, variant: str, inputs, rate: float, seconds: float,
     arrivals = np.cumsum(gaps)
     arrivals = arrivals[arrivals < seconds]
     run = Run(variant, load, rate, seconds, [], [], [], {}, 0, 0)
+    parameters = {"threshold": pin} if variant == "fixed" else None
     answered = []
 
     async def one(k: int, sent: float) -> None:
         index = k % len(inputs)
         try:
-            result = await client.infer(VARIANTS[variant], [inputs[index]], outputs=OUTPUTS)
+            result = await client.infer(GATE_MODEL, [inputs[index]], outputs=OUTPUTS, parameters=parameters)
         except grpcaio.InferenceServerException as err:
             if "UNAVAILABLE" in str(err.status()):
                 run.refused += 1
@@ -118,13 +105,13 @@ async def open_loop(url: str, variant: str, inputs, rate: float, seconds: float,
     return run
 
 
-def capacity_at_target(url: str, inputs, upper: float, target_ms: float, seconds: float, pause: float, steps: int) -> float:
+def capacity_at_target(url: str, inputs, upper: float, target_ms: float, seconds: float, pause: float, steps: int, pin: float) -> float:
     """The highest open-loop rate at which the fixed gate keeps p99 <= target with nothing refused,
     by bisection between a quarter of its closed-loop throughput and all of it (short runs)."""
     low, high = 0.25 * upper, upper
     for step in range(steps):
         rate = (low + high) / 2.0
-        run = asyncio.run(open_loop(url, "fixed", inputs, rate, seconds, 0.0, seed=step))
+        run = asyncio.run(open_loop(url, "fixed", inputs, rate, seconds, 0.0, step, pin))
         met = run.refused == 0 and run.failed == 0 and run.percentile(99) <= target_ms
         print(f"capacity search: {rate:6.1f} req/s -> p99 {run.percentile(99):6.0f} ms, refused {run.refused}: "
               f"{'met' if met else 'missed'}", flush=True)
@@ -157,7 +144,7 @@ def measure(url, inputs, rate0, loads, rounds, seconds, ladder, drops, pause) ->
         for i, load in enumerate(loads):
             order = ("fixed", "adaptive") if (r + i) % 2 == 0 else ("adaptive", "fixed")
             for variant in order:
-                run = asyncio.run(open_loop(url, variant, inputs, rate0 * load, seconds, load, seed=1000 * r + i))
+                run = asyncio.run(open_loop(url, variant, inputs, rate0 * load, seconds, load, 1000 * r + i, ladder[0]))
                 runs.append(run)
                 progress.update(1)
                 progress.write(
@@ -253,7 +240,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         options = RepositoryOptions(threshold=ladder[0], max_queue_size=args.max_queue_size)
         repo = build_repository(args.little, args.big, Path(tmp) / "repository", options)
-        add_fixed_gate(repo)
         with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
             with LittleBigClient(server.grpc_url) as client:
                 info = client.gate_info()
@@ -265,7 +251,7 @@ def main() -> None:
             print(f"fixed gate (T={ladder[0]:.4f}) closed loop at concurrency {args.capacity_concurrency}: "
                   f"{run.throughput:.1f} img/s, p99 {run.percentile(99):.0f} ms", flush=True)
             rate0 = capacity_at_target(server.grpc_url, inputs, run.throughput, args.target_ms, args.capacity_seconds / 2,
-                                       args.pause, args.capacity_steps)
+                                       args.pause, args.capacity_steps, ladder[0])
             print(f"fixed gate capacity within p99 <= {args.target_ms:.0f} ms: {rate0:.1f} req/s", flush=True)
             install_gears(server, ladder_.config_value(), args.target_ms)
             runs = measure(server.grpc_url, inputs, rate0, loads, args.rounds, args.seconds, ladder, drops, args.pause)

@@ -166,11 +166,14 @@ class Gears:
     dynamic batcher hands over everything waiting, so a request waits about one execute), and the age of
     the oldest escalation still waiting for big (big's backlog shows there before any answer does).
     Every ``interval_s`` the worse of the window's p99 and that age is compared with the target: above
-    it, one gear down (lower T); below ``RAISE_BELOW`` x target, one gear up per interval elapsed (so a
-    quiet spell climbs back at once); in between, hold. While the target is met the gear stays 0.
+    it, one gear down (lower T) at once; after ``RAISE_AFTER`` intervals in a row below ``RAISE_BELOW`` x
+    target, one gear up (a quiet spell counts its intervals, so it climbs back at once); otherwise hold.
+    Down fast, up slowly: a backlog shows up late (when big finally answers), so climbing back as soon
+    as one window looks calm went straight back into overload. While the target is met the gear stays 0.
     """
 
     RAISE_BELOW = 0.5
+    RAISE_AFTER = 4
 
     def __init__(self, ladder, target_s, interval_s, metrics, now):
         self.thresholds = [t for t, _ in ladder]
@@ -181,6 +184,7 @@ class Gears:
         self.queue_s = 0.0  # this instance's last wait for little: the estimated gate queue wait
         self.window = []  # latency estimates (s) of answers since the last decision
         self.pending = []  # start times of escalations waiting for big
+        self.calm = 0  # intervals in a row below RAISE_BELOW x target
         self.decided = self.accounted = self.began = self.last_answer = now
 
     @property
@@ -225,9 +229,13 @@ class Gears:
         self.accounted = now
         gear = self.gear
         if signal > self.target_s:
-            gear = min(gear + 1, len(self.thresholds) - 1)
+            gear, self.calm = min(gear + 1, len(self.thresholds) - 1), 0
         elif signal < self.RAISE_BELOW * self.target_s:
-            gear = max(gear - int((now - self.decided) / self.interval_s), 0)
+            self.calm += int((now - self.decided) / self.interval_s)
+            gear = max(gear - self.calm // self.RAISE_AFTER, 0)
+            self.calm %= self.RAISE_AFTER
+        else:
+            self.calm = 0
         if gear != self.gear:
             self.gear = gear
             self.metrics.gear.set(gear)
