@@ -170,7 +170,7 @@ def summarise(runs: list[Run], loads, ladder, drops, reference: dict[int, int]) 
                 "throughput": statistics.median(r.throughput for r in mine),
                 "refused": statistics.median(r.refused for r in mine),
                 "failed": sum(r.failed for r in mine),
-                "gear_seconds": [statistics.median(g) for g in zip(*(gear_seconds(r, ladder) for r in mine))],
+                "gear_seconds": [statistics.mean(g) for g in zip(*(gear_seconds(r, ladder) for r in mine))],  # sums to the run
                 "expected_drop_pt": statistics.median(expected_drop(r, ladder, drops) for r in mine),
                 # Answers whose class differs from the fixed gate's answer for the same image.
                 "differ_from_fixed": sum(sum(reference.get(i) not in (None, c) for i, c in r.classes.items()) for r in mine),

@@ -16,6 +16,21 @@ def output_names(path: str | Path) -> list[str]:
     return [output.name for output in model.graph.output]
 
 
+def graph_inputs(path: str | Path) -> list[tuple[str, int, list[int | None]]]:
+    """(name, ONNX element type, dims with None for a symbolic dim) of each graph input that is not
+    an initializer."""
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+    found = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        found.append((value.name, tensor.elem_type, dims))
+    return found
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The littlebig.* metadata of an exported file (without the prefix)."""
     model = onnx.load(str(path), load_external_data=False)

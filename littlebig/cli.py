@@ -57,6 +57,8 @@ def _repository_options(args):
         runtime=args.runtime,
         max_batch_size=args.max_batch_size,
         threshold=threshold,
+        thresholds=getattr(args, "thresholds", None),
+        signal=getattr(args, "signal", None),
         ensemble_weight=args.ensemble_weight,
         gate_instances=args.gate_instances,
         little_instances=args.little_instances,
@@ -112,14 +114,39 @@ def _warn_if_little_is_not_cheaper(little, big) -> None:
         )
 
 
-def cmd_repo(args) -> None:
-    from littlebig.model_repository.builder import build_repository
+def _stage_files(args) -> list[str]:
+    """The models in cost order: --models, or --little and --big."""
+    if args.models and (args.little or args.big):
+        raise UsageError("give either --models (K stages) or --little and --big (two), not both")
+    if args.models:
+        if len(args.models) < 2:
+            raise UsageError(f"--models needs at least two models in cost order, got {len(args.models)}")
+        if args.little_plan or args.big_plan:
+            raise UsageError("--little-plan/--big-plan go with --little/--big")
+        return list(args.models)
+    if not (args.little and args.big):
+        raise UsageError("name the models: --little L.onnx --big B.onnx, or --models M0.onnx M1.onnx ... (cost order)")
+    return [args.little, args.big]
 
-    _warn_if_little_is_not_cheaper(_onnx_facts(args.little, "little"), _onnx_facts(args.big, "big"))
-    out = build_repository(
-        args.little, args.big, args.out, _repository_options(args), little_plan=args.little_plan, big_plan=args.big_plan
-    )
-    print(f"wrote model repository {out} (little, big, littlebig; runtime {args.runtime})")
+
+def _parse_thresholds(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1] (T1,T2,...), got {text!r}") from None
+
+
+def cmd_repo(args) -> None:
+    from littlebig.contract import stage_models
+    from littlebig.model_repository.builder import build_cascade
+
+    files = _stage_files(args)
+    roles = ["models"] * len(files) if args.models else ["little", "big"]
+    facts = [_onnx_facts(path, role) for path, role in zip(files, roles)]
+    for cheaper, dearer in zip(facts, facts[1:]):
+        _warn_if_little_is_not_cheaper(cheaper, dearer)
+    out = build_cascade(files, args.out, _repository_options(args), plans=[args.little_plan, args.big_plan] if not args.models else None)
+    print(f"wrote model repository {out} ({', '.join(stage_models(len(files)))}, littlebig; runtime {args.runtime})")
 
 
 def _interrupt(signum, frame) -> None:
@@ -496,9 +523,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: photographs bundled with scikit-image)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("repo", help="write a Triton model repository for a little/big pair")
-    p.add_argument("--little", required=True, help="little model .onnx (from littlebig export)")
-    p.add_argument("--big", required=True, help="big model .onnx (from littlebig export)")
+    p = sub.add_parser("repo", help="write a Triton model repository for a little/big pair or a K-stage cascade")
+    p.add_argument("--little", help="little model .onnx (from littlebig export)")
+    p.add_argument("--big", help="big model .onnx (from littlebig export)")
+    p.add_argument("--models", nargs="+", metavar="ONNX",
+                   help="K >= 2 models in cost order (instead of --little/--big): served as little, stage1, ..., big")
+    p.add_argument("--thresholds", type=_parse_thresholds,
+                   help="T1,T2,...: K-1 thresholds; stage k answers a row when its signal >= T_k (two stages: same as --threshold)")
+    p.add_argument("--signal", choices=["max_softmax", "margin", "entropy", "mean_abs_margin"],
+                   help="gating signal (default: max_softmax; mean_abs_margin for multi-label models)")
     p.add_argument("--out", required=True, help="repository folder")
     p.add_argument("--little-plan", help="TensorRT plan for little (--runtime tensorrt)")
     p.add_argument("--big-plan", help="TensorRT plan for big (--runtime tensorrt)")

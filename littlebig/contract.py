@@ -23,8 +23,22 @@ def stage_models(count: int) -> tuple[str, ...]:
 # Tensors: the wire images in; each child answers PROBS and (in-graph) CLASS and CONFIDENCE; the gate
 # answers CLASS, CONFIDENCE, ROUTE, THRESHOLD and, when asked, PROBS.
 IMAGE, PROBS, CLASS, CONFIDENCE, ROUTE = "IMAGE", "PROBS", "CLASS", "CONFIDENCE", "ROUTE"
-THRESHOLD = "THRESHOLD"  # FP64 per row: the T that applied (the gate's gear, or the request's pinned T)
+# THRESHOLD, FP64 [K-1] per row: the thresholds that applied (the config's, the gear's under overload,
+# or the request's own).
+THRESHOLD = "THRESHOLD"
 GATE_OUTPUTS = (CLASS, CONFIDENCE, ROUTE, PROBS, THRESHOLD)
+# Multi-label models (export metadata task=multilabel): the gate answers LABELS (multi-hot at
+# p >= 0.5, INT32 [C]) instead of CLASS.
+LABELS = "LABELS"
+MULTILABEL_GATE_OUTPUTS = (LABELS, CONFIDENCE, ROUTE, PROBS, THRESHOLD)
+TASKS = ("multiclass", "multilabel")
+MULTILABEL_CUT = 0.5
+
+
+def fallback_route(stage: int, count: int) -> int:
+    """ROUTE of a row answered by ``stage`` because stage + 1 failed (on_big_failure=little) in a
+    cascade of ``count`` stages (two stages: 2, Route.LITTLE_FALLBACK)."""
+    return count + stage
 
 
 class Route(enum.IntEnum):
@@ -43,13 +57,20 @@ class Route(enum.IntEnum):
 CONFIG_PARAMETERS = (
     "little_model", "big_model", "threshold", "ensemble_weight", "macs_little", "macs_big", "wire_size",
     "crop_pct", "num_classes", "children_top1", "labels", "on_big_failure", "child_timeout_ms",
+    "metrics_interval_ms",
+    # K stages: model names in cost order, K-1 thresholds ("T1,T2,..."; two stages write `threshold`),
+    # MACs per stage, the gating signal and the task.
+    "stage_models", "thresholds", "stage_macs", "signal", "task",
     "gears", "latency_target_ms", "gear_interval_ms",
 )
-# Gears (client/gears.py): the ladder [[T, expected drop], ...] from the config T down, the latency the
-# gate keeps by moving along it (ms, its p99 estimate), and how often it may move (ms).
+# The gate hands its littlebig_* counters to Triton at most this often (config metrics_interval_ms):
+# readers of /metrics wait this long after the last answer to see every count.
+METRICS_INTERVAL_MS = 100
+# Gears (client/gears.py; two-stage cascades): the ladder [[T, expected drop], ...] from the config T
+# down, the latency the gate keeps by moving along it (ms, its p99 estimate), how often it may move (ms).
 GEARS, LATENCY_TARGET_MS, GEAR_INTERVAL_MS = "gears", "latency_target_ms", "gear_interval_ms"
 # Request parameters the gate accepts; any other is refused.
-REQUEST_PARAMETERS = ("threshold", "on_big_failure")
+REQUEST_PARAMETERS = ("threshold", "thresholds", "on_big_failure")
 ON_BIG_FAILURE = ("fail", "little")
 
 
@@ -65,3 +86,14 @@ def parse_threshold(value, where: str) -> float:
     if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise ValueError(f"threshold ({where}) must be in [0, 1], got {value!r}")
     return threshold
+
+
+def parse_thresholds(value, count: int, where: str) -> tuple[float, ...]:
+    """``count`` thresholds from "T1,T2,..." (or one number when count is 1), each checked by
+    parse_threshold; a wrong count is refused with a ValueError naming ``where``."""
+    parts = value.split(",") if isinstance(value, str) else [value]
+    if len(parts) != count:
+        raise ValueError(
+            f"thresholds ({where}) must be {count} comma-separated numbers in [0, 1] (one per stage but the last), got {value!r}"
+        )
+    return tuple(parse_threshold(part, where) for part in parts)

@@ -1,4 +1,5 @@
-"""Write a Triton model repository for a Little-Big pair: `little`, `big` and the gate `littlebig`.
+"""Write a Triton model repository for a Little-Big cascade: its stages (`little`, `stage1`, ...,
+`big`; two stages: `little`, `big`) and the gate `littlebig`.
 
 Every config.pbtxt is built as Triton's own ModelConfig protobuf and printed with text_format, so
 field names and types are checked by the schema rather than by string pasting.
@@ -8,16 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
 
 from google.protobuf import text_format
+from onnx import TensorProto
 from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig.client.labels import ClassLabels
-from littlebig.contract import BIG_MODEL, GATE_MODEL, GEAR_INTERVAL_MS, GEARS, LATENCY_TARGET_MS, LITTLE_MODEL, THRESHOLD
-from littlebig.export.metadata import output_names, read_metadata
+from littlebig.contract import (
+    BIG_MODEL, GATE_MODEL, GEAR_INTERVAL_MS, GEARS, LABELS, LATENCY_TARGET_MS, LITTLE_MODEL, TASKS, THRESHOLD, stage_models,
+)
+from littlebig.export.metadata import graph_inputs, output_names, read_metadata
+from littlebig.signals import DEFAULT_SIGNAL, MULTICLASS_SIGNALS, MULTILABEL_SIGNALS
 
 RUNTIMES = ("python", "onnxruntime", "tensorrt")
 LITTLE, BIG, GATE = LITTLE_MODEL, BIG_MODEL, GATE_MODEL
@@ -25,7 +31,45 @@ LABEL_FILE = "labels.txt"
 
 
 class RepositoryError(ValueError):
-    """The pair or the options cannot make a working repository."""
+    """The models or the options cannot make a working repository."""
+
+
+# ONNX element types the stages may take, as Triton data types.
+ONNX_TO_TRITON = {
+    TensorProto.UINT8: mc.TYPE_UINT8, TensorProto.INT8: mc.TYPE_INT8, TensorProto.INT32: mc.TYPE_INT32,
+    TensorProto.INT64: mc.TYPE_INT64, TensorProto.FLOAT: mc.TYPE_FP32, TensorProto.FLOAT16: mc.TYPE_FP16,
+    TensorProto.DOUBLE: mc.TYPE_FP64, TensorProto.BOOL: mc.TYPE_BOOL,
+}
+SIGNALS_OF_TASK = {"multiclass": MULTICLASS_SIGNALS, "multilabel": MULTILABEL_SIGNALS}
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFacts:
+    """One graph input of an exported model: name, Triton data type, dims without the batch dim."""
+
+    name: str
+    data_type: int
+    dims: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.name} {mc.DataType.Name(self.data_type).removeprefix('TYPE_')} {list(self.dims)}"
+
+
+def read_inputs(path: Path) -> tuple[InputFacts, ...]:
+    """The graph inputs of ``path``; every dim but the batch dim must be fixed (the gate concatenates
+    the rows of several requests)."""
+    inputs = []
+    for name, elem_type, dims in graph_inputs(path):
+        if elem_type not in ONNX_TO_TRITON:
+            raise RepositoryError(f"{path}: input {name!r} has ONNX element type {TensorProto.DataType.Name(elem_type)}, "
+                                  "which the gate does not forward")
+        if any(d is None for d in dims[1:]):
+            raise RepositoryError(f"{path}: input {name!r} has a dynamic dimension besides the batch ({dims}); "
+                                  "export it with fixed sizes (e.g. a fixed sequence length)")
+        inputs.append(InputFacts(name, ONNX_TO_TRITON[elem_type], tuple(int(d) for d in dims[1:])))
+    if not inputs:
+        raise RepositoryError(f"{path} has no graph inputs")
+    return tuple(inputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +77,14 @@ class ModelFacts:
     """What the builder needs from an exported ONNX file (read from its littlebig.* metadata)."""
 
     path: Path
-    wire_size: int
+    wire_size: int | None  # image models: side of the uint8 [S, S, 3] IMAGE input; None for other inputs
     num_classes: int
     macs: int
     crop_pct: float
     labels: ClassLabels | None = None
     top1: bool = False  # the graph also answers CLASS and CONFIDENCE (in-graph top-1)
+    inputs: tuple[InputFacts, ...] = ()  # the graph inputs, declared on the stage and on the gate
+    task: str = "multiclass"  # or multilabel: PROBS are sigmoid probabilities, no in-graph top-1
 
     @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelFacts":
@@ -46,17 +92,24 @@ class ModelFacts:
         if not path.is_file():
             raise RepositoryError(f"ONNX file {path} does not exist")
         meta = read_metadata(path)
-        missing = {"wire_size", "num_classes", "macs"} - meta.keys()
+        missing = {"num_classes", "macs"} - meta.keys()
         if missing:
             raise RepositoryError(
                 f"{path} lacks littlebig metadata ({', '.join(sorted(missing))}): export it with `littlebig export`"
             )
+        task = meta.get("task", "multiclass")
+        if task not in TASKS:
+            raise RepositoryError(f"{path}: metadata task must be one of {', '.join(TASKS)}, got {task!r}")
         labels = ClassLabels.from_json(meta["labels"]) if "labels" in meta else None
         top1 = {"CLASS", "CONFIDENCE"} <= set(output_names(path))
+        wire_size = int(meta["wire_size"]) if "wire_size" in meta else None
         return cls(
-            path, int(meta["wire_size"]), int(meta["num_classes"]), int(meta["macs"]), float(meta.get("crop_pct", 0.875)),
-            labels, top1,
+            path, wire_size, int(meta["num_classes"]), int(meta["macs"]), float(meta.get("crop_pct", 0.875)),
+            labels, top1, read_inputs(path), task,
         )
+
+    def input_configs(self) -> list[mc.ModelInput]:
+        return [_tensor(mc.ModelInput, i.name, i.data_type, list(i.dims)) for i in self.inputs]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +117,16 @@ class RepositoryOptions:
     runtime: str = "python"
     max_batch_size: int = 64
     threshold: float = 0.5
+    # K stages: T_0 .. T_{K-2} (stage k answers a row when its signal >= T_k); None: (threshold,) for two.
+    thresholds: tuple[float, ...] | None = None
+    # Gating signal (littlebig.signals); None: max_softmax, or mean_abs_margin for multi-label models.
+    signal: str | None = None
     ensemble_weight: float = 1.0
     # Two gate instances: while one waits for little's answer, the other gathers the next batch, so
     # little always has work queued (measured on the 2-core CPU server: gate/little at T=0 0.95 -> 0.98).
     gate_instances: int = 2
     little_instances: int = 1
-    big_instances: int = 1
+    big_instances: int = 1  # and every later stage's (stage1 ...), as the delay and nice below
     # Dynamic-batching queue delays: how long a model waits for more requests to fill a batch.
     gate_queue_delay_us: int = 0
     little_queue_delay_us: int = 0
@@ -103,6 +160,9 @@ class RepositoryOptions:
             raise RepositoryError(f"max batch size must be >= 1, got {self.max_batch_size}")
         if not 0.0 <= self.threshold <= 1.0:
             raise RepositoryError(f"threshold must be in [0, 1], got {self.threshold}")
+        for value in self.thresholds or ():
+            if not 0.0 <= value <= 1.0:
+                raise RepositoryError(f"thresholds must be in [0, 1], got {value} in {list(self.thresholds)}")
         if not 0.0 <= self.ensemble_weight <= 1.0:
             raise RepositoryError(f"ensemble weight must be in [0, 1], got {self.ensemble_weight}")
         for name in ("gate_instances", "little_instances", "big_instances"):
@@ -131,8 +191,8 @@ class RepositoryOptions:
         except (ValueError, TypeError) as err:
             raise RepositoryError(f"gears must be JSON [[T, drop], ...], got {self.gears!r} ({err})") from None
         thresholds = [t for t, _ in pairs]
-        if not pairs or thresholds[0] != float(self.threshold):
-            raise RepositoryError(f"the gears must start at the threshold T={self.threshold}, got {thresholds[:1]}")
+        if not pairs:
+            raise RepositoryError("gears must hold at least one gear, [[T, 0]]")
         if any(b >= a for a, b in zip(thresholds, thresholds[1:])) or not all(0.0 <= t <= 1.0 for t in thresholds):
             raise RepositoryError(f"gear thresholds must be in [0, 1] and strictly decreasing, got {thresholds}")
 
@@ -161,9 +221,9 @@ def classifier_config(
     name: str, facts: ModelFacts, options: RepositoryOptions, instances: int, queue_delay_us: int, nice: int = 0,
     labels: ClassLabels | None = None,
 ) -> mc.ModelConfig:
-    """Config of `little` or `big`: IMAGE uint8 [S, S, 3] -> PROBS float32 [C], dynamic batch."""
+    """Config of a stage: its graph inputs (IMAGE uint8 [S, S, 3], ...) -> PROBS float32 [C], dynamic batch."""
     config = mc.ModelConfig(name=name, max_batch_size=options.max_batch_size)
-    config.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_UINT8, [facts.wire_size, facts.wire_size, 3]))
+    config.input.extend(facts.input_configs())
     config.output.append(_probs_output(facts.num_classes, labels))
     if facts.top1:
         config.output.extend(_top1_outputs())
@@ -185,42 +245,90 @@ def classifier_config(
     return config
 
 
-def gate_config(little: ModelFacts, big: ModelFacts, options: RepositoryOptions, labels: ClassLabels | None = None) -> mc.ModelConfig:
+def stage_thresholds(options: RepositoryOptions, count: int) -> tuple[float, ...]:
+    """The K-1 thresholds of a cascade of ``count`` stages."""
+    if options.thresholds is None:
+        if count != 2:
+            raise RepositoryError(f"a cascade of {count} stages needs {count - 1} thresholds (--thresholds T1,T2,...)")
+        return (options.threshold,)
+    if len(options.thresholds) != count - 1:
+        raise RepositoryError(
+            f"a cascade of {count} stages needs {count - 1} thresholds (one per stage but the last), "
+            f"got {len(options.thresholds)}: {list(options.thresholds)}"
+        )
+    return tuple(options.thresholds)
+
+
+def gate_signal(options: RepositoryOptions, task: str) -> str:
+    signal = options.signal or DEFAULT_SIGNAL[task]
+    if signal not in SIGNALS_OF_TASK[task]:
+        raise RepositoryError(f"signal {signal!r} does not suit {task} models; choose one of {', '.join(SIGNALS_OF_TASK[task])}")
+    return signal
+
+
+def _gate_outputs(first: ModelFacts, labels: ClassLabels | None) -> list[mc.ModelOutput]:
+    if first.task == "multilabel":
+        answer = [_tensor(mc.ModelOutput, LABELS, mc.TYPE_INT32, [first.num_classes]), _top1_outputs()[1]]
+    else:
+        answer = _top1_outputs()
+    return answer + [_tensor(mc.ModelOutput, "ROUTE", mc.TYPE_INT32, [1]), _probs_output(first.num_classes, labels)]
+
+
+def gate_config(*stages: ModelFacts, options: RepositoryOptions, labels: ClassLabels | None = None) -> mc.ModelConfig:
+    """The gate over ``stages`` (cost order): their inputs in, CLASS (or LABELS), CONFIDENCE, ROUTE, PROBS out."""
+    first, last = stages[0], stages[-1]
+    names = stage_models(len(stages))
+    thresholds = stage_thresholds(options, len(stages))
+    if options.ensemble_weight != 1.0 and len(stages) != 2:
+        raise RepositoryError("the Little-Big ensemble (--ensemble-weight, paper Eq. 8) needs exactly two stages")
     config = mc.ModelConfig(name=GATE, backend="python", max_batch_size=options.max_batch_size)
-    size = little.wire_size
-    config.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_UINT8, [size, size, 3]))
-    config.output.extend(
-        _top1_outputs() + [_tensor(mc.ModelOutput, "ROUTE", mc.TYPE_INT32, [1]), _probs_output(little.num_classes, labels)]
-        + [_tensor(mc.ModelOutput, THRESHOLD, mc.TYPE_FP64, [1])]  # the T that applied to each row (gears move it)
-    )
+    config.input.extend(first.input_configs())
+    config.output.extend(_gate_outputs(first, labels))
+    # The thresholds that applied to each row (the gears move T_0 under overload).
+    config.output.append(_tensor(mc.ModelOutput, THRESHOLD, mc.TYPE_FP64, [len(stages) - 1]))
     config.dynamic_batching.max_queue_delay_microseconds = options.gate_queue_delay_us
     _queue_policy(config, options)
     config.instance_group.add(count=options.gate_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    # Two stages keep the two-stage keys (threshold); longer cascades write thresholds.
+    threshold_keys = {"threshold": repr(float(thresholds[0]))} if len(stages) == 2 else {"thresholds": ",".join(map(repr, map(float, thresholds)))}
     _parameters(
         config,
         {
-            "little_model": LITTLE,
-            "big_model": BIG,
-            "threshold": repr(float(options.threshold)),
+            "little_model": names[0],
+            "big_model": names[-1],
+            "stage_models": ",".join(names),
+            **threshold_keys,
+            "signal": gate_signal(options, first.task),
+            "task": first.task,
             "ensemble_weight": repr(float(options.ensemble_weight)),
-            "macs_little": little.macs,
-            "macs_big": big.macs,
-            "wire_size": size,
-            "crop_pct": repr(little.crop_pct),
-            "num_classes": little.num_classes,
-            # Both children answer CLASS and CONFIDENCE: the gate asks for PROBS only when it needs them.
-            "children_top1": int(little.top1 and big.top1),
+            "macs_little": first.macs,
+            "macs_big": last.macs,
+            "stage_macs": ",".join(str(stage.macs) for stage in stages),
+            **({"wire_size": first.wire_size} if first.wire_size is not None else {}),
+            "crop_pct": repr(first.crop_pct),
+            "num_classes": first.num_classes,
+            # Every stage answers CLASS and CONFIDENCE: the gate asks for PROBS only when it needs them.
+            "children_top1": int(all(stage.top1 for stage in stages)),
             "on_big_failure": options.on_big_failure,
             "child_timeout_ms": options.child_timeout_ms,
         },
     )
     if options.gears:
+        _check_gears_fit(options.gears, thresholds)
         _parameters(config, {GEARS: options.gears, LATENCY_TARGET_MS: repr(float(options.latency_target_ms)),
                              GEAR_INTERVAL_MS: options.gear_interval_ms})
     if labels is not None:
         # The client reads the model's own labels from here (calibration maps data labels through them).
         _parameters(config, {"labels": labels.to_json()})
     return config
+
+
+def _check_gears_fit(gears: str, thresholds: tuple[float, ...]) -> None:
+    if len(thresholds) != 1:
+        raise RepositoryError(f"gears apply to two-stage cascades; this one has {len(thresholds) + 1} stages")
+    top = float(json.loads(gears)[0][0])
+    if top != float(thresholds[0]):
+        raise RepositoryError(f"the gears must start at the threshold T={thresholds[0]}, got {top}")
 
 
 def _queue_policy(config: mc.ModelConfig, options: RepositoryOptions) -> None:
@@ -249,22 +357,32 @@ def _template(name: str) -> Path:
     return Path(resources.files("littlebig.model_repository") / name / "1" / "model.py")
 
 
-def check_pair(little: ModelFacts, big: ModelFacts) -> None:
-    if little.wire_size != big.wire_size:
+def check_pair(little: ModelFacts, big: ModelFacts, roles: tuple[str, str] = (LITTLE, BIG)) -> None:
+    """Two stages of one cascade must take the same inputs and answer the same classes and task;
+    ``roles`` names them in the messages."""
+    first, second = roles
+    if little.wire_size is not None and big.wire_size is not None and little.wire_size != big.wire_size:
         raise RepositoryError(
-            f"wire sizes differ: little {little.path} takes {little.wire_size}px, big {big.path} takes "
+            f"wire sizes differ: {first} {little.path} takes {little.wire_size}px, {second} {big.path} takes "
             f"{big.wire_size}px; export both with the same --wire-size"
         )
+    if little.inputs != big.inputs:
+        raise RepositoryError(
+            f"inputs differ: {first} {little.path} takes {', '.join(map(str, little.inputs))}; {second} {big.path} "
+            f"takes {', '.join(map(str, big.inputs))}; every stage must take the same inputs"
+        )
+    if little.task != big.task:
+        raise RepositoryError(f"tasks differ: {first} {little.path} is {little.task}, {second} {big.path} is {big.task}")
     if little.num_classes != big.num_classes:
         raise RepositoryError(
-            f"class counts differ: little {little.path} has {little.num_classes}, big {big.path} has {big.num_classes}"
+            f"class counts differ: {first} {little.path} has {little.num_classes}, {second} {big.path} has {big.num_classes}"
         )
     if little.labels is not None and big.labels is not None and little.labels != big.labels:
         pairs = zip(little.labels.ids or little.labels.names, big.labels.ids or big.labels.names)
-        first = next((i for i, (a, b) in enumerate(pairs) if a != b), 0)
+        index = next((i for i, (a, b) in enumerate(pairs) if a != b), 0)
         raise RepositoryError(
-            f"class labels differ: class {first} is {little.labels.names[first]!r} in little {little.path} and "
-            f"{big.labels.names[first]!r} in big {big.path}; both models must predict the same classes in the same order"
+            f"class labels differ: class {index} is {little.labels.names[index]!r} in {first} {little.path} and "
+            f"{big.labels.names[index]!r} in {second} {big.path}; both models must predict the same classes in the same order"
         )
 
 
@@ -285,53 +403,106 @@ def build_repository(
     little_plan: str | Path | None = None,
     big_plan: str | Path | None = None,
 ) -> Path:
-    """Write `little`, `big` and `littlebig` under ``out`` (replacing those three folders)."""
-    options.validate()
-    little, big = ModelFacts.from_onnx(little_onnx), ModelFacts.from_onnx(big_onnx)
-    check_pair(little, big)
-    labels = little.labels or big.labels
-    out = Path(out)
-    plans = {LITTLE: little_plan, BIG: big_plan}
-    for name, facts, instances, delay, nice in (
-        (LITTLE, little, options.little_instances, options.little_queue_delay_us, 0),
-        (BIG, big, options.big_instances, options.big_queue_delay_us, options.big_nice),
-    ):
-        model_dir = out / name
-        _write_model(model_dir, classifier_config(name, facts, options, instances, delay, nice, labels), labels)
-        if options.runtime == "tensorrt":
-            # Plans are built on a GPU with the container's TensorRT (docker/build_plans.sh); the ONNX
-            # travels beside the version folder as the plan's source.
-            shutil.copyfile(facts.path, model_dir / "model.onnx")
-            if plans[name]:
-                shutil.copyfile(plans[name], model_dir / "1" / "model.plan")
-        else:
-            shutil.copyfile(facts.path, model_dir / "1" / "model.onnx")
-            if options.runtime == "python":
-                shutil.copyfile(_template("python_runtime"), model_dir / "1" / "model.py")
+    """Write `little`, `big` and `littlebig` under ``out`` (replacing those folders)."""
+    return build_cascade([little_onnx, big_onnx], out, options, plans=[little_plan, big_plan])
 
+
+def _write_stage(model_dir: Path, config: mc.ModelConfig, facts: ModelFacts, options: RepositoryOptions,
+                 labels: ClassLabels | None, plan: str | Path | None) -> None:
+    _write_model(model_dir, config, labels)
+    if options.runtime == "tensorrt":
+        # Plans are built on a GPU with the container's TensorRT (docker/build_plans.sh); the ONNX
+        # travels beside the version folder as the plan's source.
+        shutil.copyfile(facts.path, model_dir / "model.onnx")
+        if plan:
+            shutil.copyfile(plan, model_dir / "1" / "model.plan")
+    else:
+        shutil.copyfile(facts.path, model_dir / "1" / "model.onnx")
+        if options.runtime == "python":
+            shutil.copyfile(_template("python_runtime"), model_dir / "1" / "model.py")
+
+
+def _remove_stale_stages(out: Path, names: tuple[str, ...]) -> None:
+    """A repository rebuilt with fewer stages must not keep serving the old middle stages."""
+    for path in out.glob("stage*"):
+        if re.fullmatch(r"stage\d+", path.name) and path.name not in names and (path / "config.pbtxt").is_file():
+            shutil.rmtree(path)
+
+
+def build_cascade(
+    onnx_files: list[str | Path],
+    out: str | Path,
+    options: RepositoryOptions = RepositoryOptions(),
+    *,
+    plans: list[str | Path | None] | None = None,
+) -> Path:
+    """Write the K stages (`little`, `stage1`, ..., `big`, models in cost order) and `littlebig` under
+    ``out`` (replacing those folders)."""
+    options.validate()
+    if len(onnx_files) < 2:
+        raise RepositoryError(f"a cascade needs at least two models, got {len(onnx_files)}")
+    stages = [ModelFacts.from_onnx(path) for path in onnx_files]
+    names = stage_models(len(stages))
+    for k in range(len(stages) - 1):
+        check_pair(stages[k], stages[k + 1], (names[k], names[k + 1]))
+    labels = next((stage.labels for stage in stages if stage.labels is not None), None)
+    gate = gate_config(*stages, options=options, labels=labels)  # checks thresholds and signal first
+    out = Path(out)
+    plans = plans or [None] * len(stages)
+    for k, (name, facts) in enumerate(zip(names, stages)):
+        first = k == 0
+        config = classifier_config(
+            name, facts, options,
+            options.little_instances if first else options.big_instances,
+            options.little_queue_delay_us if first else options.big_queue_delay_us,
+            0 if first else options.big_nice, labels,
+        )
+        _write_stage(out / name, config, facts, options, labels, plans[k])
+    _remove_stale_stages(out, names)
     gate_dir = out / GATE
-    _write_model(gate_dir, gate_config(little, big, options, labels), labels)
+    _write_model(gate_dir, gate, labels)
     shutil.copyfile(_template(GATE), gate_dir / "1" / "model.py")
     return out
 
 
-def set_threshold(repository: str | Path, threshold: float, gears: str | None = None) -> mc.ModelConfig:
-    """Write T (and, when given, its gears) into the gate's config.pbtxt; returns the new config.
-    Without gears, a ladder whose top is another T is removed (client.control.set_gears)."""
-    from littlebig.client.control import set_gears
-
-    if not 0.0 <= threshold <= 1.0:
-        raise RepositoryError(f"threshold must be in [0, 1], got {threshold}")
+def _gate_config_path(repository: str | Path) -> Path:
     path = Path(repository) / GATE / "config.pbtxt"
     if not path.is_file():
         raise RepositoryError(f"{path} does not exist: not a littlebig repository")
-    config = read_config(path)
-    config.parameters["threshold"].string_value = repr(float(threshold))
+    return path
+
+
+def set_threshold(repository: str | Path, threshold: float, gears: str | None = None) -> mc.ModelConfig:
+    """Write T (and, when given, its gears) into a two-stage gate's config.pbtxt; returns the new config.
+    Without gears, a ladder whose top is another T is removed (client.control.set_gears)."""
+    config = set_thresholds(repository, (threshold,))
+    from littlebig.client.control import set_gears
+
     parameters = {key: {"string_value": value.string_value} for key, value in config.parameters.items()}
     set_gears(parameters, threshold, gears)
     if GEARS in config.parameters and GEARS not in parameters:
         del config.parameters[GEARS]
     elif GEARS in parameters:
         config.parameters[GEARS].string_value = parameters[GEARS]["string_value"]
+    _gate_config_path(repository).write_text(config_text(config))
+    return config
+
+
+def set_thresholds(repository: str | Path, thresholds: tuple[float, ...]) -> mc.ModelConfig:
+    """Write T_0 .. T_{K-2} into the gate's config.pbtxt (two stages: `threshold`); returns the new config."""
+    for value in thresholds:
+        if not 0.0 <= value <= 1.0:
+            raise RepositoryError(f"threshold must be in [0, 1], got {value}")
+    path = _gate_config_path(repository)
+    config = read_config(path)
+    stages = config.parameters["stage_models"].string_value.split(",") if "stage_models" in config.parameters else ["little", "big"]
+    if len(thresholds) != len(stages) - 1:
+        raise RepositoryError(
+            f"{path} serves {len(stages)} stages ({', '.join(stages)}): give {len(stages) - 1} thresholds, got {len(thresholds)}"
+        )
+    if len(stages) == 2:
+        config.parameters["threshold"].string_value = repr(float(thresholds[0]))
+    else:
+        config.parameters["thresholds"].string_value = ",".join(repr(float(t)) for t in thresholds)
     path.write_text(config_text(config))
     return config

@@ -184,7 +184,7 @@ def assert_eq4_at_reported_t(answers, offline):
 
 
 def gear_metric(metrics_url, name):
-    return sample_sum(read_samples(metrics_url, "littlebig_gear"), name)
+    return sample_sum(read_samples(metrics_url, "littlebig_gear", settle=True), name)
 
 
 def test_gate_moves_down_under_load_and_back_after(gear_server, offline):
@@ -216,7 +216,7 @@ def test_gate_moves_down_under_load_and_back_after(gear_server, offline):
     assert all((out["THRESHOLD"] == ladder[0]).all() for _, out, _ in after[-3:])
     assert gear_metric(server.metrics_url, "littlebig_gear") == 0
     assert_eq4_at_reported_t(after, offline)
-    seconds = read_samples(server.metrics_url, "littlebig_gear_seconds_total")
+    seconds = read_samples(server.metrics_url, "littlebig_gear_seconds_total", settle=True)
     assert sum(v for _, labels, v in seconds if labels["gear"] != "0") > 0  # time in lower gears was counted
     assert gear_metric(server.metrics_url, "littlebig_gear_accuracy_cost_total") > 0
 

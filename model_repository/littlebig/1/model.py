@@ -1,46 +1,59 @@
-"""Little-Big gate: a Triton Python-backend (BLS) model.
+"""Little-Big gate: a Triton Python-backend (BLS) model serving a cascade of K >= 2 stages.
 
-For all requests of one execute call: their IMAGE rows are concatenated, `little` runs once on the
-whole batch, rows whose max probability is below the threshold T go to `big` in one more call
-(paper Eq. 4). With ensemble_weight w < 1 an escalated row's answer is
-(1 - w) * p_little + w * p_big (paper Eq. 8).
+For all requests of one execute call: their input rows are concatenated, stage 0 (`little`) runs
+once on the whole batch; rows whose gating signal is below its threshold T_0 go to stage 1 in one
+more call, those still below T_1 to stage 2, and so on; the last stage (`big`) answers the rest
+(paper Eq. 4 and Eq. 7). ROUTE is the index of the stage that answered. With two stages and
+ensemble_weight w < 1 an escalated row's answer is (1 - w) * p_little + w * p_big (paper Eq. 8).
 
-Requests that little answers entirely are sent back at once. The big call for the others runs as a
-background task on the stub's event loop and answers them when it ends; execute returns without
-waiting for it, so this instance takes the next batch for little while big works. (Since Triton
-24.07 a non-decoupled Python model may send its one final response per request after execute has
-returned.) Blocking on big instead held little-answered traffic behind every escalation. All of it
-runs on the stub's event loop thread: with BLS calls and response sends from two threads at once
-(a thread pool for big, or a synchronous execute that left only big to the loop) tritonserver 2.51
-crashed under perf_analyzer load (signal 11 in libtriton_python.so); this form ran it cleanly.
+Requests that stage 0 answers entirely are sent back at once. The later stages run as one
+background task on the stub's event loop, which answers each waiting request as soon as a stage
+settles all its rows; execute returns without waiting for it, so this instance takes the next batch
+for stage 0 while later stages work. (Since Triton 24.07 a non-decoupled Python model may send its
+one final response per request after execute has returned.) Blocking on big instead held
+little-answered traffic behind every escalation. All of it runs on the stub's event loop thread:
+with BLS calls and response sends from two threads at once (a thread pool for big, or a synchronous
+execute that left only big to the loop) tritonserver 2.51 crashed under perf_analyzer load
+(signal 11 in libtriton_python.so); this form ran it cleanly.
 
 Self-contained (numpy + triton_python_backend_utils) so the same file runs in the NGC container.
-Config parameters: little_model, big_model, threshold, ensemble_weight, on_big_failure ("fail" or
-"little"), child_timeout_ms (bound on each call of little or big; 0: none). Request parameters:
-`threshold` (number or numeric string in [0, 1]) overrides T for that request, `on_big_failure`
-overrides the config's; any other request parameter is refused.
+Config parameters: stage_models ("little,stage1,big"; absent: little_model, big_model), thresholds
+("T1,T2,...", K-1 values; two stages may write threshold instead), signal (max_softmax, margin,
+entropy, mean_abs_margin), task (multiclass, multilabel), stage_macs ("m0,m1,..."; absent:
+macs_little, macs_big), ensemble_weight (two stages only), on_big_failure ("fail" or "little"),
+child_timeout_ms (bound on each call of a stage; 0: none), metrics_interval_ms (how often the
+littlebig_* counters reach /metrics; default 100). Request parameters: `threshold` (two
+stages: a number or numeric string in [0, 1]) or `thresholds` ("T1,T2,...") override the config's
+for that request, `on_big_failure` overrides the config's; any other request parameter is refused.
+
+Inputs: whatever the config declares (uint8 IMAGE, int64 INPUT_IDS and ATTENTION_MASK, float
+features, ...) is forwarded to every stage unchanged. Outputs: CLASS (multi-class) or LABELS
+(multi-label: multi-hot at p >= 0.5), CONFIDENCE (the answering stage's gating signal), ROUTE, and
+PROBS when asked for.
 
 Errors: a bad request gets INVALID_ARG (gRPC INVALID_ARGUMENT, HTTP 400); a failing or timed-out
 child UNAVAILABLE. Triton counts the gate's error answers as successes in nv_inference_request_*
 (the response was delivered); littlebig_requests_total{status="error"} and
-littlebig_errors_total{cause=request|little|big} count them.
+littlebig_errors_total{cause=request|little|stage1|...|big} count them.
 
-Reading only what it needs: when both children answer their top-1 in the graph (CLASS and
-CONFIDENCE beside PROBS; config parameter children_top1=1, set by the repository builder), the gate
-asks a child for PROBS only when a request asked for PROBS or the ensemble needs them: two numbers per
-row instead of C probabilities. Every call asks for its outputs in CPU memory, so children on a GPU
-(TensorRT, onnxruntime-GPU) answer in memory numpy can read.
+Reading only what it needs: when every stage answers its top-1 in the graph (CLASS and CONFIDENCE
+beside PROBS; config parameter children_top1=1, set by the repository builder) and the signal is
+max_softmax, the gate asks a stage for PROBS only when a request asked for PROBS or the ensemble
+needs them: two numbers per row instead of C probabilities. Other signals need PROBS. Every call asks
+for its outputs in CPU memory, so children on a GPU (TensorRT, onnxruntime-GPU) answer in memory
+numpy can read.
 
-Gears (opt-in, two-stage cascades): with a config `gears` ladder [[T, expected drop], ...] from the
-config T down (written by `littlebig calibrate`, client/gears.py) and `latency_target_ms` > 0, class
-Gears lowers T one gear at a time while its latency estimate misses the target and raises it again once
-the estimate is comfortably below it (hysteresis), at most once per `gear_interval_ms`. While the target
-is met it stays in gear 0: the answers are those of the fixed config T. A request that sends its own
-`threshold` is never adapted. Every answer says in THRESHOLD which T applied to each row.
+Gears (opt-in, two-stage cascades for now): with a config `gears` ladder [[T, expected drop], ...]
+from the config T down (written by `littlebig calibrate`, client/gears.py) and `latency_target_ms` > 0,
+class Gears lowers T one gear at a time while its latency estimate misses the target and raises it
+again once the estimate is comfortably below it (hysteresis), at most once per `gear_interval_ms`.
+While the target is met it stays in gear 0: the answers are those of the fixed config T. A request
+that sends its own `threshold`/`thresholds` is never adapted. Every answer says in THRESHOLD
+(FP64 [K-1] per row) which thresholds applied.
 
-Degraded mode (on_big_failure="little", opt-in): when big fails or times out, escalated rows are
-answered with little's answer and ROUTE=2 (counted in littlebig_fallback_rows_total) instead of an
-error.
+Degraded mode (on_big_failure="little", opt-in): when stage k fails or times out, the rows it was
+asked about are answered with stage k-1's answer and ROUTE = K + k - 1 (two stages: 2; counted in
+littlebig_fallback_rows_total) instead of an error.
 """
 
 import asyncio
@@ -54,9 +67,12 @@ import triton_python_backend_utils as pb_utils
 
 ROUTE_LITTLE = 0
 ROUTE_BIG = 1
-ROUTE_LITTLE_FALLBACK = 2  # escalated, big failed, little answered (degraded mode)
+ROUTE_LITTLE_FALLBACK = 2  # escalated, big failed, little answered (degraded mode; K stages: K + k)
 ON_BIG_FAILURE = ("fail", "little")
-REQUEST_PARAMETERS = ("threshold", "on_big_failure")
+REQUEST_PARAMETERS = ("threshold", "thresholds", "on_big_failure")
+TASKS = ("multiclass", "multilabel")
+SIGNALS = ("max_softmax", "margin", "entropy", "mean_abs_margin")
+MULTILABEL_CUT = 0.5
 
 
 class RequestError(ValueError):
@@ -64,37 +80,86 @@ class RequestError(ValueError):
 
 
 class ChildError(RuntimeError):
-    """little or big failed, timed out or is not loaded (UNAVAILABLE)."""
+    """A stage failed, timed out or is not loaded (UNAVAILABLE)."""
 
-    def __init__(self, model_name, message):
-        super().__init__(f"model '{model_name}' failed: {message}")
-        self.model_name = model_name
+    def __init__(self, stage, message):
+        super().__init__(f"model '{stage.model}' failed: {message}")
+        self.stage = stage
+
+
+# Gating signals (a copy of littlebig/signals.py; tests/test_contract.py checks they agree): float64 [N].
+def max_softmax(probs):
+    return probs.max(axis=1).astype(np.float64)
+
+
+def margin(probs):
+    top2 = np.partition(probs.astype(np.float64), -2, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def entropy(probs):
+    p = probs.astype(np.float64)
+    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    return 1.0 + plogp.sum(axis=1) / np.log(p.shape[1])
+
+
+def mean_abs_margin(probs):
+    return np.abs(probs.astype(np.float64) - 0.5).mean(axis=1)
+
+
+def stage_roles(count):
+    """Metric labels of the stages, as littlebig.contract.stage_models names them."""
+    return ("little", *(f"stage{k}" for k in range(1, count - 1)), "big")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    index: int
+    model: str  # the child model's name
+    role: str  # little, stage1, ..., big (metric labels)
+    macs: int  # per row, for the live cost metric
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A declared input: forwarded to every stage unchanged."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple  # without the batch dim; -1: any size
+
+    def check(self, array):
+        if array.dtype != self.dtype:
+            raise RequestError(f"input {self.name!r} must be {self.dtype.name}, got {array.dtype}")
+        if array.ndim != len(self.dims) + 1 or any(d not in (-1, n) for d, n in zip(self.dims, array.shape[1:])):
+            expected = ", ".join(str(d) for d in ("N",) + self.dims)
+            raise RequestError(f"input {self.name!r} must have shape [{expected}], got {list(array.shape)}")
 
 
 @dataclasses.dataclass
 class Accepted:
     """A parsed request."""
 
-    tensor: object  # the request's IMAGE pb_utils.Tensor
-    image: np.ndarray
-    threshold: float
+    tensors: list  # the request's own input pb_utils.Tensors, in declared order
+    arrays: list  # their numpy views
+    thresholds: tuple  # T_0 .. T_{K-2}
     want_probs: bool
     on_big_failure: str
-    pinned: bool = False  # the request sent its own threshold: gears never change it
+    pinned: bool = False  # the request sent its own thresholds: gears never change them
 
 
 @dataclasses.dataclass
 class ChildAnswer:
-    """One child's answer on a batch: top-1 class and probability per row, and PROBS when asked for."""
+    """One stage's answer on some rows: class (or multi-hot labels), gating signal, PROBS when asked."""
 
-    label: np.ndarray  # int64 [N], writable
-    confidence: np.ndarray  # float32 [N], writable
+    label: np.ndarray  # int64 [N] (multi-label: int32 [N, C])
+    confidence: np.ndarray  # float64 [N]
     probs: np.ndarray | None  # float32 [N, C]
 
 
 @dataclasses.dataclass
 class Waiting:
-    """A request with at least one row for big, answered when big's call ends."""
+    """A request with at least one row for a later stage, answered when its rows are settled."""
 
     sender: object  # the request's response sender
     rows: slice
@@ -104,24 +169,73 @@ class Waiting:
 
 @dataclasses.dataclass
 class Answers:
-    """Per-row answers of one batch: little's, then big's on the escalated rows."""
+    """Per-row answers of one batch: the latest stage's answer on each row, and which stage gave it."""
 
-    probs: np.ndarray | None  # only when some request asked for PROBS (or the ensemble needs them)
     label: np.ndarray
     confidence: np.ndarray
     route: np.ndarray
-    threshold: np.ndarray  # float64 [N]: the T that applied to each row
+    probs: np.ndarray | None  # only when some request asked for PROBS (or the ensemble needs them)
+    multilabel: bool
+    thresholds: np.ndarray  # float64 [N, K-1]: the thresholds that applied to each row
+
+    def fill(self, rows, answer, route):
+        self.label[rows] = answer.label
+        self.confidence[rows] = answer.confidence
+        self.route[rows] = route
+        if self.probs is not None and answer.probs is not None:
+            if not self.probs.flags.writeable:  # stage 0's output buffer
+                self.probs = np.array(self.probs)
+            self.probs[rows] = answer.probs
 
     def response(self, rows, want_probs):
+        label = self.label[rows]
         outputs = [
-            pb_utils.Tensor("CLASS", self.label[rows].reshape(-1, 1)),
-            pb_utils.Tensor("CONFIDENCE", self.confidence[rows].reshape(-1, 1)),
+            pb_utils.Tensor("LABELS", label) if self.multilabel else pb_utils.Tensor("CLASS", label.reshape(-1, 1)),
+            pb_utils.Tensor("CONFIDENCE", self.confidence[rows].astype(np.float32).reshape(-1, 1)),
             pb_utils.Tensor("ROUTE", self.route[rows].reshape(-1, 1)),
-            pb_utils.Tensor("THRESHOLD", self.threshold[rows].reshape(-1, 1)),
+            pb_utils.Tensor("THRESHOLD", self.thresholds[rows]),
         ]
         if want_probs:
             outputs.append(pb_utils.Tensor("PROBS", np.ascontiguousarray(self.probs[rows])))
         return pb_utils.InferenceResponse(output_tensors=outputs)
+
+
+@dataclasses.dataclass
+class Escalation:
+    """The rows still unsure after a stage (copied out of the requests) and the requests waiting."""
+
+    inputs: list  # numpy arrays of the pending rows, in declared input order
+    pending: np.ndarray  # their row indices in the batch
+    thresholds: np.ndarray  # float64 [len(pending), K-1]
+    waiting: list
+    open: np.ndarray  # bool [N]: the row still waits for a later stage
+
+
+class Counters:
+    """The gate's counters, kept here and handed to Triton's metrics at most once per interval.
+
+    Every pb_utils Metric.increment is a synchronous round trip to the server process; at two to four
+    per execution they were a measurable part of the gate's own time. A timer on the stub's event loop
+    (the thread of every other BLS call and response send) flushes what has accumulated, so /metrics
+    lags the answers by at most the interval and no count is lost.
+    """
+
+    def __init__(self, interval_s):
+        self.interval_s = interval_s
+        self.pending = {}  # metric -> amount not yet handed to Triton
+        self.timer = None
+
+    def add(self, metric, amount=1):
+        if amount:
+            self.pending[metric] = self.pending.get(metric, 0) + amount
+            if self.timer is None:
+                self.timer = asyncio.get_running_loop().call_later(self.interval_s, self.flush)
+
+    def flush(self):
+        self.timer = None
+        pending, self.pending = self.pending, {}
+        for metric, amount in pending.items():
+            metric.increment(amount)
 
 
 def parse_on_big_failure(value, where):
@@ -141,6 +255,55 @@ def parse_threshold(value, where):
     if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise RequestError(f"threshold ({where}) must be in [0, 1], got {value!r}")
     return threshold
+
+
+def parse_thresholds(value, count, where):
+    """``count`` thresholds from "T1,T2,..." (or one number when count is 1), each as parse_threshold."""
+    parts = value.split(",") if isinstance(value, str) else [value]
+    if len(parts) != count:
+        raise RequestError(
+            f"thresholds ({where}) must be {count} comma-separated numbers in [0, 1] (one per stage but the last), got {value!r}"
+        )
+    return tuple(parse_threshold(part, where) for part in parts)
+
+
+def config_stages(params):
+    """The stages named by the config (stage_models, or little_model and big_model) with their MACs."""
+    if params.get("stage_models"):
+        models = params["stage_models"].split(",")
+    else:
+        for key in ("little_model", "big_model"):
+            if not params.get(key):
+                raise pb_utils.TritonModelException(f"config parameter {key!r} is missing")
+        models = [params["little_model"], params["big_model"]]
+    if len(models) < 2:
+        raise pb_utils.TritonModelException(f"stage_models must name at least two models, got {models}")
+    if params.get("stage_macs"):
+        macs = [int(m) for m in params["stage_macs"].split(",")]
+    else:
+        macs = [int(params.get("macs_little", "0")), int(params.get("macs_big", "0"))]
+    if len(macs) != len(models):
+        raise pb_utils.TritonModelException(f"stage_macs has {len(macs)} values for {len(models)} stages")
+    roles = stage_roles(len(models))
+    return tuple(Stage(k, model, roles[k], macs[k]) for k, model in enumerate(models))
+
+
+def config_thresholds(params, count):
+    """The config's K-1 thresholds: `thresholds`, or (two stages) `threshold`."""
+    if "thresholds" in params and "threshold" in params:
+        raise RequestError("config has both 'threshold' and 'thresholds': keep one")
+    if "thresholds" in params:
+        return parse_thresholds(params["thresholds"], count - 1, "config parameter")
+    if count != 2:
+        raise RequestError(f"config parameter 'thresholds' is missing ({count - 1} values for {count} stages)")
+    return (parse_threshold(params.get("threshold", "0.5"), "config parameter"),)
+
+
+def config_inputs(config):
+    return tuple(
+        InputSpec(i["name"], np.dtype(pb_utils.triton_string_to_numpy(i["data_type"])), tuple(int(d) for d in i["dims"]))
+        for i in config["input"]
+    )
 
 
 def parse_gears(text, threshold):
@@ -167,7 +330,8 @@ class Gears:
     the oldest escalation still waiting for big (big's backlog shows there before any answer does).
     Every ``interval_s`` the worse of the window's p99 and that age is compared with the target: above
     it, one gear down (lower T) at once; after ``RAISE_AFTER`` intervals in a row below ``RAISE_BELOW`` x
-    target, one gear up (a quiet spell counts its intervals, so it climbs back at once); otherwise hold.
+    target, one gear up; otherwise hold. After a quiet spell (nothing in flight, nothing answered for
+    an interval) there is no load to shed: back to gear 0.
     Down fast, up slowly: a backlog shows up late (when big finally answers), so climbing back as soon
     as one window looks calm went straight back into overload. While the target is met the gear stays 0.
     """
@@ -175,7 +339,8 @@ class Gears:
     RAISE_BELOW = 0.5
     RAISE_AFTER = 4
 
-    def __init__(self, ladder, target_s, interval_s, metrics, now):
+    def __init__(self, ladder, target_s, interval_s, metrics, count, now):
+        self.count = count  # Counters.add: counters reach Triton batched, like the gate's own
         self.thresholds = [t for t, _ in ladder]
         self.drops = [d for _, d in ladder]
         self.target_s, self.interval_s = target_s, interval_s
@@ -190,6 +355,11 @@ class Gears:
     @property
     def threshold(self):
         return self.thresholds[self.gear]
+
+    @property
+    def in_force(self):
+        """The cascade's thresholds in this gear (gears move T_0 of a two-stage cascade)."""
+        return (self.thresholds[self.gear],)
 
     def start(self, now):
         """At the start of an execute: maybe change gear; returns when its requests probably arrived."""
@@ -208,7 +378,7 @@ class Gears:
     def adapted(self, rows):
         """``rows`` were answered at this gear's T (not pinned): the expected accuracy they gave up."""
         if self.gear:
-            self.metrics.cost.increment(rows * self.drops[self.gear])
+            self.count(self.metrics.cost, rows * self.drops[self.gear])
 
     def escalation_started(self, started):
         self.pending.append(started)
@@ -217,18 +387,16 @@ class Gears:
         self.pending.remove(started)
 
     def _signal(self, now):
-        if self.pending:
-            return max(now - min(self.pending), float(np.percentile(self.window, 99)) if self.window else 0.0)
-        if not self.window or now - self.last_answer > self.interval_s:
-            return 0.0  # quiet for an interval: what the window holds is old news
-        return float(np.percentile(self.window, 99))
+        oldest = now - min(self.pending) if self.pending else 0.0
+        return max(oldest, float(np.percentile(self.window, 99)) if self.window else 0.0)
 
     def _decide(self, now):
-        signal = self._signal(now)
-        self.metrics.seconds[self.gear].increment(now - self.accounted)
+        self.count(self.metrics.seconds[self.gear], now - self.accounted)
         self.accounted = now
-        gear = self.gear
-        if signal > self.target_s:
+        gear, signal = self.gear, self._signal(now)
+        if not self.pending and now - self.last_answer > self.interval_s:
+            gear, self.calm = 0, 0  # quiet spell: what the window holds is old news
+        elif signal > self.target_s:
             gear, self.calm = min(gear + 1, len(self.thresholds) - 1), 0
         elif signal < self.RAISE_BELOW * self.target_s:
             self.calm += int((now - self.decided) / self.interval_s)
@@ -256,36 +424,39 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        for key in ("little_model", "big_model"):
-            if not params.get(key):
-                raise pb_utils.TritonModelException(f"config parameter {key!r} is missing")
-        self.little_model = params["little_model"]
-        self.big_model = params["big_model"]
+        self.stages = config_stages(params)
         try:
-            self.threshold = parse_threshold(params.get("threshold", "0.5"), "config parameter")
-        except RequestError as err:
-            raise pb_utils.TritonModelException(str(err)) from None
-        self.ensemble_weight = float(params.get("ensemble_weight", "1"))
-        # MACs per image of each model (recorded by the repository builder), for the live cost metric.
-        self.macs = {ROUTE_LITTLE: int(params.get("macs_little", "0")), ROUTE_BIG: int(params.get("macs_big", "0"))}
-        if not 0.0 <= self.ensemble_weight <= 1.0:
-            raise pb_utils.TritonModelException(f"ensemble_weight must be in [0, 1], got {self.ensemble_weight}")
-        try:
+            self.thresholds = config_thresholds(params, len(self.stages))
             self.on_big_failure = parse_on_big_failure(params.get("on_big_failure", "fail"), "config parameter")
         except RequestError as err:
             raise pb_utils.TritonModelException(str(err)) from None
+        self.ensemble_weight = float(params.get("ensemble_weight", "1"))
+        if not 0.0 <= self.ensemble_weight <= 1.0:
+            raise pb_utils.TritonModelException(f"ensemble_weight must be in [0, 1], got {self.ensemble_weight}")
+        self.ensemble = self.ensemble_weight != 1.0
+        if self.ensemble and len(self.stages) != 2:
+            raise pb_utils.TritonModelException("ensemble_weight (paper Eq. 8) needs exactly two stages")
+        self.task = params.get("task", "multiclass")
+        self.signal = params.get("signal", "mean_abs_margin" if self.task == "multilabel" else "max_softmax")
+        if self.task not in TASKS or self.signal not in SIGNALS:
+            raise pb_utils.TritonModelException(f"task must be one of {TASKS} and signal one of {SIGNALS}, got {self.task!r}, {self.signal!r}")
+        self.signal_of = {"max_softmax": max_softmax, "margin": margin, "entropy": entropy, "mean_abs_margin": mean_abs_margin}[self.signal]
         # Bound on each BLS call, so a stalled child cannot hold a request forever.
         self.child_timeout_s = float(params.get("child_timeout_ms", "30000")) / 1000.0
-        self.children_top1 = params.get("children_top1", "0") == "1"
-        image_input = next(i for i in config["input"] if i["name"] == "IMAGE")
-        self.row_shape = tuple(int(d) for d in image_input["dims"])
+        # The in-graph top-1 is the max_softmax signal: then PROBS are read only when needed.
+        self.children_top1 = params.get("children_top1", "0") == "1" and self.signal == "max_softmax" and self.task == "multiclass"
+        self.counters = Counters(float(params.get("metrics_interval_ms", "100")) / 1000.0)
+        self.inputs = config_inputs(config)
         self._init_metrics(args["model_name"])
         self.gears = self._init_gears(params, args["model_name"], args["model_instance_name"])
-        # Big calls still running after their execute returned; a strong reference keeps each task
+        # Escalations still running after their execute returned; a strong reference keeps each task
         # alive until it ends (the event loop holds tasks only weakly). No finalize waits for them:
         # Triton keeps an instance until every response it owes is sent (a reload under load
         # called finalize only after the pending escalation had answered).
         self._escalations = set()
+
+    def finalize(self):
+        self.counters.flush()  # the last interval's counts; the timer does not outlive the instance
 
     def _init_metrics(self, model_name):
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
@@ -293,14 +464,15 @@ class TritonPythonModel:
             name: pb_utils.MetricFamily(name=name, description=description, kind=kind)
             for name, description, kind in (
                 ("littlebig_requests_total", "Inference requests the gate answered (ok) or refused (error)", counter),
-                ("littlebig_rows_total", "Rows (images) answered, by the model that answered them", counter),
-                ("littlebig_macs_total", "Multiply-accumulates spent (little on every row, big on escalated rows); "
-                 "divided by littlebig_rows_total it is the live cost per image (paper Eq. 5)", counter),
-                ("littlebig_threshold", "Confidence threshold T in force (config value; requests may override it)", gauge),
+                ("littlebig_rows_total", "Rows answered, by the stage that answered them", counter),
+                ("littlebig_macs_total", "Multiply-accumulates spent (each stage on the rows it ran on); "
+                 "divided by littlebig_rows_total it is the live cost per row (paper Eq. 5)", counter),
+                ("littlebig_threshold", "Threshold in force (config value; requests may override it); "
+                 "cascades of more than two stages label it by stage", gauge),
                 ("littlebig_errors_total", "Error answers by cause: request (client mistake, INVALID_ARG), "
-                 "little or big (child failed or timed out, UNAVAILABLE)", counter),
-                ("littlebig_fallback_rows_total", "Escalated rows answered by little because big failed "
-                 "(on_big_failure=little, ROUTE=2)", counter),
+                 "or the stage that failed or timed out (UNAVAILABLE)", counter),
+                ("littlebig_fallback_rows_total", "Rows answered by the previous stage because a stage failed "
+                 "(on_big_failure=little, ROUTE = K + k)", counter),
             )
         }
 
@@ -309,14 +481,15 @@ class TritonPythonModel:
 
         self.metric_ok = metric("littlebig_requests_total", status="ok")
         self.metric_error = metric("littlebig_requests_total", status="error")
-        self.metric_rows = {
-            ROUTE_LITTLE: metric("littlebig_rows_total", route="little"),
-            ROUTE_BIG: metric("littlebig_rows_total", route="big"),
-        }
+        self.metric_rows = [metric("littlebig_rows_total", route=stage.role) for stage in self.stages]
         self.metric_macs = metric("littlebig_macs_total")
-        self.metric_threshold = metric("littlebig_threshold")
-        self.metric_threshold.set(self.threshold)
-        self.metric_errors = {cause: metric("littlebig_errors_total", cause=cause) for cause in ("request", "little", "big")}
+        if len(self.stages) == 2:
+            metric("littlebig_threshold").set(self.thresholds[0])
+        else:
+            for stage, threshold in zip(self.stages, self.thresholds):
+                metric("littlebig_threshold", stage=stage.role).set(threshold)
+        causes = ["request"] + [stage.role for stage in self.stages]
+        self.metric_errors = {cause: metric("littlebig_errors_total", cause=cause) for cause in causes}
         self.metric_fallback = metric("littlebig_fallback_rows_total")
         # Keep the families alive as long as their metrics.
         self._metric_families = families
@@ -326,8 +499,10 @@ class TritonPythonModel:
         target_ms = float(params.get("latency_target_ms", "0"))
         if not params.get("gears") or target_ms <= 0:
             return None
+        if len(self.stages) != 2:
+            raise pb_utils.TritonModelException(f"gears apply to two-stage cascades; this one has {len(self.stages)} stages")
         try:
-            ladder = parse_gears(params["gears"], self.threshold)
+            ladder = parse_gears(params["gears"], self.thresholds[0])
         except RequestError as err:
             raise pb_utils.TritonModelException(str(err)) from None
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
@@ -352,47 +527,67 @@ class TritonPythonModel:
             [metric(families[2], gear=str(k), threshold=repr(t)) for k, (t, _) in enumerate(ladder)], metric(families[3]),
         )
         metrics.gear.set(0)
-        metrics.threshold.set(self.threshold)
+        metrics.threshold.set(self.thresholds[0])
         interval_s = float(params.get("gear_interval_ms", "500")) / 1000.0
-        return Gears(ladder, target_ms / 1000.0, interval_s, metrics, time.monotonic())
+        return Gears(ladder, target_ms / 1000.0, interval_s, metrics, self.counters.add, time.monotonic())
 
-    def _parse_request(self, request, threshold):
-        tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
-        if tensor is None:
-            raise RequestError("missing input 'IMAGE'")
-        image = tensor.as_numpy()
-        if image.dtype != np.uint8:
-            raise RequestError(f"input 'IMAGE' must be uint8, got {image.dtype}")
-        if image.ndim != len(self.row_shape) + 1 or tuple(image.shape[1:]) != self.row_shape:
-            expected = ", ".join(str(d) for d in ("N",) + self.row_shape)
-            raise RequestError(f"input 'IMAGE' must have shape [{expected}], got {list(image.shape)}")
-        if len(image) == 0:
-            raise RequestError("input 'IMAGE' has no rows: send at least one image")
+    def _parse_inputs(self, request):
+        tensors, arrays = [], []
+        for spec in self.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+            if tensor is None:
+                raise RequestError(f"missing input {spec.name!r}")
+            array = tensor.as_numpy()
+            spec.check(array)
+            tensors.append(tensor)
+            arrays.append(array)
+        counts = {spec.name: len(array) for spec, array in zip(self.inputs, arrays)}
+        if len(set(counts.values())) > 1:
+            raise RequestError(f"inputs must have the same number of rows, got {counts}")
+        if len(arrays[0]) == 0:
+            raise RequestError(f"input {self.inputs[0].name!r} has no rows: send at least one row")
+        return tensors, arrays
+
+    def _parse_thresholds(self, parameters, default):
+        if "threshold" in parameters and "thresholds" in parameters:
+            raise RequestError("send either 'threshold' or 'thresholds', not both")
+        if "thresholds" in parameters:
+            return parse_thresholds(parameters["thresholds"], len(self.stages) - 1, "request parameter")
+        if "threshold" in parameters:
+            if len(self.stages) != 2:
+                raise RequestError(
+                    f"request parameter 'threshold' is for two-stage cascades; this one has {len(self.stages)} "
+                    f"stages: send 'thresholds' with {len(self.stages) - 1} values"
+                )
+            return (parse_threshold(parameters["threshold"], "request parameter"),)
+        return default
+
+    def _parse_request(self, request, default_thresholds):
+        tensors, arrays = self._parse_inputs(request)
         parameters = json.loads(request.parameters() or "{}")
         unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
         if unknown:
             raise RequestError(
                 f"unknown request parameter(s) {', '.join(map(repr, unknown))}; known: {', '.join(REQUEST_PARAMETERS)}"
             )
-        pinned = "threshold" in parameters
-        if pinned:
-            threshold = parse_threshold(parameters["threshold"], "request parameter")
+        thresholds = self._parse_thresholds(parameters, default_thresholds)
         on_big_failure = self.on_big_failure
         if "on_big_failure" in parameters:
             on_big_failure = parse_on_big_failure(parameters["on_big_failure"], "request parameter")
-        return Accepted(tensor, image, threshold, "PROBS" in request.requested_output_names(), on_big_failure, pinned)
+        pinned = "threshold" in parameters or "thresholds" in parameters
+        return Accepted(tensors, arrays, thresholds, "PROBS" in request.requested_output_names(), on_big_failure, pinned)
 
-    async def _infer(self, model_name, images, want_probs):
-        """``images``: a numpy batch, or a request's own IMAGE tensor (passed on without a copy)."""
-        tensor = images if isinstance(images, pb_utils.Tensor) else pb_utils.Tensor("IMAGE", images)
+    async def _infer(self, stage, inputs, want_probs):
+        """``inputs``: numpy batches, or a request's own input tensors (passed on without a copy)."""
+        tensors = [x if isinstance(x, pb_utils.Tensor) else pb_utils.Tensor(s.name, x) for s, x in zip(self.inputs, inputs)]
         top1 = ["CLASS", "CONFIDENCE"] if self.children_top1 else []
         outputs = top1 + (["PROBS"] if want_probs or not top1 else [])
         # The request's own timeout is passed to Triton (its schedulers may drop a call queued past it);
         # wait_for bounds the wait whatever the child does (a stub stuck while executing).
         request = pb_utils.InferenceRequest(
-            model_name=model_name,
+            model_name=stage.model,
             requested_output_names=outputs,
-            inputs=[tensor],
+            inputs=tensors,
             timeout=int(self.child_timeout_s * 1e6),
             # GPU children answer in GPU memory by default, which as_numpy() cannot read.
             preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
@@ -403,29 +598,43 @@ class TritonPythonModel:
             else:
                 response = await request.async_exec()
         except asyncio.TimeoutError:
-            raise ChildError(model_name, f"no answer within {self.child_timeout_s:g} s (child_timeout_ms)") from None
+            raise ChildError(stage, f"no answer within {self.child_timeout_s:g} s (child_timeout_ms)") from None
         except Exception as err:  # noqa: BLE001 - e.g. the model is not loaded
-            raise ChildError(model_name, str(err)) from None
+            raise ChildError(stage, str(err)) from None
         if response.has_error():
-            raise ChildError(model_name, response.error().message())
+            raise ChildError(stage, response.error().message())
         return self._child_answer(response, want_probs)
 
     def _child_answer(self, response, want_probs):
         def output(name):
             return pb_utils.get_output_tensor_by_name(response, name).as_numpy()
 
-        probs = output("PROBS") if want_probs or not self.children_top1 else None
         if self.children_top1:  # copies: the answers are updated in place for escalated rows
-            return ChildAnswer(output("CLASS")[:, 0].astype(np.int64), np.array(output("CONFIDENCE")[:, 0]), probs)
-        return ChildAnswer(probs.argmax(axis=1).astype(np.int64), probs.max(axis=1), probs)
+            probs = output("PROBS") if want_probs else None
+            return ChildAnswer(output("CLASS")[:, 0].astype(np.int64), output("CONFIDENCE")[:, 0].astype(np.float64), probs)
+        return self._answer_of(output("PROBS"))
+
+    def _answer_of(self, probs):
+        """Class (or multi-hot labels) and gating signal from a stage's probabilities."""
+        if self.task == "multilabel":
+            label = (probs >= MULTILABEL_CUT).astype(np.int32)
+        else:
+            label = probs.argmax(axis=1).astype(np.int64)
+        return ChildAnswer(label, self.signal_of(probs), probs)
+
+    def _unsure(self, stage, answer, thresholds):
+        """Rows the stage leaves to the next one: signal < T_k (float64, so T means exactly the number sent)."""
+        if stage.index == len(self.stages) - 1:
+            return np.zeros(len(answer.confidence), dtype=bool)
+        return answer.confidence < thresholds[:, stage.index]
 
     def _count(self, response):
-        (self.metric_error if response.has_error() else self.metric_ok).increment(1)
+        self.counters.add(self.metric_error if response.has_error() else self.metric_ok)
         return response
 
     def _send(self, sender, response):
         # A non-decoupled model may send one final response per request through the request's
-        # sender instead of returning it; it leaves at once, so it does not wait for big.
+        # sender instead of returning it; it leaves at once, so it does not wait for later stages.
         sender.send(self._count(response), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _error(self, err):
@@ -433,38 +642,45 @@ class TritonPythonModel:
         if isinstance(err, RequestError):
             cause, code = "request", pb_utils.TritonError.INVALID_ARG
         else:
-            cause, code = ("little" if err.model_name == self.little_model else "big"), pb_utils.TritonError.UNAVAILABLE
-        self.metric_errors[cause].increment(1)
+            cause, code = err.stage.role, pb_utils.TritonError.UNAVAILABLE
+        self.counters.add(self.metric_errors[cause])
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), code))
 
-    def _accept(self, requests, threshold):
-        """Parse every request (``threshold``: T for those that do not pin their own): (accepted ones,
+    def _accept(self, requests, thresholds):
+        """Parse every request (``thresholds``: for those that send none of their own): (accepted ones,
         responses with the refusals filled in)."""
         responses = [None] * len(requests)
         accepted = []
         for index, request in enumerate(requests):
             try:
-                accepted.append((index, self._parse_request(request, threshold)))
+                accepted.append((index, self._parse_request(request, thresholds)))
             except RequestError as err:
                 responses[index] = self._error(err)
         return accepted, responses
 
+    def _batch_inputs(self, accepted):
+        """Stage 0's inputs: one request's own tensors (no copy), or every input concatenated."""
+        if len(accepted) == 1:
+            return accepted[0][1].tensors, accepted[0][1].arrays
+        arrays = [np.concatenate([a.arrays[i] for _, a in accepted]) for i in range(len(self.inputs))]
+        return arrays, arrays
+
     async def execute(self, requests):
         gears = self.gears
         started = gears.start(time.monotonic()) if gears else None
-        accepted, responses = self._accept(requests, gears.threshold if gears else self.threshold)
+        accepted, responses = self._accept(requests, gears.in_force if gears else self.thresholds)
         if not accepted:
             return [self._count(r) for r in responses]
 
-        images = [a.image for _, a in accepted]
-        ends = np.cumsum([len(x) for x in images])
-        rows_of = [slice(end - len(x), end) for end, x in zip(ends, images)]
-        batch = images[0] if len(images) == 1 else np.concatenate(images)
-        # Compare in float64 so T means exactly the number that was sent (no rounding to float32).
-        row_threshold = np.repeat(np.asarray([a.threshold for _, a in accepted], dtype=np.float64), [len(x) for x in images])
-        want_probs = self.ensemble_weight != 1.0 or any(a.want_probs for _, a in accepted)
+        counts = [len(a.arrays[0]) for _, a in accepted]
+        ends = np.cumsum(counts)
+        rows_of = [slice(end - n, end) for end, n in zip(ends, counts)]
+        first_inputs, arrays = self._batch_inputs(accepted)
+        thresholds = np.repeat(np.asarray([a.thresholds for _, a in accepted], dtype=np.float64), counts, axis=0)
+        keep_probs = self.ensemble or any(a.want_probs for _, a in accepted)
+        first = self.stages[0]
         try:
-            little = await self._infer(self.little_model, accepted[0][1].tensor if len(accepted) == 1 else batch, want_probs)
+            answer = await self._infer(first, first_inputs, keep_probs)
         except ChildError as err:
             for index, _ in accepted:
                 responses[index] = self._error(err)
@@ -473,17 +689,18 @@ class TritonPythonModel:
             return [self._count(r) for r in responses]
         if gears:
             gears.little_answered(time.monotonic())
-            gears.adapted(sum(len(a.image) for _, a in accepted if not a.pinned))
+            gears.adapted(sum(n for n, (_, a) in zip(counts, accepted) if not a.pinned))
 
-        answers = Answers(little.probs, little.label, little.confidence, None, row_threshold)
-        escalated = answers.confidence.astype(np.float64) < row_threshold
-        answers.route = escalated.astype(np.int32)
-        escalate = np.flatnonzero(escalated)
-        self.metric_rows[ROUTE_LITTLE].increment(len(batch) - len(escalate))
-        self.metric_macs.increment(len(batch) * self.macs[ROUTE_LITTLE])
-        waiting = []  # Waiting of the requests with a row for big
+        route = np.zeros(len(answer.confidence), dtype=np.int32)
+        answers = Answers(answer.label, answer.confidence, route, answer.probs if keep_probs else None, self.task == "multilabel",
+                          thresholds)
+        unsure = self._unsure(first, answer, thresholds)
+        pending = np.flatnonzero(unsure)
+        self.counters.add(self.metric_rows[0], len(route) - len(pending))
+        self.counters.add(self.metric_macs, len(route) * first.macs)
+        waiting = []  # the requests with a row for a later stage
         for (index, request), rows in zip(accepted, rows_of):
-            if escalated[rows].any():
+            if unsure[rows].any():
                 waiting.append(Waiting(requests[index].get_response_sender(), rows, request.want_probs, request.on_big_failure))
             else:
                 responses[index] = answers.response(rows, request.want_probs)
@@ -496,13 +713,14 @@ class TritonPythonModel:
         for index, response in enumerate(responses):
             if response is not None:
                 self._send(requests[index].get_response_sender(), response)
-        # Fancy indexing copies the rows out of the request's input buffer, which Triton may free
+        # Fancy indexing copies the rows out of the requests' input buffers, which Triton may free
         # once execute returns.
-        escalation = self._escalate(batch[escalate], escalate, answers, waiting)
+        escalation = Escalation([x[pending] for x in arrays], pending, thresholds[pending], waiting, unsure)
+        later = self._escalate(escalation, answers)
         if gears:
             gears.escalation_started(started)
-            escalation = self._observed(escalation, started, len(waiting))
-        task = asyncio.create_task(escalation)
+            later = self._observed(later, started, len(waiting))
+        task = asyncio.create_task(later)
         self._escalations.add(task)
         task.add_done_callback(self._escalations.discard)
         return None
@@ -515,41 +733,56 @@ class TritonPythonModel:
             self.gears.escalation_ended(started)
             self.gears.answered(started, count, time.monotonic())
 
-    async def _escalate(self, images, escalate, answers, waiting):
-        """Run big on the escalated rows and answer the requests that wait for them."""
-        ensemble = self.ensemble_weight != 1.0
-        want_probs = ensemble or any(wait.want_probs for wait in waiting)
-        try:
-            big = await self._infer(self.big_model, images, want_probs)
-        except ChildError as err:
-            for wait in waiting:
-                self._send(wait.sender, self._fallback(wait, answers, err))
-            return
-        try:
-            if ensemble:  # Eq. 8: the blend decides the class and the confidence
-                big.probs = (1.0 - self.ensemble_weight) * answers.probs[escalate] + self.ensemble_weight * big.probs
-                big.label, big.confidence = big.probs.argmax(axis=1), big.probs.max(axis=1)
-            answers.confidence[escalate] = big.confidence
-            answers.label[escalate] = big.label
-            if want_probs:
-                answers.probs = np.array(answers.probs)  # the child's output buffer may be read-only
-                answers.probs[escalate] = big.probs
-            self.metric_rows[ROUTE_BIG].increment(len(escalate))
-            self.metric_macs.increment(len(escalate) * self.macs[ROUTE_BIG])
-            responses = [answers.response(wait.rows, wait.want_probs) for wait in waiting]
-        except Exception as err:  # noqa: BLE001 - whatever fails, every waiting request gets an answer
-            failure = pb_utils.TritonError(f"escalation to '{self.big_model}' failed: {err!r}")
-            responses = [pb_utils.InferenceResponse(error=failure) for _ in waiting]
-        for wait, response in zip(waiting, responses):
-            self._send(wait.sender, response)
+    async def _escalate(self, escalation, answers):
+        """Run the later stages, each on the rows the previous one left unsure, answering each
+        waiting request as soon as all its rows are settled."""
+        for stage in self.stages[1:]:
+            want_probs = self.ensemble or any(wait.want_probs for wait in escalation.waiting)
+            try:
+                answer = await self._infer(stage, escalation.inputs, want_probs)
+            except ChildError as err:
+                for wait in escalation.waiting:
+                    self._send(wait.sender, self._fallback(wait, answers, escalation.open, stage, err))
+                return
+            try:
+                responses = self._settle(stage, answer, escalation, answers)
+            except Exception as err:  # noqa: BLE001 - whatever fails, every waiting request gets an answer
+                failure = pb_utils.TritonError(f"escalation to '{stage.model}' failed: {err!r}")
+                responses = [(wait, pb_utils.InferenceResponse(error=failure)) for wait in escalation.waiting]
+                escalation.waiting = []
+            for wait, response in responses:
+                self._send(wait.sender, response)
+            if not escalation.waiting:
+                return
 
-    def _fallback(self, wait, answers, err):
-        """Big failed: an error, or (on_big_failure=little) little's answer with ROUTE=2."""
+    def _settle(self, stage, answer, escalation, answers):
+        """Record a stage's answer on the pending rows; narrow the escalation to the rows it leaves
+        unsure. Returns (waiting, response) of the requests it settled."""
+        pending = escalation.pending
+        if self.ensemble:  # Eq. 8 (two stages): the blend decides the class and the confidence
+            answer = self._answer_of((1.0 - self.ensemble_weight) * answers.probs[pending] + self.ensemble_weight * answer.probs)
+        unsure = self._unsure(stage, answer, escalation.thresholds)
+        answers.fill(pending, answer, stage.index)
+        escalation.open[pending[~unsure]] = False
+        self.counters.add(self.metric_rows[stage.index], int(len(pending) - unsure.sum()))
+        self.counters.add(self.metric_macs, len(pending) * stage.macs)
+        done = [wait for wait in escalation.waiting if not escalation.open[wait.rows].any()]
+        escalation.waiting = [wait for wait in escalation.waiting if escalation.open[wait.rows].any()]
+        if escalation.waiting:  # copies only what the next stage needs
+            escalation.inputs = [x[unsure] for x in escalation.inputs]
+            escalation.pending, escalation.thresholds = pending[unsure], escalation.thresholds[unsure]
+        return [(wait, answers.response(wait.rows, wait.want_probs)) for wait in done]
+
+    def _fallback(self, wait, answers, open_rows, stage, err):
+        """A stage failed: an error, or (on_big_failure=little) the previous stage's answer on the
+        rows still open, with ROUTE = K + (that stage's index)."""
         if wait.on_big_failure != "little":
             return self._error(err)
         rows = wait.rows
-        route = np.where(answers.route[rows] == ROUTE_BIG, ROUTE_LITTLE_FALLBACK, ROUTE_LITTLE).astype(np.int32)
-        self.metric_fallback.increment(int((route == ROUTE_LITTLE_FALLBACK).sum()))
+        fallback = open_rows[rows]
+        route = np.where(fallback, len(self.stages) + stage.index - 1, answers.route[rows]).astype(np.int32)
+        self.counters.add(self.metric_fallback, int(fallback.sum()))
         probs = None if answers.probs is None else answers.probs[rows]
-        fallback = Answers(probs, answers.label[rows], answers.confidence[rows], route, answers.threshold[rows])
-        return fallback.response(slice(None), wait.want_probs)
+        return Answers(answers.label[rows], answers.confidence[rows], route, probs, answers.multilabel, answers.thresholds[rows]).response(
+            slice(None), wait.want_probs
+        )

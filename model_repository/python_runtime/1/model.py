@@ -33,17 +33,27 @@ class TritonPythonModel:
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
         self.outputs = [output["name"] for output in config["output"]]
+        # Whatever the config declares (IMAGE, INPUT_IDS + ATTENTION_MASK, float features, ...).
+        self.inputs = [i["name"] for i in config["input"]]
+
+    def _feeds(self, requests):
+        """Each declared input, all requests' rows concatenated; and the row count of each request."""
+        per_request = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs] for r in requests]
+        feeds = {
+            name: per_request[0][i] if len(requests) == 1 else np.concatenate([arrays[i] for arrays in per_request])
+            for i, name in enumerate(self.inputs)
+        }
+        return feeds, [len(arrays[0]) for arrays in per_request]
 
     def execute(self, requests):
-        images = [pb_utils.get_input_tensor_by_name(r, "IMAGE").as_numpy() for r in requests]
-        batch = images[0] if len(images) == 1 else np.concatenate(images)
+        feeds, counts = self._feeds(requests)
         wanted = [set(r.requested_output_names()) or set(self.outputs) for r in requests]
         names = [name for name in self.outputs if any(name in w for w in wanted)]
-        results = dict(zip(names, self.session.run(names, {"IMAGE": batch})))
+        results = dict(zip(names, self.session.run(names, feeds)))
         responses, start = [], 0
-        for image, want in zip(images, wanted):
-            rows = slice(start, start + len(image))
-            start += len(image)
+        for count, want in zip(counts, wanted):
+            rows = slice(start, start + count)
+            start += count
             tensors = [pb_utils.Tensor(name, results[name][rows]) for name in names if name in want]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
