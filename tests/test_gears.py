@@ -269,3 +269,65 @@ def test_repo_command_installs_gears_and_queue_policy(pair, tmp_path):
     assert (policy.max_queue_size, policy.default_timeout_microseconds) == (8, 2_000_000)
     assert policy.timeout_action == policy.REJECT
 
+
+
+# ---------------------------------------------------------------- the controller alone (from the gate's source)
+
+
+class Recorder:
+    def __init__(self):
+        self.value = 0.0
+
+    def set(self, value):
+        self.value = value
+
+
+def gate_gears(ladder, target_s=0.1, interval_s=0.5):
+    """The gate's Gears class, run from the gate file's own source with stand-in metrics."""
+    import ast
+    import types
+
+    from littlebig import contract
+
+    path = Path(contract.__file__).resolve().parent.parent / "model_repository" / "littlebig" / "1" / "model.py"
+    tree = ast.parse(path.read_text())
+    source = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Gears")
+    namespace = {"np": np}
+    exec(compile(ast.Module([source], []), str(path), "exec"), namespace)
+    counts = {}
+    metrics = types.SimpleNamespace(gear=Recorder(), threshold=Recorder(), seconds=[f"s{k}" for k in range(len(ladder))], cost="cost")
+
+    def count(metric, amount):
+        counts[metric] = counts.get(metric, 0) + amount
+
+    return namespace["Gears"](ladder, target_s, interval_s, metrics, count, 0.0), counts
+
+
+def test_controller_down_at_once_up_after_calm_intervals_and_home_after_quiet():
+    gears, counts = gate_gears([(0.5, 0.0), (0.4, 0.002), (0.3, 0.008)])
+    t = 0.0
+
+    def tick(latency, rows=10):
+        nonlocal t
+        t += 0.5
+        started = gears.start(t)
+        gears.little_answered(t)
+        gears.adapted(rows)
+        gears.answered(started - latency, rows, t)  # answers that took ``latency``
+        return gears.threshold
+
+    assert [tick(0.02) for _ in range(3)] == [0.5, 0.5, 0.5]  # met: gear 0, the fixed T
+    assert counts.get("cost", 0) == 0
+    assert [tick(0.3), tick(0.3), tick(0.3)] == [0.5, 0.4, 0.3]  # missed: one gear down per interval
+    assert tick(0.07) == 0.3  # between half the target and the target: hold
+    assert [tick(0.02) for _ in range(4)] == [0.3, 0.3, 0.3, 0.3]  # calm, but not yet for 4 intervals
+    assert tick(0.02) == 0.4  # 4 calm intervals in a row: one gear up
+    # Each tick's rows meet the gear decided at its start: 6 ticks in gear 2, 2 in gear 1.
+    assert counts["cost"] == pytest.approx(10 * (0.008 * 6 + 0.002 * 2))
+    assert counts["s2"] == pytest.approx(3.0) and counts["s1"] == pytest.approx(0.5)
+    escalated = t
+    gears.escalation_started(escalated)
+    assert tick(0.0) == 0.3  # fast answers, but an escalation has waited 0.5 s for big: down
+    gears.escalation_ended(escalated)
+    t += 5.0  # quiet spell: nothing in flight, nothing answered
+    assert gears.start(t) == t and gears.threshold == 0.5
