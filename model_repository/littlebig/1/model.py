@@ -330,10 +330,10 @@ class Gears:
     the oldest escalation still waiting for big (big's backlog shows there before any answer does).
     Every ``interval_s`` the worse of the window's p99 and that age is compared with the target: above
     it, one gear down (lower T) at once; after ``RAISE_AFTER`` intervals in a row below ``RAISE_BELOW`` x
-    target, one gear up; otherwise hold. After a quiet spell (nothing in flight, nothing answered for
-    an interval) there is no load to shed: back to gear 0.
-    Down fast, up slowly: a backlog shows up late (when big finally answers), so climbing back as soon
-    as one window looks calm went straight back into overload. While the target is met the gear stays 0.
+    target, one gear up; otherwise hold. Down fast, up slowly: a backlog shows up late (when big
+    finally answers), so climbing back as soon as one window looked calm went straight back into
+    overload. After a quiet spell (nothing in flight, nothing answered for an interval) there is no
+    load to shed: back to gear 0. While the target is met the gear stays 0.
     """
 
     RAISE_BELOW = 0.5
