@@ -357,7 +357,7 @@ def test_builder_declares_every_input_and_the_multilabel_outputs(cases, tmp_path
         assert [(i.name, list(i.dims)) for i in config.input] == [("INPUT_IDS", [10]), ("ATTENTION_MASK", [10])]
     repo = build_cascade(cases["ml"].files, tmp_path / "ml", dataclasses.replace(OPTIONS, thresholds=(0.3, 0.2)))
     gate = read_config(repo / GATE_MODEL / "config.pbtxt")
-    assert [o.name for o in gate.output] == ["LABELS", "CONFIDENCE", "ROUTE", "PROBS"]
+    assert [o.name for o in gate.output] == ["LABELS", "CONFIDENCE", "ROUTE", "PROBS", "THRESHOLD"]
     params = {k: v.string_value for k, v in gate.parameters.items()}
     assert params["stage_models"] == "little,stage1,big" and params["thresholds"] == "0.3,0.2"
     assert params["signal"] == "mean_abs_margin" and params["task"] == "multilabel" and "threshold" not in params
