@@ -362,3 +362,21 @@ def test_builder_declares_every_input_and_the_multilabel_outputs(cases, tmp_path
     assert params["stage_models"] == "little,stage1,big" and params["thresholds"] == "0.3,0.2"
     assert params["signal"] == "mean_abs_margin" and params["task"] == "multilabel" and "threshold" not in params
     assert params["stage_macs"] == ",".join(map(str, cases["ml"].macs))
+
+
+def test_repo_command_builds_k_stages(cases, tmp_path, capsys):
+    from littlebig.cli import main
+
+    files = [str(f) for f in cases["img"].files]
+    main(["repo", "--models", *files, "--thresholds", "0.6,0.4", "--signal", "entropy", "--out", str(tmp_path / "repo")])
+    assert "little, stage1, big, littlebig" in capsys.readouterr().out
+    params = read_config(tmp_path / "repo" / GATE_MODEL / "config.pbtxt").parameters
+    assert params["thresholds"].string_value == "0.6,0.4" and params["signal"].string_value == "entropy"
+    for argv, message in (
+        (["--models", *files, "--little", files[0]], "either --models"),
+        (["--models", *files, "--thresholds", "0.6"], "needs 2 thresholds"),
+        (["--models", *files, "--thresholds", "0.6,x"], "comma-separated numbers"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["repo", *argv, "--out", str(tmp_path / "bad")])
+        assert message in capsys.readouterr().err
