@@ -338,6 +338,14 @@ def test_failed_last_stage_falls_back_to_stage1_route_k_plus_k(stage_server, cas
     assert failed.value.status() == "StatusCode.UNAVAILABLE"
 
 
+def test_supervisor_canary_sends_a_blank_row_of_any_input(stage_server):
+    from littlebig.supervisor import Supervisor
+
+    supervisor = Supervisor(stage_server)
+    for model in ("img3_little", "ml3_stage1", "tok2_big"):
+        assert supervisor.canary(model) is None, model
+
+
 # ---------------------------------------------------------------- the builder's checks (no server)
 
 
