@@ -8,7 +8,12 @@ between rounds than the effects being compared.
     git show 2c1c408:model_repository/littlebig/1/model.py > /tmp/blocking_gate.py
     .venv/bin/python bench/gate_ab.py --variant blocking=/tmp/blocking_gate.py --concurrency 32 --rounds 9
 
-The current gate is always included as `current`.
+The current gate is always included as `current`. With --cost-batches, every round also measures
+each variant's own time per execution at those batch sizes (client/gate_cost.py, T = 0), and the
+report gives the median over rounds:
+
+    .venv/bin/python bench/gate_ab.py --variant old=/tmp/old_gate.py --threshold 0 --concurrency 1 \
+        --cost-batches 1,8,32 --rounds 5
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+from littlebig.client.gate_cost import measure_gate_cost
 from littlebig.client.latency import alternating_probes
 from littlebig.client.images import list_images, to_wire_batch
 from littlebig.client.infer import GATE_MODEL, LittleBigClient
@@ -36,6 +42,19 @@ def add_variant(repo: Path, name: str, model_file: Path) -> str:
     return model
 
 
+def own_costs(url: str, little_model: str, images, variants: dict[str, str], batches: list[int], rounds: int) -> dict:
+    """Per variant and batch size: the gate's own ms per execution, one value per round (order rotating)."""
+    costs = {name: {b: [] for b in batches} for name in variants}
+    names = list(variants)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            for b in batches:
+                costs[name][b].append(measure_gate_cost(url, little_model, images, b, gate_model=variants[name]).own_ms)
+        print(f"cost round {r + 1}/{rounds}: " + "; ".join(
+            f"{n} " + "/".join(f"{costs[n][b][-1]:.2f}" for b in batches) for n in names))
+    return costs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", default="runs/demo", help="folder with little.onnx and big.onnx")
@@ -47,6 +66,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--cost-batches", default="", help="e.g. 1,8,32: also measure each variant's own time per execution")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -64,6 +84,8 @@ def main() -> None:
         images = to_wire_batch(list_images(args.data)[:64], info.wire_size, info.crop_pct)
         models = list(variants.values()) + [info.little_model]
         probes = alternating_probes(server.grpc_url, models, images, args.concurrency, args.seconds, args.rounds, log=print)
+        batches = [int(b) for b in args.cost_batches.split(",") if b]
+        costs = own_costs(server.grpc_url, info.little_model, images, variants, batches, args.rounds) if batches else {}
 
     # Per model and round: p50 of the requests little answered (route 0; -1 for little alone),
     # p50 of the escalated ones, and requests per second.
@@ -82,6 +104,11 @@ def main() -> None:
             "big_answered_p50_ms": statistics.median(big_p50[model]) if big_p50[model] else None,
             "throughput_vs_little_alone": statistics.median(g / a for g, a in zip(rate[model], rate[info.little_model])),
         }
+        if costs:
+            report["variants"][name]["own_ms_per_execution"] = {b: statistics.median(v) for b, v in costs[name].items()}
+            report["variants"][name]["own_ms_per_round"] = costs[name]
+            print(f"{name:12s} own time per execution (median of {args.rounds}): "
+                  + ", ".join(f"batch {b}: {statistics.median(v):.2f} ms" for b, v in costs[name].items()))
         print(f"{name:12s} little-answered p50 minus little alone: median {statistics.median(excess):+.1f} ms "
               f"(per round {', '.join(f'{x:+.0f}' for x in excess)}); requests/s vs little alone "
               f"{report['variants'][name]['throughput_vs_little_alone']:.2f}")

@@ -38,7 +38,10 @@ def _totals(client: grpcclient.InferenceServerClient, model: str) -> dict[str, i
     return totals
 
 
-def measure_gate_cost(url: str, little_model: str, images: np.ndarray, batch_size: int, requests: int = 30, warmup: int = 3) -> GateCost:
+def measure_gate_cost(
+    url: str, little_model: str, images: np.ndarray, batch_size: int, requests: int = 30, warmup: int = 3,
+    gate_model: str = GATE_MODEL,
+) -> GateCost:
     """Send ``requests`` gate requests of ``batch_size`` rows one at a time at T = 0 (per-request
     parameter), and split the gate's time from little's with the statistics of both models."""
     rows = np.resize(images, (batch_size, *images.shape[1:]))
@@ -47,11 +50,11 @@ def measure_gate_cost(url: str, little_model: str, images: np.ndarray, batch_siz
         tensor.set_data_from_numpy(rows)
         outputs = [grpcclient.InferRequestedOutput("CLASS")]
         for _ in range(warmup):
-            client.infer(GATE_MODEL, [tensor], outputs=outputs, parameters={"threshold": 0.0})
-        gate_before, little_before = _totals(client, GATE_MODEL), _totals(client, little_model)
+            client.infer(gate_model, [tensor], outputs=outputs, parameters={"threshold": 0.0})
+        gate_before, little_before = _totals(client, gate_model), _totals(client, little_model)
         for _ in range(requests):
-            client.infer(GATE_MODEL, [tensor], outputs=outputs, parameters={"threshold": 0.0})
-        gate_after, little_after = _totals(client, GATE_MODEL), _totals(client, little_model)
+            client.infer(gate_model, [tensor], outputs=outputs, parameters={"threshold": 0.0})
+        gate_after, little_after = _totals(client, gate_model), _totals(client, little_model)
     executions = gate_after["executions"] - gate_before["executions"]
     gate_ns = sum(gate_after[s] - gate_before[s] for s in STAGES[1:])
     little_ns = sum(little_after[s] - little_before[s] for s in STAGES)

@@ -3,13 +3,20 @@ counters, and any other sample by name and labels."""
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from littlebig.contract import METRICS_INTERVAL_MS
 
-def read_samples(metrics_url: str, prefix: str = "") -> list[tuple[str, dict[str, str], float]]:
-    """Every sample whose name starts with ``prefix``: (name, labels, value)."""
+
+def read_samples(metrics_url: str, prefix: str = "", settle: bool = False) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample whose name starts with ``prefix``: (name, labels, value). ``settle``: first wait
+    until the gate has handed the counts of its last answers to Triton (it does so every
+    METRICS_INTERVAL_MS, not per answer)."""
+    if settle:
+        time.sleep(3 * METRICS_INTERVAL_MS / 1000.0)
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
     return [
         (sample.name, dict(sample.labels), float(sample.value))
@@ -27,7 +34,7 @@ def sample_sum(samples: list[tuple[str, dict[str, str], float]], name: str, **la
 def gate_rows(metrics_url: str) -> dict[str, float]:
     """The gate's littlebig_rows_total, summed over gate models, by route label."""
     rows: dict[str, float] = {"little": 0.0, "big": 0.0}
-    for name, labels, value in read_samples(metrics_url, "littlebig_rows"):
+    for name, labels, value in read_samples(metrics_url, "littlebig_rows", settle=True):
         if name == "littlebig_rows_total":
             rows[labels["route"]] = rows.get(labels["route"], 0.0) + value
     return rows

@@ -406,6 +406,13 @@ def cmd_plan(args) -> None:
                            escalation=args.escalation, max_p99_ms=args.max_p99_ms)))
 
 
+def cmd_example(args) -> None:
+    from littlebig.examples.build import build_example
+
+    summary = build_example(args.name, args.out, seed=args.seed, epoch_scale=args.epoch_scale)
+    print(f"wrote {args.out}: little.onnx, big.onnx ({summary['task']}), calib.npz, test.npz, labels.txt, example.json")
+
+
 def probability(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -589,6 +596,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--escalation", type=float, help="expected escalation share p (default: the one measured in the bench)")
     p.add_argument("--max-p99-ms", type=float, help="only concurrency levels whose p99 latency is within this budget")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("example", help="train and export a small real-data pair: multilabel (handwritten digits "
+                       "with binary attributes) or text (Debian package descriptions by section)")
+    p.add_argument("name", choices=["multilabel", "text"], help="which example")
+    p.add_argument("--out", required=True, help="folder for little.onnx, big.onnx, calib.npz, test.npz, example.json")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split and the training")
+    p.add_argument("--epoch-scale", type=float, default=1.0, help="train this fraction (or multiple) of the usual epochs")
+    p.set_defaults(func=cmd_example)
 
     p = sub.add_parser("demo", help="EfficientNet-Lite0 -> Lite2 end to end: export, repository, serve, classify")
     p.add_argument("--workdir", default="runs/demo", help="folder for the ONNX files, repository and server log")

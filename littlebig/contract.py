@@ -54,10 +54,14 @@ class Route(enum.IntEnum):
 CONFIG_PARAMETERS = (
     "little_model", "big_model", "threshold", "ensemble_weight", "macs_little", "macs_big", "wire_size",
     "crop_pct", "num_classes", "children_top1", "labels", "on_big_failure", "child_timeout_ms",
+    "metrics_interval_ms",
     # K stages: model names in cost order, K-1 thresholds ("T1,T2,..."; two stages write `threshold`),
     # MACs per stage, the gating signal and the task.
     "stage_models", "thresholds", "stage_macs", "signal", "task",
 )
+# The gate hands its littlebig_* counters to Triton at most this often (config metrics_interval_ms):
+# readers of /metrics wait this long after the last answer to see every count.
+METRICS_INTERVAL_MS = 100
 # Request parameters the gate accepts; any other is refused.
 REQUEST_PARAMETERS = ("threshold", "thresholds", "on_big_failure")
 ON_BIG_FAILURE = ("fail", "little")

@@ -113,4 +113,4 @@ def test_degraded_mode_answers_escalated_rows_with_little_flagged(server, offlin
 def fallback_rows(server) -> float:
     from littlebig.client.metrics import read_samples, sample_sum
 
-    return sample_sum(read_samples(server.metrics_url, "littlebig_fallback"), "littlebig_fallback_rows_total")
+    return sample_sum(read_samples(server.metrics_url, "littlebig_fallback", settle=True), "littlebig_fallback_rows_total")

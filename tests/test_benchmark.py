@@ -56,7 +56,7 @@ def test_bench_writes_report_and_plot(server, offline, tmp_path):
 
 def metric_lines(server, name):
     """Samples called ``name`` keyed by their sorted labels."""
-    return {tuple(sorted(labels.items())): value for n, labels, value in read_samples(server.metrics_url, name) if n == name}
+    return {tuple(sorted(labels.items())): value for n, labels, value in read_samples(server.metrics_url, name, settle=True) if n == name}
 
 
 def test_metrics_report_threshold_and_request_outcomes(server, offline, served_threshold):

@@ -51,6 +51,15 @@ def test_routes_and_parameter_keys_agree():
     assert read <= set(contract.CONFIG_PARAMETERS), read - set(contract.CONFIG_PARAMETERS)
 
 
+def test_metrics_interval_default_agrees():
+    defaults = [
+        node.args[1].value for node in ast.walk(TREE)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "params.get" and len(node.args) == 2
+        and isinstance(node.args[0], ast.Constant) and node.args[0].value == "metrics_interval_ms"
+    ]
+    assert defaults == [str(contract.METRICS_INTERVAL_MS)]
+
+
 def test_tensor_names_agree():
     # Inputs are forwarded by the names the config declares: the gate names none of its own.
     assert gate_strings_in_calls("pb_utils.Tensor") == {contract.CLASS, contract.LABELS, contract.CONFIDENCE, contract.ROUTE, contract.PROBS}

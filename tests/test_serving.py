@@ -157,7 +157,7 @@ def test_classify_library_takes_paths_pil_images_and_arrays(server, tmp_path):
 
 def test_metrics_count_rows_by_route_and_macs(server, offline, pair):
     def scrape():
-        samples = read_samples(server.metrics_url, "littlebig_")
+        samples = read_samples(server.metrics_url, "littlebig_", settle=True)
         return {
             "little": sample_sum(samples, "littlebig_rows_total", route="little"),
             "big": sample_sum(samples, "littlebig_rows_total", route="big"),

@@ -270,11 +270,11 @@ def test_three_stages_without_probs_use_the_in_graph_top1(stage_server, cases, t
 def test_request_thresholds_override_and_stage_metrics(stage_server, cases):
     case = cases["img"]
     chosen = spread_thresholds(case, "margin", quantile=0.3)  # not the config's
-    before = read_samples(stage_server.metrics_url, "littlebig_")
+    before = read_samples(stage_server.metrics_url, "littlebig_", settle=True)
     got = infer(stage_server, "img3_margin", case.inputs, parameters={"thresholds": ",".join(map(repr, chosen))})
     expected = offline(case, chosen, "margin")
     assert_served(got, expected, 3)
-    after = read_samples(stage_server.metrics_url, "littlebig_")
+    after = read_samples(stage_server.metrics_url, "littlebig_", settle=True)
 
     def delta(name, **labels):
         return sample_sum(after, name, model="img3_margin", **labels) - sample_sum(before, name, model="img3_margin", **labels)

@@ -86,7 +86,7 @@ def send(protocol: str, url: str, case: Bad) -> None:
         client.infer(case.model, inputs, model_version=case.version, outputs=outputs, parameters=case.params)
 
 def request_errors(server) -> float:
-    return sample_sum(read_samples(server.metrics_url, "littlebig_errors"), "littlebig_errors_total", cause="request")
+    return sample_sum(read_samples(server.metrics_url, "littlebig_errors", settle=True), "littlebig_errors_total", cause="request")
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_bad_requests_are_client_errors_naming_the_problem(server, protocol):

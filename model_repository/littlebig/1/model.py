@@ -21,7 +21,8 @@ Config parameters: stage_models ("little,stage1,big"; absent: little_model, big_
 ("T1,T2,...", K-1 values; two stages may write threshold instead), signal (max_softmax, margin,
 entropy, mean_abs_margin), task (multiclass, multilabel), stage_macs ("m0,m1,..."; absent:
 macs_little, macs_big), ensemble_weight (two stages only), on_big_failure ("fail" or "little"),
-child_timeout_ms (bound on each call of a stage; 0: none). Request parameters: `threshold` (two
+child_timeout_ms (bound on each call of a stage; 0: none), metrics_interval_ms (how often the
+littlebig_* counters reach /metrics; default 100). Request parameters: `threshold` (two
 stages: a number or numeric string in [0, 1]) or `thresholds` ("T1,T2,...") override the config's
 for that request, `on_big_failure` overrides the config's; any other request parameter is refused.
 
@@ -198,6 +199,33 @@ class Escalation:
     open: np.ndarray  # bool [N]: the row still waits for a later stage
 
 
+class Counters:
+    """The gate's counters, kept here and handed to Triton's metrics at most once per interval.
+
+    Every pb_utils Metric.increment is a synchronous round trip to the server process; at two to four
+    per execution they were a measurable part of the gate's own time. A timer on the stub's event loop
+    (the thread of every other BLS call and response send) flushes what has accumulated, so /metrics
+    lags the answers by at most the interval and no count is lost.
+    """
+
+    def __init__(self, interval_s):
+        self.interval_s = interval_s
+        self.pending = {}  # metric -> amount not yet handed to Triton
+        self.timer = None
+
+    def add(self, metric, amount=1):
+        if amount:
+            self.pending[metric] = self.pending.get(metric, 0) + amount
+            if self.timer is None:
+                self.timer = asyncio.get_running_loop().call_later(self.interval_s, self.flush)
+
+    def flush(self):
+        self.timer = None
+        pending, self.pending = self.pending, {}
+        for metric, amount in pending.items():
+            metric.increment(amount)
+
+
 def parse_on_big_failure(value, where):
     if value not in ON_BIG_FAILURE:
         raise RequestError(f"on_big_failure ({where}) must be one of {', '.join(map(repr, ON_BIG_FAILURE))}, got {value!r}")
@@ -291,6 +319,7 @@ class TritonPythonModel:
         self.child_timeout_s = float(params.get("child_timeout_ms", "30000")) / 1000.0
         # The in-graph top-1 is the max_softmax signal: then PROBS are read only when needed.
         self.children_top1 = params.get("children_top1", "0") == "1" and self.signal == "max_softmax" and self.task == "multiclass"
+        self.counters = Counters(float(params.get("metrics_interval_ms", "100")) / 1000.0)
         self.inputs = config_inputs(config)
         self._init_metrics(args["model_name"])
         # Escalations still running after their execute returned; a strong reference keeps each task
@@ -298,6 +327,9 @@ class TritonPythonModel:
         # Triton keeps an instance until every response it owes is sent (a reload under load
         # called finalize only after the pending escalation had answered).
         self._escalations = set()
+
+    def finalize(self):
+        self.counters.flush()  # the last interval's counts; the timer does not outlive the instance
 
     def _init_metrics(self, model_name):
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
@@ -432,7 +464,7 @@ class TritonPythonModel:
         return answer.confidence < thresholds[:, stage.index]
 
     def _count(self, response):
-        (self.metric_error if response.has_error() else self.metric_ok).increment(1)
+        self.counters.add(self.metric_error if response.has_error() else self.metric_ok)
         return response
 
     def _send(self, sender, response):
@@ -446,7 +478,7 @@ class TritonPythonModel:
             cause, code = "request", pb_utils.TritonError.INVALID_ARG
         else:
             cause, code = err.stage.role, pb_utils.TritonError.UNAVAILABLE
-        self.metric_errors[cause].increment(1)
+        self.counters.add(self.metric_errors[cause])
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), code))
 
     def _accept(self, requests):
@@ -490,8 +522,8 @@ class TritonPythonModel:
         answers = Answers(answer.label, answer.confidence, route, answer.probs if keep_probs else None, self.task == "multilabel")
         unsure = self._unsure(first, answer, thresholds)
         pending = np.flatnonzero(unsure)
-        self.metric_rows[0].increment(len(route) - len(pending))
-        self.metric_macs.increment(len(route) * first.macs)
+        self.counters.add(self.metric_rows[0], len(route) - len(pending))
+        self.counters.add(self.metric_macs, len(route) * first.macs)
         waiting = []  # the requests with a row for a later stage
         for (index, request), rows in zip(accepted, rows_of):
             if unsure[rows].any():
@@ -544,8 +576,8 @@ class TritonPythonModel:
         unsure = self._unsure(stage, answer, escalation.thresholds)
         answers.fill(pending, answer, stage.index)
         escalation.open[pending[~unsure]] = False
-        self.metric_rows[stage.index].increment(int(len(pending) - unsure.sum()))
-        self.metric_macs.increment(len(pending) * stage.macs)
+        self.counters.add(self.metric_rows[stage.index], int(len(pending) - unsure.sum()))
+        self.counters.add(self.metric_macs, len(pending) * stage.macs)
         done = [wait for wait in escalation.waiting if not escalation.open[wait.rows].any()]
         escalation.waiting = [wait for wait in escalation.waiting if escalation.open[wait.rows].any()]
         if escalation.waiting:  # copies only what the next stage needs
@@ -561,7 +593,7 @@ class TritonPythonModel:
         rows = wait.rows
         fallback = open_rows[rows]
         route = np.where(fallback, len(self.stages) + stage.index - 1, answers.route[rows]).astype(np.int32)
-        self.metric_fallback.increment(int(fallback.sum()))
+        self.counters.add(self.metric_fallback, int(fallback.sum()))
         probs = None if answers.probs is None else answers.probs[rows]
         return Answers(answers.label[rows], answers.confidence[rows], route, probs, answers.multilabel).response(
             slice(None), wait.want_probs

@@ -1,0 +1,4 @@
+"""Small real-data examples beyond ImageNet images: a multi-label pair (scikit-learn's handwritten
+digits with binary attributes, float-feature input) and a text pair (Debian package descriptions
+labelled by their archive section, token-id input). Each builds its data set, trains a little and a
+big model here in seconds, and exports both with littlebig.export.tensor_export."""
