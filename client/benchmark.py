@@ -68,6 +68,8 @@ def bench(
     """Measure big, little and the gate at each concurrency; write bench.json, a table and plots.
     Then, at T = 0, the gate's own cost: its time per execution at each of ``gate_cost_batches``
     (Triton's statistics) and the latency it adds to little alone at concurrency 1."""
+    from littlebig.contract import GEARS
+
     from .control import switch_threshold
     from .images import list_images, to_wire_batch
     from .infer import LittleBigClient
@@ -76,6 +78,8 @@ def bench(
     out.mkdir(parents=True, exist_ok=True)
     with LittleBigClient(url) as client:
         info = client.gate_info()
+        # A ladder made for the served T is dropped by a switch to another T: restored with it at the end.
+        original_gears = client.model_config().get("parameters", {}).get(GEARS, {}).get("string_value")
     little_model, big_model = info.little_model, info.big_model
     paths = list_images(data)[:n_images]
     if not paths:
@@ -117,7 +121,7 @@ def bench(
         switch_threshold(url, 0.0)
         added = route_latency_comparison(url, little_model, images, 1, latency_seconds, latency_rounds, log)
     finally:
-        switch_threshold(url, original)
+        switch_threshold(url, original, gears=original_gears)
 
     report = {
         "threshold": t,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from scipy import stats
 
+from . import gears as gear_ladder
 from . import thresholds as th
 from .collect import Collected, collect_cached
 from .control import switch_threshold
@@ -88,7 +89,11 @@ def not_met_warning(block: dict, criterion: Criterion) -> str:
     )
 
 
-def build_report(s: th.Sweep, outcomes: th.Outcomes, choice: th.Choice, criterion: Criterion, mapping: str) -> dict:
+def build_report(
+    s: th.Sweep, outcomes: th.Outcomes, choice: th.Choice, criterion: Criterion, mapping: str,
+    accuracy_budget: float = gear_ladder.DEFAULT_ACCURACY_BUDGET,
+) -> dict:
+    """The report; with labels it also holds the gears below the chosen T (client/gears.py)."""
     report = th.summary(s, outcomes, choice.index)
     report["criterion"] = choice.criterion
     report["criterion_met"] = choice.met
@@ -104,6 +109,7 @@ def build_report(s: th.Sweep, outcomes: th.Outcomes, choice: th.Choice, criterio
     report["warnings"] = [w for w in warnings if w]
     if outcomes.has_labels:
         report["corrected_mistakes"] = th.corrected_mistakes(outcomes)
+        report["gears"] = gear_ladder.ladder(outcomes, report["threshold"], accuracy_budget, criterion.confidence_level).as_dict()
     return report
 
 
@@ -118,6 +124,7 @@ def calibrate(
     eval_data: str | Path | None = None,
     eval_labels_csv: str | Path | None = None,
     apply: bool = False,
+    accuracy_budget: float = gear_ladder.DEFAULT_ACCURACY_BUDGET,
     repository: str | Path | None = None,
     batch_size: int = 16,
     concurrency: int = 4,
@@ -151,7 +158,7 @@ def calibrate(
                                  ensemble_weights=ensemble_weights, apply=apply, repository=repository, log=log)
     s, outcomes, choice = analyse(collected, criterion)
     check_labels_fit(outcomes, collected.little.shape[1], images.mapping)
-    report = build_report(s, outcomes, choice, criterion, images.mapping)
+    report = build_report(s, outcomes, choice, criterion, images.mapping, accuracy_budget)
     report.update(_two_stage_extras(collected, criterion, ensemble_weights, out))
 
     evaluation = None
@@ -170,7 +177,8 @@ def calibrate(
         plot_confidence_histogram(out / "confidence_histogram.png", outcomes)
 
     if apply:
-        report["applied"] = apply_choice(url, report["threshold"], repository)
+        gears = gear_ladder.Ladder.from_dict(report["gears"]).config_value() if "gears" in report else None
+        report["applied"] = apply_choice(url, report["threshold"], repository, gears)
     write_json(out / "report.json", report)
     log(text)
     log(describe(report))
@@ -230,16 +238,17 @@ def apply_stage_choice(url: str, thresholds: list[float], signal: str, repositor
     return {"thresholds": thresholds, "config": written}
 
 
-def apply_choice(url: str, threshold: float, repository: str | Path | None) -> dict:
-    """Switch the running server to T and, side by side, write it into the repository given."""
+def apply_choice(url: str, threshold: float, repository: str | Path | None, gears: str | None = None) -> dict:
+    """Switch the running server to T (and its gears, the gate's `gears` parameter) and, side by side,
+    write them into the repository given. Without gears, a ladder made for another T is removed."""
     from littlebig.model_repository.builder import set_threshold
 
-    switch_threshold(url, threshold)
+    switch_threshold(url, threshold, gears=gears)
     written = None
     if repository is not None:
-        set_threshold(repository, threshold)
+        set_threshold(repository, threshold, gears=gears)
         written = str(Path(repository) / "littlebig" / "config.pbtxt")
-    return {"threshold": threshold, "config": written}
+    return {"threshold": threshold, "gears": gears, "config": written}
 
 
 def describe_set(images: ImageSet) -> str:
@@ -292,6 +301,8 @@ def describe(report: dict) -> str:
                 f"eval set: p = {ev['escalation']:.3f}, accuracy big {ev['accuracy']['big']:.4f} vs cascade "
                 f"{ev['accuracy']['cascade']:.4f}, {_saving(ev['macs_reduction'])}"
             )
+    if "gears" in report:
+        lines.append(gear_ladder.describe(gear_ladder.Ladder.from_dict(report["gears"])))
     lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
     if "applied" in report:
         where = report["applied"]["config"]

@@ -15,6 +15,8 @@ import json
 import tritonclient.grpc as grpcclient
 
 from .admin import admin_headers
+from littlebig.contract import GEARS
+
 from .infer import GATE_MODEL, LittleBigClient
 
 
@@ -23,13 +25,16 @@ def served_threshold(url: str, model: str = GATE_MODEL) -> float:
         return client.gate_info().threshold
 
 
-def switch_threshold(url: str, threshold: float, *, model: str = GATE_MODEL) -> None:
-    """Switch the running gate to ``threshold`` (a reload with a config override; no downtime)."""
+def switch_threshold(url: str, threshold: float, *, gears: str | None = None, model: str = GATE_MODEL) -> None:
+    """Switch the running gate to ``threshold`` (a reload with a config override; no downtime), and to
+    ``gears`` (the gate's ladder parameter, starting at ``threshold``) when given."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     with grpcclient.InferenceServerClient(url) as client:
         config = client.get_model_config(model, as_json=True)["config"]
-        config.setdefault("parameters", {})["threshold"] = {"string_value": repr(float(threshold))}
+        parameters = config.setdefault("parameters", {})
+        parameters["threshold"] = {"string_value": repr(float(threshold))}
+        set_gears(parameters, threshold, gears)
         # A config override replaces the whole config; everything else stays as served.
         client.load_model(model, config=json.dumps(config), headers=admin_headers(url))
         if not client.is_model_ready(model):
@@ -58,3 +63,14 @@ def switch_thresholds(url: str, thresholds: list[float], *, model: str = GATE_MO
         if not client.is_model_ready(model):
             raise RuntimeError(f"model {model!r} is not ready after switching to thresholds {thresholds}")
     return params
+
+
+def set_gears(parameters: dict, threshold: float, gears: str | None) -> None:
+    """Install ``gears`` in a config's parameters (JSON form); without, drop a ladder whose top is not
+    ``threshold`` (its drops were measured from another T, and the gate refuses such a ladder)."""
+    if gears is not None:
+        parameters[GEARS] = {"string_value": gears}
+        return
+    served = parameters.get(GEARS, {}).get("string_value")
+    if served and float(json.loads(served)[0][0]) != float(threshold):
+        del parameters[GEARS]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -49,10 +50,13 @@ def cmd_export(args) -> None:
 def _repository_options(args):
     from littlebig.model_repository.builder import RepositoryOptions
 
+    gears, threshold = _gears(args.gears), args.threshold
+    if threshold is None:  # the ladder's top when gears are given (its drops are measured from it)
+        threshold = gears[1] if gears else 0.5
     return RepositoryOptions(
         runtime=args.runtime,
         max_batch_size=args.max_batch_size,
-        threshold=args.threshold,
+        threshold=threshold,
         thresholds=getattr(args, "thresholds", None),
         signal=getattr(args, "signal", None),
         ensemble_weight=args.ensemble_weight,
@@ -64,7 +68,29 @@ def _repository_options(args):
         big_nice=args.big_nice,
         on_big_failure=args.on_big_failure,
         child_timeout_ms=args.child_timeout_ms,
+        gears=gears[0] if gears else None,
+        latency_target_ms=args.latency_target_ms,
+        gear_interval_ms=args.gear_interval_ms,
+        max_queue_size=args.max_queue_size,
+        queue_timeout_ms=args.queue_timeout_ms,
     )
+
+
+def _gears(report_path: str | None):
+    """(the gate's gears parameter, the ladder's top T) from a calibration report, or None."""
+    if report_path is None:
+        return None
+    from littlebig.client.gears import Ladder
+
+    path = Path(report_path)
+    path = path / "report.json" if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"--gears: {path} does not exist (give the report.json of `littlebig calibrate`, or its folder)")
+    report = json.loads(path.read_text())
+    if "gears" not in report:
+        raise UsageError(f"--gears: {path} holds no gears (calibrate with labelled images writes them)")
+    ladder = Ladder.from_dict(report["gears"])
+    return ladder.config_value(), ladder.gears[0].threshold
 
 
 def _onnx_facts(path: str, role: str):
@@ -347,6 +373,7 @@ def cmd_calibrate(args) -> None:
         eval_data=args.eval_data,
         eval_labels_csv=args.eval_labels_csv,
         apply=args.apply,
+        accuracy_budget=args.accuracy_budget,
         repository=args.repo,
         batch_size=args.batch_size,
         concurrency=args.concurrency,
@@ -464,8 +491,9 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how little/big run: python (onnxruntime in the python backend; the bundled CPU "
                         "server), onnxruntime (native backend, NGC container), tensorrt (plans built on a GPU)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="largest batch Triton forms for each model")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="confidence threshold T in [0, 1]: little answers when its max softmax >= T")
+    parser.add_argument("--threshold", type=float,
+                        help="confidence threshold T in [0, 1]: little answers when its max softmax >= T "
+                        "(default 0.5, or the top of --gears)")
     parser.add_argument("--ensemble-weight", type=float, default=1.0,
                         help="w of the Little-Big ensemble (paper Eq. 8); 1 answers escalated rows with big alone")
     defaults = RepositoryOptions()
@@ -482,6 +510,16 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         help="when big fails: fail the escalated requests (default) or answer with little, ROUTE=2")
     parser.add_argument("--child-timeout-ms", type=int, default=defaults.child_timeout_ms,
                         help="bound on each gate call to little or big (0: none)")
+    parser.add_argument("--gears", metavar="REPORT", help="calibration report.json (or its folder): install its ladder "
+                        "of thresholds, along which the gate lowers T under overload (with --latency-target-ms)")
+    parser.add_argument("--latency-target-ms", type=float, default=defaults.latency_target_ms,
+                        help="latency (the gate's p99 estimate) the gate keeps by moving along --gears; 0: T stays fixed")
+    parser.add_argument("--gear-interval-ms", type=int, default=defaults.gear_interval_ms,
+                        help="the gate changes gear at most this often")
+    parser.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size,
+                        help="requests waiting for the gate beyond this are refused at once with UNAVAILABLE (0: no bound)")
+    parser.add_argument("--queue-timeout-ms", type=int, default=defaults.queue_timeout_ms,
+                        help="a request that waited this long for the gate is refused with UNAVAILABLE (0: no bound)")
 
 
 def weight(text: str) -> float:
@@ -591,7 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, help="label-free: cheapest T agreeing with big on this share")
     p.add_argument("--eval-data", help="second labelled set to check the chosen T on")
     p.add_argument("--eval-labels-csv", help="CSV of file,label for --eval-data")
-    p.add_argument("--apply", action="store_true", help="switch the running server to the chosen T and write it to the repository")
+    p.add_argument("--accuracy-budget", type=float, default=0.01,
+                   help="gears: the ladder goes down from the chosen T to the lowest T within this accuracy drop of "
+                   "it (0.01 = 1 point, measured on the calibration images)")
+    p.add_argument("--apply", action="store_true", help="switch the running server to the chosen T and its gears, and "
+                   "write them to the repository")
     p.add_argument("--repo", help="with --apply, also write T into this repository folder (so a restart keeps it)")
     p.add_argument("--batch-size", type=int, default=16, help="images per request")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")

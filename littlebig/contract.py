@@ -21,13 +21,16 @@ def stage_models(count: int) -> tuple[str, ...]:
     return (LITTLE_MODEL, *(f"stage{k}" for k in range(1, count - 1)), BIG_MODEL)
 
 # Tensors: the wire images in; each child answers PROBS and (in-graph) CLASS and CONFIDENCE; the gate
-# answers CLASS, CONFIDENCE, ROUTE and, when asked, PROBS.
+# answers CLASS, CONFIDENCE, ROUTE, THRESHOLD and, when asked, PROBS.
 IMAGE, PROBS, CLASS, CONFIDENCE, ROUTE = "IMAGE", "PROBS", "CLASS", "CONFIDENCE", "ROUTE"
-GATE_OUTPUTS = (CLASS, CONFIDENCE, ROUTE, PROBS)
+# THRESHOLD, FP64 [K-1] per row: the thresholds that applied (the config's, the gear's under overload,
+# or the request's own).
+THRESHOLD = "THRESHOLD"
+GATE_OUTPUTS = (CLASS, CONFIDENCE, ROUTE, PROBS, THRESHOLD)
 # Multi-label models (export metadata task=multilabel): the gate answers LABELS (multi-hot at
 # p >= 0.5, INT32 [C]) instead of CLASS.
 LABELS = "LABELS"
-MULTILABEL_GATE_OUTPUTS = (LABELS, CONFIDENCE, ROUTE, PROBS)
+MULTILABEL_GATE_OUTPUTS = (LABELS, CONFIDENCE, ROUTE, PROBS, THRESHOLD)
 TASKS = ("multiclass", "multilabel")
 MULTILABEL_CUT = 0.5
 
@@ -58,10 +61,14 @@ CONFIG_PARAMETERS = (
     # K stages: model names in cost order, K-1 thresholds ("T1,T2,..."; two stages write `threshold`),
     # MACs per stage, the gating signal and the task.
     "stage_models", "thresholds", "stage_macs", "signal", "task",
+    "gears", "latency_target_ms", "gear_interval_ms",
 )
 # The gate hands its littlebig_* counters to Triton at most this often (config metrics_interval_ms):
 # readers of /metrics wait this long after the last answer to see every count.
 METRICS_INTERVAL_MS = 100
+# Gears (client/gears.py; two-stage cascades): the ladder [[T, expected drop], ...] from the config T
+# down, the latency the gate keeps by moving along it (ms, its p99 estimate), how often it may move (ms).
+GEARS, LATENCY_TARGET_MS, GEAR_INTERVAL_MS = "gears", "latency_target_ms", "gear_interval_ms"
 # Request parameters the gate accepts; any other is refused.
 REQUEST_PARAMETERS = ("threshold", "thresholds", "on_big_failure")
 ON_BIG_FAILURE = ("fail", "little")

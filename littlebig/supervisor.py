@@ -2,8 +2,8 @@
 
 Triton's ready endpoints stay green when a python-backend stub has died (2.51 marks it unhealthy and
 does not restart it while the model stays READY), so health is judged by a cheap canary inference
-(one blank image) through little, big and the gate (the gate's at T = 0, so it does not depend on
-big). A canary reaches one instance of a model only, so the supervisor (on the server's machine)
+(one blank row of every declared input: a black image, zero token ids, ...) through every stage and
+the gate (the gate's at T = 0, so it does not depend on the later stages). A canary reaches one instance of a model only, so the supervisor (on the server's machine)
 also counts the python-backend stub processes: a READY model with an instance whose stub is gone
 (killed, crashed) is restored at once. A model that is READY but fails its canary is restored by unload + load through the
 repository API (with the admin key); a plain load of an unchanged model changes nothing. A server
@@ -25,12 +25,28 @@ from typing import Callable
 
 import numpy as np
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from littlebig.contract import GATE_MODEL
 from littlebig.server import ServerError, TritonServer
 
 SERVER = "tritonserver"  # the target name of a whole-server restart
+
+
+def _stage_names(params: dict) -> list[str]:
+    """The gate's stages in cost order (stage_models; older configs: little_model, big_model)."""
+    if "stage_models" in params:
+        return params["stage_models"]["string_value"].split(",")
+    return [params["little_model"]["string_value"], params["big_model"]["string_value"]]
+
+
+def _blank_input(spec: dict) -> httpclient.InferInput:
+    """One row of zeros for a declared input (config JSON: name, data_type TYPE_*, dims)."""
+    datatype = spec.get("data_type", "TYPE_FP32").removeprefix("TYPE_")
+    shape = [1, *map(int, spec["dims"])]
+    tensor = httpclient.InferInput(spec["name"], shape, datatype)
+    tensor.set_data_from_numpy(np.zeros(shape, triton_to_np_dtype(datatype)))
+    return tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +77,7 @@ class Supervisor(threading.Thread):
         self.recoveries: collections.Counter[tuple[str, str]] = collections.Counter()
         self._backoff: dict[str, Backoff] = collections.defaultdict(Backoff)
         self._stopping = threading.Event()
+        self._stage_count = 2  # the gate's stages, read with the models (the canary's thresholds)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -100,7 +117,8 @@ class Supervisor(threading.Thread):
         models = {}
         with self._client() as client:
             params = client.get_model_config(GATE_MODEL)["parameters"]
-            for model in (params["little_model"]["string_value"], params["big_model"]["string_value"], GATE_MODEL):
+            self._stage_count = len(_stage_names(params))
+            for model in (*_stage_names(params), GATE_MODEL):
                 config = client.get_model_config(model)
                 groups = config.get("instance_group", []) if config.get("backend") == "python" else []
                 models[model] = [f"{model}_{g}_{i}" for g, group in enumerate(groups) for i in range(int(group.get("count", 1)))]
@@ -111,14 +129,15 @@ class Supervisor(threading.Thread):
         return httpclient.InferenceServerClient(self.server.http_url, connection_timeout=timeout, network_timeout=timeout)
 
     def canary(self, model: str) -> str | None:
-        """None if one blank image comes back through ``model`` in time, else what went wrong."""
+        """None if one blank row comes back through ``model`` in time, else what went wrong."""
         try:
             with self._client() as client:
-                dims = client.get_model_config(model)["input"][0]["dims"]
-                image = httpclient.InferInput("IMAGE", [1, *map(int, dims)], "UINT8")
-                image.set_data_from_numpy(np.zeros([1, *map(int, dims)], np.uint8))
-                parameters = {"threshold": 0.0} if model == GATE_MODEL else None
-                client.infer(model, [image], parameters=parameters)
+                inputs = [_blank_input(spec) for spec in client.get_model_config(model)["input"]]
+                parameters = None
+                if model == GATE_MODEL:  # T = 0 everywhere: stage 0 answers
+                    stages = self._stage_count
+                    parameters = {"threshold": 0.0} if stages == 2 else {"thresholds": ",".join(["0"] * (stages - 1))}
+                client.infer(model, inputs, parameters=parameters)
         except (InferenceServerException, OSError, TimeoutError) as err:
             return f"{type(err).__name__}: {err}"
         except Exception as err:  # noqa: BLE001 - geventhttpclient raises its own timeout types

@@ -8,6 +8,7 @@ field names and types are checked by the schema rather than by string pasting.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shutil
 from importlib import resources
@@ -18,7 +19,9 @@ from onnx import TensorProto
 from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig.client.labels import ClassLabels
-from littlebig.contract import BIG_MODEL, GATE_MODEL, LABELS, LITTLE_MODEL, TASKS, stage_models
+from littlebig.contract import (
+    BIG_MODEL, GATE_MODEL, GEAR_INTERVAL_MS, GEARS, LABELS, LATENCY_TARGET_MS, LITTLE_MODEL, TASKS, THRESHOLD, stage_models,
+)
 from littlebig.export.metadata import graph_inputs, output_names, read_metadata
 from littlebig.signals import DEFAULT_SIGNAL, MULTICLASS_SIGNALS, MULTILABEL_SIGNALS
 
@@ -140,6 +143,15 @@ class RepositoryOptions:
     on_big_failure: str = "fail"
     # Bound on each call of the gate to little or big (a stalled child fails the call instead of hanging it).
     child_timeout_ms: int = 30_000
+    # Gears (client/gears.py): the ladder as the gate's JSON parameter [[T, drop], ...], starting at
+    # `threshold`, and the latency the gate keeps by moving along it (0: gears off, T stays fixed).
+    gears: str | None = None
+    latency_target_ms: float = 0.0
+    gear_interval_ms: int = 500  # the gate reconsiders its gear at most this often
+    # Triton's queue policy on the gate: beyond max_queue_size waiting requests (0: no bound), or after
+    # waiting queue_timeout_ms (0: no bound), a request is refused at once with UNAVAILABLE.
+    max_queue_size: int = 0
+    queue_timeout_ms: int = 0
 
     def validate(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -162,6 +174,27 @@ class RepositoryOptions:
             raise RepositoryError(f"on_big_failure must be 'fail' or 'little', got {self.on_big_failure!r}")
         if self.child_timeout_ms < 0:
             raise RepositoryError(f"child timeout must be >= 0 ms (0: none), got {self.child_timeout_ms}")
+        for name in ("latency_target_ms", "max_queue_size", "queue_timeout_ms"):
+            if getattr(self, name) < 0:
+                raise RepositoryError(f"{name.replace('_', ' ')} must be >= 0 (0: none), got {getattr(self, name)}")
+        if self.gear_interval_ms < 1:
+            raise RepositoryError(f"gear interval must be >= 1 ms, got {self.gear_interval_ms}")
+        self._validate_gears()
+
+    def _validate_gears(self) -> None:
+        if self.latency_target_ms and not self.gears:
+            raise RepositoryError("a latency target needs gears to move along: pass the calibration report's ladder")
+        if not self.gears:
+            return
+        try:
+            pairs = [(float(t), float(d)) for t, d in json.loads(self.gears)]
+        except (ValueError, TypeError) as err:
+            raise RepositoryError(f"gears must be JSON [[T, drop], ...], got {self.gears!r} ({err})") from None
+        thresholds = [t for t, _ in pairs]
+        if not pairs:
+            raise RepositoryError("gears must hold at least one gear, [[T, 0]]")
+        if any(b >= a for a, b in zip(thresholds, thresholds[1:])) or not all(0.0 <= t <= 1.0 for t in thresholds):
+            raise RepositoryError(f"gear thresholds must be in [0, 1] and strictly decreasing, got {thresholds}")
 
 
 def _tensor(cls, name: str, data_type: int, dims: list[int]):
@@ -251,7 +284,10 @@ def gate_config(*stages: ModelFacts, options: RepositoryOptions, labels: ClassLa
     config = mc.ModelConfig(name=GATE, backend="python", max_batch_size=options.max_batch_size)
     config.input.extend(first.input_configs())
     config.output.extend(_gate_outputs(first, labels))
+    # The thresholds that applied to each row (the gears move T_0 under overload).
+    config.output.append(_tensor(mc.ModelOutput, THRESHOLD, mc.TYPE_FP64, [len(stages) - 1]))
     config.dynamic_batching.max_queue_delay_microseconds = options.gate_queue_delay_us
+    _queue_policy(config, options)
     config.instance_group.add(count=options.gate_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     # Two stages keep the two-stage keys (threshold); longer cascades write thresholds.
     threshold_keys = {"threshold": repr(float(thresholds[0]))} if len(stages) == 2 else {"thresholds": ",".join(map(repr, map(float, thresholds)))}
@@ -277,10 +313,32 @@ def gate_config(*stages: ModelFacts, options: RepositoryOptions, labels: ClassLa
             "child_timeout_ms": options.child_timeout_ms,
         },
     )
+    if options.gears:
+        _check_gears_fit(options.gears, thresholds)
+        _parameters(config, {GEARS: options.gears, LATENCY_TARGET_MS: repr(float(options.latency_target_ms)),
+                             GEAR_INTERVAL_MS: options.gear_interval_ms})
     if labels is not None:
         # The client reads the model's own labels from here (calibration maps data labels through them).
         _parameters(config, {"labels": labels.to_json()})
     return config
+
+
+def _check_gears_fit(gears: str, thresholds: tuple[float, ...]) -> None:
+    if len(thresholds) != 1:
+        raise RepositoryError(f"gears apply to two-stage cascades; this one has {len(thresholds) + 1} stages")
+    top = float(json.loads(gears)[0][0])
+    if top != float(thresholds[0]):
+        raise RepositoryError(f"the gears must start at the threshold T={thresholds[0]}, got {top}")
+
+
+def _queue_policy(config: mc.ModelConfig, options: RepositoryOptions) -> None:
+    """Bounded queue: Triton refuses requests beyond it with UNAVAILABLE before the gate sees them."""
+    if not (options.max_queue_size or options.queue_timeout_ms):
+        return
+    policy = config.dynamic_batching.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = options.queue_timeout_ms * 1000
+    policy.max_queue_size = options.max_queue_size
 
 
 def config_text(config: mc.ModelConfig) -> str:
@@ -414,9 +472,20 @@ def _gate_config_path(repository: str | Path) -> Path:
     return path
 
 
-def set_threshold(repository: str | Path, threshold: float) -> mc.ModelConfig:
-    """Write T into a two-stage gate's config.pbtxt; returns the new config."""
-    return set_thresholds(repository, (threshold,))
+def set_threshold(repository: str | Path, threshold: float, gears: str | None = None) -> mc.ModelConfig:
+    """Write T (and, when given, its gears) into a two-stage gate's config.pbtxt; returns the new config.
+    Without gears, a ladder whose top is another T is removed (client.control.set_gears)."""
+    config = set_thresholds(repository, (threshold,))
+    from littlebig.client.control import set_gears
+
+    parameters = {key: {"string_value": value.string_value} for key, value in config.parameters.items()}
+    set_gears(parameters, threshold, gears)
+    if GEARS in config.parameters and GEARS not in parameters:
+        del config.parameters[GEARS]
+    elif GEARS in parameters:
+        config.parameters[GEARS].string_value = parameters[GEARS]["string_value"]
+    _gate_config_path(repository).write_text(config_text(config))
+    return config
 
 
 def set_thresholds(repository: str | Path, thresholds: tuple[float, ...]) -> mc.ModelConfig:

@@ -62,7 +62,9 @@ def test_metrics_interval_default_agrees():
 
 def test_tensor_names_agree():
     # Inputs are forwarded by the names the config declares: the gate names none of its own.
-    assert gate_strings_in_calls("pb_utils.Tensor") == {contract.CLASS, contract.LABELS, contract.CONFIDENCE, contract.ROUTE, contract.PROBS}
+    assert gate_strings_in_calls("pb_utils.Tensor") == {
+        contract.CLASS, contract.LABELS, contract.CONFIDENCE, contract.ROUTE, contract.PROBS, contract.THRESHOLD
+    }
     assert gate_strings_in_calls("get_input_tensor_by_name", 1) == set()
 
 
@@ -124,7 +126,7 @@ def test_builder_writes_only_contract_parameters_and_outputs(pair, tmp_path):
     repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions())
     gate = read_config(repo / contract.GATE_MODEL / "config.pbtxt")
     assert set(gate.parameters) <= set(contract.CONFIG_PARAMETERS)
-    assert tuple(o.name for o in gate.output) == (contract.CLASS, contract.CONFIDENCE, contract.ROUTE, contract.PROBS)
+    assert tuple(o.name for o in gate.output) == contract.GATE_OUTPUTS
     assert {m.name for m in repo.iterdir()} >= {contract.GATE_MODEL, contract.LITTLE_MODEL, contract.BIG_MODEL}
 
 

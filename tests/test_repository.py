@@ -40,7 +40,7 @@ def test_python_runtime_repository_layout_and_configs(pair, tmp_path):
 
     gate = read_config(repo / "littlebig" / "config.pbtxt")
     assert gate.backend == "python" and gate.HasField("dynamic_batching") and gate.max_batch_size == 32
-    assert [o.name for o in gate.output] == ["CLASS", "CONFIDENCE", "ROUTE", "PROBS"]
+    assert [o.name for o in gate.output] == ["CLASS", "CONFIDENCE", "ROUTE", "PROBS", "THRESHOLD"]
     p = params(gate)
     assert p["little_model"] == "little" and p["big_model"] == "big"
     assert float(p["threshold"]) == 0.25

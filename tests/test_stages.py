@@ -338,6 +338,14 @@ def test_failed_last_stage_falls_back_to_stage1_route_k_plus_k(stage_server, cas
     assert failed.value.status() == "StatusCode.UNAVAILABLE"
 
 
+def test_supervisor_canary_sends_a_blank_row_of_any_input(stage_server):
+    from littlebig.supervisor import Supervisor
+
+    supervisor = Supervisor(stage_server)
+    for model in ("img3_little", "ml3_stage1", "tok2_big"):
+        assert supervisor.canary(model) is None, model
+
+
 # ---------------------------------------------------------------- the builder's checks (no server)
 
 
@@ -357,8 +365,26 @@ def test_builder_declares_every_input_and_the_multilabel_outputs(cases, tmp_path
         assert [(i.name, list(i.dims)) for i in config.input] == [("INPUT_IDS", [10]), ("ATTENTION_MASK", [10])]
     repo = build_cascade(cases["ml"].files, tmp_path / "ml", dataclasses.replace(OPTIONS, thresholds=(0.3, 0.2)))
     gate = read_config(repo / GATE_MODEL / "config.pbtxt")
-    assert [o.name for o in gate.output] == ["LABELS", "CONFIDENCE", "ROUTE", "PROBS"]
+    assert [o.name for o in gate.output] == ["LABELS", "CONFIDENCE", "ROUTE", "PROBS", "THRESHOLD"]
     params = {k: v.string_value for k, v in gate.parameters.items()}
     assert params["stage_models"] == "little,stage1,big" and params["thresholds"] == "0.3,0.2"
     assert params["signal"] == "mean_abs_margin" and params["task"] == "multilabel" and "threshold" not in params
     assert params["stage_macs"] == ",".join(map(str, cases["ml"].macs))
+
+
+def test_repo_command_builds_k_stages(cases, tmp_path, capsys):
+    from littlebig.cli import main
+
+    files = [str(f) for f in cases["img"].files]
+    main(["repo", "--models", *files, "--thresholds", "0.6,0.4", "--signal", "entropy", "--out", str(tmp_path / "repo")])
+    assert "little, stage1, big, littlebig" in capsys.readouterr().out
+    params = read_config(tmp_path / "repo" / GATE_MODEL / "config.pbtxt").parameters
+    assert params["thresholds"].string_value == "0.6,0.4" and params["signal"].string_value == "entropy"
+    for argv, message in (
+        (["--models", *files, "--little", files[0]], "either --models"),
+        (["--models", *files, "--thresholds", "0.6"], "needs 2 thresholds"),
+        (["--models", *files, "--thresholds", "0.6,x"], "comma-separated numbers"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["repo", *argv, "--out", str(tmp_path / "bad")])
+        assert message in capsys.readouterr().err

@@ -43,6 +43,14 @@ needs them: two numbers per row instead of C probabilities. Other signals need P
 for its outputs in CPU memory, so children on a GPU (TensorRT, onnxruntime-GPU) answer in memory
 numpy can read.
 
+Gears (opt-in, two-stage cascades for now): with a config `gears` ladder [[T, expected drop], ...]
+from the config T down (written by `littlebig calibrate`, client/gears.py) and `latency_target_ms` > 0,
+class Gears lowers T one gear at a time while its latency estimate misses the target and raises it
+again once the estimate is comfortably below it (hysteresis), at most once per `gear_interval_ms`.
+While the target is met it stays in gear 0: the answers are those of the fixed config T. A request
+that sends its own `threshold`/`thresholds` is never adapted. Every answer says in THRESHOLD
+(FP64 [K-1] per row) which thresholds applied.
+
 Degraded mode (on_big_failure="little", opt-in): when stage k fails or times out, the rows it was
 asked about are answered with stage k-1's answer and ROUTE = K + k - 1 (two stages: 2; counted in
 littlebig_fallback_rows_total) instead of an error.
@@ -52,6 +60,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -136,6 +145,7 @@ class Accepted:
     thresholds: tuple  # T_0 .. T_{K-2}
     want_probs: bool
     on_big_failure: str
+    pinned: bool = False  # the request sent its own thresholds: gears never change them
 
 
 @dataclasses.dataclass
@@ -166,6 +176,7 @@ class Answers:
     route: np.ndarray
     probs: np.ndarray | None  # only when some request asked for PROBS (or the ensemble needs them)
     multilabel: bool
+    thresholds: np.ndarray  # float64 [N, K-1]: the thresholds that applied to each row
 
     def fill(self, rows, answer, route):
         self.label[rows] = answer.label
@@ -182,6 +193,7 @@ class Answers:
             pb_utils.Tensor("LABELS", label) if self.multilabel else pb_utils.Tensor("CLASS", label.reshape(-1, 1)),
             pb_utils.Tensor("CONFIDENCE", self.confidence[rows].astype(np.float32).reshape(-1, 1)),
             pb_utils.Tensor("ROUTE", self.route[rows].reshape(-1, 1)),
+            pb_utils.Tensor("THRESHOLD", self.thresholds[rows]),
         ]
         if want_probs:
             outputs.append(pb_utils.Tensor("PROBS", np.ascontiguousarray(self.probs[rows])))
@@ -294,6 +306,120 @@ def config_inputs(config):
     )
 
 
+def parse_gears(text, threshold):
+    """The config's ladder: [[T, expected drop], ...] starting at the config T, T strictly decreasing."""
+    try:
+        ladder = [(float(t), float(d)) for t, d in json.loads(text)]
+    except (ValueError, TypeError) as err:
+        raise RequestError(f"config parameter gears must be JSON [[T, drop], ...], got {text!r} ({err})") from None
+    thresholds = [t for t, _ in ladder]
+    if not ladder or thresholds[0] != threshold:
+        raise RequestError(f"config parameter gears must start at the config threshold {threshold}, got {thresholds[:1]}")
+    if any(b >= a for a, b in zip(thresholds, thresholds[1:])) or not all(0.0 <= t <= 1.0 for t in thresholds):
+        raise RequestError(f"gear thresholds must be in [0, 1] and strictly decreasing, got {thresholds}")
+    return ladder
+
+
+class Gears:
+    """Moves T along the calibrated ladder to keep a latency target (one instance's own view).
+
+    Signals, all observed inside this instance (Triton does not tell a Python model when a request
+    arrived or how long it queued): each answer's time from the start of its execute to its send, plus
+    this instance's last wait for little as the estimate of the time spent in the gate's queue (the
+    dynamic batcher hands over everything waiting, so a request waits about one execute), and the age of
+    the oldest escalation still waiting for big (big's backlog shows there before any answer does).
+    Every ``interval_s`` the worse of the window's p99 and that age is compared with the target: above
+    it, one gear down (lower T) at once; after ``RAISE_AFTER`` intervals in a row below ``RAISE_BELOW`` x
+    target, one gear up; otherwise hold. Down fast, up slowly: a backlog shows up late (when big
+    finally answers), so climbing back as soon as one window looked calm went straight back into
+    overload. After a quiet spell (nothing in flight, nothing answered for an interval) there is no
+    load to shed: back to gear 0. While the target is met the gear stays 0.
+    """
+
+    RAISE_BELOW = 0.5
+    RAISE_AFTER = 4
+
+    def __init__(self, ladder, target_s, interval_s, metrics, count, now):
+        self.count = count  # Counters.add: counters reach Triton batched, like the gate's own
+        self.thresholds = [t for t, _ in ladder]
+        self.drops = [d for _, d in ladder]
+        self.target_s, self.interval_s = target_s, interval_s
+        self.metrics = metrics  # GearMetrics
+        self.gear = 0
+        self.queue_s = 0.0  # this instance's last wait for little: the estimated gate queue wait
+        self.window = []  # latency estimates (s) of answers since the last decision
+        self.pending = []  # start times of escalations waiting for big
+        self.calm = 0  # intervals in a row below RAISE_BELOW x target
+        self.decided = self.accounted = self.began = self.last_answer = now
+
+    @property
+    def threshold(self):
+        return self.thresholds[self.gear]
+
+    @property
+    def in_force(self):
+        """The cascade's thresholds in this gear (gears move T_0 of a two-stage cascade)."""
+        return (self.thresholds[self.gear],)
+
+    def start(self, now):
+        """At the start of an execute: maybe change gear; returns when its requests probably arrived."""
+        if now - self.decided >= self.interval_s:
+            self._decide(now)
+        self.began = now
+        return now - self.queue_s
+
+    def little_answered(self, now):
+        self.queue_s = now - self.began
+
+    def answered(self, started, count, now):
+        self.window.extend([now - started] * count)
+        self.last_answer = now
+
+    def adapted(self, rows):
+        """``rows`` were answered at this gear's T (not pinned): the expected accuracy they gave up."""
+        if self.gear:
+            self.count(self.metrics.cost, rows * self.drops[self.gear])
+
+    def escalation_started(self, started):
+        self.pending.append(started)
+
+    def escalation_ended(self, started):
+        self.pending.remove(started)
+
+    def _signal(self, now):
+        oldest = now - min(self.pending) if self.pending else 0.0
+        return max(oldest, float(np.percentile(self.window, 99)) if self.window else 0.0)
+
+    def _decide(self, now):
+        self.count(self.metrics.seconds[self.gear], now - self.accounted)
+        self.accounted = now
+        gear, signal = self.gear, self._signal(now)
+        if not self.pending and now - self.last_answer > self.interval_s:
+            gear, self.calm = 0, 0  # quiet spell: what the window holds is old news
+        elif signal > self.target_s:
+            gear, self.calm = min(gear + 1, len(self.thresholds) - 1), 0
+        elif signal < self.RAISE_BELOW * self.target_s:
+            self.calm += int((now - self.decided) / self.interval_s)
+            gear = max(gear - self.calm // self.RAISE_AFTER, 0)
+            self.calm %= self.RAISE_AFTER
+        else:
+            self.calm = 0
+        if gear != self.gear:
+            self.gear = gear
+            self.metrics.gear.set(gear)
+            self.metrics.threshold.set(self.threshold)
+        self.window.clear()
+        self.decided = now
+
+
+@dataclasses.dataclass
+class GearMetrics:
+    gear: object  # gauge: the gear in force
+    threshold: object  # gauge: its T
+    seconds: list  # counters per gear: seconds spent in it
+    cost: object  # counter: expected answers lost against the config T (sum of the gears' drops per row)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -322,6 +448,7 @@ class TritonPythonModel:
         self.counters = Counters(float(params.get("metrics_interval_ms", "100")) / 1000.0)
         self.inputs = config_inputs(config)
         self._init_metrics(args["model_name"])
+        self.gears = self._init_gears(params, args["model_name"], args["model_instance_name"])
         # Escalations still running after their execute returned; a strong reference keeps each task
         # alive until it ends (the event loop holds tasks only weakly). No finalize waits for them:
         # Triton keeps an instance until every response it owes is sent (a reload under load
@@ -367,6 +494,43 @@ class TritonPythonModel:
         # Keep the families alive as long as their metrics.
         self._metric_families = families
 
+    def _init_gears(self, params, model_name, instance):
+        """Gears when the config has a ladder and a latency target; None (T stays fixed) otherwise."""
+        target_ms = float(params.get("latency_target_ms", "0"))
+        if not params.get("gears") or target_ms <= 0:
+            return None
+        if len(self.stages) != 2:
+            raise pb_utils.TritonModelException(f"gears apply to two-stage cascades; this one has {len(self.stages)} stages")
+        try:
+            ladder = parse_gears(params["gears"], self.thresholds[0])
+        except RequestError as err:
+            raise pb_utils.TritonModelException(str(err)) from None
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        families = [
+            pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            for name, description, kind in (
+                ("littlebig_gear", "Gear in force (0: the config T; higher: lower T), per gate instance", gauge),
+                ("littlebig_gear_threshold", "T of the gear in force, per gate instance", gauge),
+                ("littlebig_gear_seconds_total", "Seconds spent in each gear, per gate instance", counter),
+                ("littlebig_gear_accuracy_cost_total", "Expected answers lost against the config T: each row answered "
+                 "in a lower gear adds that gear's calibrated drop; divided by littlebig_rows_total it is the "
+                 "expected accuracy drop", counter),
+            )
+        ]
+        self._gear_families = families  # keep the families alive as long as their metrics
+
+        def metric(family, **labels):
+            return family.Metric(labels={"model": model_name, "instance": instance, **labels})
+
+        metrics = GearMetrics(
+            metric(families[0]), metric(families[1]),
+            [metric(families[2], gear=str(k), threshold=repr(t)) for k, (t, _) in enumerate(ladder)], metric(families[3]),
+        )
+        metrics.gear.set(0)
+        metrics.threshold.set(self.thresholds[0])
+        interval_s = float(params.get("gear_interval_ms", "500")) / 1000.0
+        return Gears(ladder, target_ms / 1000.0, interval_s, metrics, self.counters.add, time.monotonic())
+
     def _parse_inputs(self, request):
         tensors, arrays = [], []
         for spec in self.inputs:
@@ -384,7 +548,7 @@ class TritonPythonModel:
             raise RequestError(f"input {self.inputs[0].name!r} has no rows: send at least one row")
         return tensors, arrays
 
-    def _parse_thresholds(self, parameters):
+    def _parse_thresholds(self, parameters, default):
         if "threshold" in parameters and "thresholds" in parameters:
             raise RequestError("send either 'threshold' or 'thresholds', not both")
         if "thresholds" in parameters:
@@ -396,9 +560,9 @@ class TritonPythonModel:
                     f"stages: send 'thresholds' with {len(self.stages) - 1} values"
                 )
             return (parse_threshold(parameters["threshold"], "request parameter"),)
-        return self.thresholds
+        return default
 
-    def _parse_request(self, request):
+    def _parse_request(self, request, default_thresholds):
         tensors, arrays = self._parse_inputs(request)
         parameters = json.loads(request.parameters() or "{}")
         unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
@@ -406,11 +570,12 @@ class TritonPythonModel:
             raise RequestError(
                 f"unknown request parameter(s) {', '.join(map(repr, unknown))}; known: {', '.join(REQUEST_PARAMETERS)}"
             )
-        thresholds = self._parse_thresholds(parameters)
+        thresholds = self._parse_thresholds(parameters, default_thresholds)
         on_big_failure = self.on_big_failure
         if "on_big_failure" in parameters:
             on_big_failure = parse_on_big_failure(parameters["on_big_failure"], "request parameter")
-        return Accepted(tensors, arrays, thresholds, "PROBS" in request.requested_output_names(), on_big_failure)
+        pinned = "threshold" in parameters or "thresholds" in parameters
+        return Accepted(tensors, arrays, thresholds, "PROBS" in request.requested_output_names(), on_big_failure, pinned)
 
     async def _infer(self, stage, inputs, want_probs):
         """``inputs``: numpy batches, or a request's own input tensors (passed on without a copy)."""
@@ -481,13 +646,14 @@ class TritonPythonModel:
         self.counters.add(self.metric_errors[cause])
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), code))
 
-    def _accept(self, requests):
-        """Parse every request: (accepted ones, responses with the refusals filled in)."""
+    def _accept(self, requests, thresholds):
+        """Parse every request (``thresholds``: for those that send none of their own): (accepted ones,
+        responses with the refusals filled in)."""
         responses = [None] * len(requests)
         accepted = []
         for index, request in enumerate(requests):
             try:
-                accepted.append((index, self._parse_request(request)))
+                accepted.append((index, self._parse_request(request, thresholds)))
             except RequestError as err:
                 responses[index] = self._error(err)
         return accepted, responses
@@ -500,7 +666,9 @@ class TritonPythonModel:
         return arrays, arrays
 
     async def execute(self, requests):
-        accepted, responses = self._accept(requests)
+        gears = self.gears
+        started = gears.start(time.monotonic()) if gears else None
+        accepted, responses = self._accept(requests, gears.in_force if gears else self.thresholds)
         if not accepted:
             return [self._count(r) for r in responses]
 
@@ -516,10 +684,16 @@ class TritonPythonModel:
         except ChildError as err:
             for index, _ in accepted:
                 responses[index] = self._error(err)
+            if gears:
+                gears.answered(started, len(accepted), time.monotonic())
             return [self._count(r) for r in responses]
+        if gears:
+            gears.little_answered(time.monotonic())
+            gears.adapted(sum(n for n, (_, a) in zip(counts, accepted) if not a.pinned))
 
         route = np.zeros(len(answer.confidence), dtype=np.int32)
-        answers = Answers(answer.label, answer.confidence, route, answer.probs if keep_probs else None, self.task == "multilabel")
+        answers = Answers(answer.label, answer.confidence, route, answer.probs if keep_probs else None, self.task == "multilabel",
+                          thresholds)
         unsure = self._unsure(first, answer, thresholds)
         pending = np.flatnonzero(unsure)
         self.counters.add(self.metric_rows[0], len(route) - len(pending))
@@ -530,6 +704,8 @@ class TritonPythonModel:
                 waiting.append(Waiting(requests[index].get_response_sender(), rows, request.want_probs, request.on_big_failure))
             else:
                 responses[index] = answers.response(rows, request.want_probs)
+        if gears:
+            gears.answered(started, len(accepted) - len(waiting), time.monotonic())
         if not waiting:
             return [self._count(r) for r in responses]  # one message back for the whole batch
 
@@ -540,10 +716,22 @@ class TritonPythonModel:
         # Fancy indexing copies the rows out of the requests' input buffers, which Triton may free
         # once execute returns.
         escalation = Escalation([x[pending] for x in arrays], pending, thresholds[pending], waiting, unsure)
-        task = asyncio.create_task(self._escalate(escalation, answers))
+        later = self._escalate(escalation, answers)
+        if gears:
+            gears.escalation_started(started)
+            later = self._observed(later, started, len(waiting))
+        task = asyncio.create_task(later)
         self._escalations.add(task)
         task.add_done_callback(self._escalations.discard)
         return None
+
+    async def _observed(self, escalation, started, count):
+        """The escalation, with its requests' latency told to the gears."""
+        try:
+            await escalation
+        finally:
+            self.gears.escalation_ended(started)
+            self.gears.answered(started, count, time.monotonic())
 
     async def _escalate(self, escalation, answers):
         """Run the later stages, each on the rows the previous one left unsure, answering each
@@ -595,6 +783,6 @@ class TritonPythonModel:
         route = np.where(fallback, len(self.stages) + stage.index - 1, answers.route[rows]).astype(np.int32)
         self.counters.add(self.metric_fallback, int(fallback.sum()))
         probs = None if answers.probs is None else answers.probs[rows]
-        return Answers(answers.label[rows], answers.confidence[rows], route, probs, answers.multilabel).response(
+        return Answers(answers.label[rows], answers.confidence[rows], route, probs, answers.multilabel, answers.thresholds[rows]).response(
             slice(None), wait.want_probs
         )

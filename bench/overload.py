@@ -1,0 +1,303 @@
+"""Under overload: the gate at a fixed T against the gate with gears, on one server, open-loop load.
+
+One gate serves both variants: it has the calibration report's gears and a latency target; the fixed
+variant's requests pin the config T (request parameter `threshold`: a pinned request is never
+adapted), the adaptive variant's do not. Same model, same instances, same code path otherwise.
+The fixed gate's capacity is measured first: the open-loop rate it sustains with p99 within the
+latency target (bisection over short runs, one image per request). Then Poisson arrivals at 1.0x, 1.2x
+and 1.5x of it are sent for a bounded time to each gate in turn (order alternating per round; medians
+of rounds). Every answer's THRESHOLD output says which gear answered it, so the client
+counts the time in each gear and the expected accuracy drop (the gears' calibrated drops, per answer).
+Both gates have Triton's bounded queue: what they cannot take is refused (UNAVAILABLE) and counted.
+
+    .venv/bin/python bench/overload.py --little runs/lite/little.onnx --big runs/lite/big.onnx \\
+        --report runs/lite/calib/report.json --data /work/shared/data/imagenet-sample --out bench/results/overload
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+from tqdm import tqdm
+
+from littlebig.client.gears import Ladder
+from littlebig.client.images import list_images, to_wire_batch
+from littlebig.client.infer import LittleBigClient
+from littlebig.client.metrics import read_samples
+from littlebig.contract import GATE_MODEL, GEARS, LATENCY_TARGET_MS
+from littlebig.model_repository.builder import RepositoryOptions, build_repository
+from littlebig.server import TritonServer
+from peers import closed_loop, image_inputs  # bench/peers.py, beside this script
+
+VARIANTS = ("fixed", "adaptive")
+OUTPUTS = [grpcaio.InferRequestedOutput(name) for name in ("CLASS", "THRESHOLD")]
+
+
+@dataclasses.dataclass
+class Run:
+    variant: str
+    load: float
+    rate: float  # requests per second sent
+    seconds: float
+    latencies_ms: list[float]  # of the answered requests
+    thresholds: list[float]  # THRESHOLD of each answer, in send order
+    send_times: list[float]
+    classes: dict[int, int]  # image index -> class of the answers
+    refused: int  # UNAVAILABLE (queue full or timed out)
+    failed: int  # any other error
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_ms) / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+
+async def open_loop(url: str, variant: str, inputs, rate: float, seconds: float, load: float, seed: int, pin: float) -> Run:
+    """Poisson arrivals at ``rate`` for ``seconds``; waits for every answer (bounded by the child timeout)."""
+    client = grpcaio.InferenceServerClient(url)
+    loop = asyncio.get_running_loop()
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=int(rate * seconds * 2) + 10)
+    arrivals = np.cumsum(gaps)
+    arrivals = arrivals[arrivals < seconds]
+    run = Run(variant, load, rate, seconds, [], [], [], {}, 0, 0)
+    parameters = {"threshold": pin} if variant == "fixed" else None
+    answered = []
+
+    async def one(k: int, sent: float) -> None:
+        index = k % len(inputs)
+        try:
+            result = await client.infer(GATE_MODEL, [inputs[index]], outputs=OUTPUTS, parameters=parameters)
+        except grpcaio.InferenceServerException as err:
+            if "UNAVAILABLE" in str(err.status()):
+                run.refused += 1
+            else:
+                run.failed += 1
+            return
+        answered.append((sent, (loop.time() - sent) * 1000.0, float(result.as_numpy("THRESHOLD")[0, 0])))
+        run.classes[index] = int(result.as_numpy("CLASS")[0, 0])
+
+    start = loop.time()
+    tasks = []
+    try:
+        for k, at in enumerate(arrivals):
+            delay = start + at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(k, loop.time())))
+        await asyncio.gather(*tasks)
+    finally:
+        await client.close()
+    answered.sort()
+    run.send_times = [a[0] - start for a in answered]
+    run.latencies_ms = [a[1] for a in answered]
+    run.thresholds = [a[2] for a in answered]
+    return run
+
+
+def capacity_at_target(url: str, inputs, upper: float, target_ms: float, seconds: float, pause: float, steps: int, pin: float) -> float:
+    """The highest open-loop rate at which the fixed gate keeps p99 <= target with nothing refused,
+    by bisection between a quarter of its closed-loop throughput and all of it (short runs)."""
+    low, high = 0.25 * upper, upper
+    for step in range(steps):
+        rate = (low + high) / 2.0
+        run = asyncio.run(open_loop(url, "fixed", inputs, rate, seconds, 0.0, step, pin))
+        met = run.refused == 0 and run.failed == 0 and run.percentile(99) <= target_ms
+        print(f"capacity search: {rate:6.1f} req/s -> p99 {run.percentile(99):6.0f} ms, refused {run.refused}: "
+              f"{'met' if met else 'missed'}", flush=True)
+        low, high = (rate, high) if met else (low, rate)
+        time.sleep(pause)
+    return low
+
+
+def gear_seconds(run: Run, ladder: list[float]) -> list[float]:
+    """Seconds of the run in each gear, as the answers saw it: each gap between sends goes to the gear
+    of the answer sent at its start (a pinned T would not be a gear; the bench pins none)."""
+    seconds = [0.0] * len(ladder)
+    times = run.send_times + [run.seconds]
+    for k, t in enumerate(run.thresholds):
+        seconds[ladder.index(t)] += max(0.0, min(times[k + 1], run.seconds) - times[k])
+    return seconds
+
+
+def expected_drop(run: Run, ladder: list[float], drops: list[float]) -> float:
+    """Mean calibrated drop (points) over the run's answers: what the gears are expected to have cost."""
+    if not run.thresholds:
+        return 0.0
+    return 100.0 * float(np.mean([drops[ladder.index(t)] for t in run.thresholds]))
+
+
+def measure(url, inputs, rate0, loads, rounds, seconds, ladder, drops, pause) -> list[Run]:
+    runs = []
+    progress = tqdm(total=rounds * len(loads) * 2, desc="overload runs", unit="run")
+    for r in range(rounds):
+        for i, load in enumerate(loads):
+            order = ("fixed", "adaptive") if (r + i) % 2 == 0 else ("adaptive", "fixed")
+            for variant in order:
+                run = asyncio.run(open_loop(url, variant, inputs, rate0 * load, seconds, load, 1000 * r + i, ladder[0]))
+                runs.append(run)
+                progress.update(1)
+                progress.write(
+                    f"round {r + 1} {load:.1f}x {variant:>8}: p50 {run.percentile(50):7.0f} ms  p99 {run.percentile(99):7.0f} ms  "
+                    f"{run.throughput:5.1f} img/s  refused {run.refused:4d}  gears(s) "
+                    f"{' '.join(f'{s:.1f}' for s in gear_seconds(run, ladder))}  drop {expected_drop(run, ladder, drops):.2f} pt"
+                )
+                time.sleep(pause)  # queues drain; the adaptive gate climbs back to gear 0 when quiet
+    progress.close()
+    return runs
+
+
+def summarise(runs: list[Run], loads, ladder, drops, reference: dict[int, int]) -> list[dict]:
+    rows = []
+    for load in loads:
+        row = {"load": load}
+        by = {v: [r for r in runs if r.load == load and r.variant == v] for v in VARIANTS}
+        for variant, mine in by.items():
+            row[variant] = {
+                "rate": mine[0].rate,
+                "p50_ms": statistics.median(r.percentile(50) for r in mine),
+                "p99_ms": statistics.median(r.percentile(99) for r in mine),
+                "throughput": statistics.median(r.throughput for r in mine),
+                "refused": statistics.median(r.refused for r in mine),
+                "failed": sum(r.failed for r in mine),
+                "gear_seconds": [statistics.mean(g) for g in zip(*(gear_seconds(r, ladder) for r in mine))],  # sums to the run
+                "expected_drop_pt": statistics.median(expected_drop(r, ladder, drops) for r in mine),
+                # Answers whose class differs from the fixed gate's answer for the same image.
+                "differ_from_fixed": sum(sum(reference.get(i) not in (None, c) for i, c in r.classes.items()) for r in mine),
+            }
+        row["adaptive_vs_fixed_p99"] = statistics.median(
+            a.percentile(99) / f.percentile(99) for a, f in zip(by["adaptive"], by["fixed"])
+        )
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], ladder: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    loads = [r["load"] for r in rows]
+    for variant, style in (("fixed", "o-"), ("adaptive", "s-")):
+        left.plot(loads, [r[variant]["p99_ms"] for r in rows], style, label=f"{variant} p99")
+        left.plot(loads, [r[variant]["p50_ms"] for r in rows], style, alpha=0.4, label=f"{variant} p50")
+    left.set_yscale("log")
+    left.set_xlabel("offered load (x the fixed gate's capacity)")
+    left.set_ylabel("latency (ms)")
+    left.legend()
+    bottom = np.zeros(len(rows))
+    for k, t in enumerate(ladder):
+        share = np.array([r["adaptive"]["gear_seconds"][k] for r in rows])
+        right.bar([str(x) for x in loads], share, bottom=bottom, label=f"gear {k} (T={t:.3f})")
+        bottom += share
+    right.set_xlabel("offered load")
+    right.set_ylabel("seconds in gear (adaptive)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--little", required=True)
+    parser.add_argument("--big", required=True)
+    parser.add_argument("--report", required=True, help="calibration report.json with gears")
+    parser.add_argument("--data", required=True, help="folder of real images")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--loads", default="1.0,1.2,1.5", help="offered loads, in multiples of the fixed gate's capacity")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=12.0, help="length of each open-loop run")
+    parser.add_argument("--capacity-concurrency", type=int, default=16)
+    parser.add_argument("--capacity-seconds", type=float, default=10.0)
+    parser.add_argument("--target-ms", type=float, default=500.0, help="p99 latency target: the fixed gate's capacity "
+                        "is the rate it sustains within it, and the adaptive gate's latency_target_ms")
+    parser.add_argument("--capacity-steps", type=int, default=5, help="bisection steps of the capacity search")
+    parser.add_argument("--max-queue-size", type=int, default=64, help="Triton queue bound on both gates")
+    parser.add_argument("--pause", type=float, default=3.0, help="seconds of quiet between runs")
+    parser.add_argument("--out", required=True, help="folder for overload.json and overload.png")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    ladder_ = Ladder.from_dict(json.loads(Path(args.report).read_text())["gears"])
+    ladder, drops = [g.threshold for g in ladder_.gears], [g.drop for g in ladder_.gears]
+    loads = [float(x) for x in args.loads.split(",")]
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        options = RepositoryOptions(threshold=ladder[0], max_queue_size=args.max_queue_size)
+        repo = build_repository(args.little, args.big, Path(tmp) / "repository", options)
+        with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
+            with LittleBigClient(server.grpc_url) as client:
+                info = client.gate_info()
+            images = to_wire_batch(list_images(args.data)[: args.images], info.wire_size, info.crop_pct)
+            inputs = image_inputs(images)
+            # The gate at fixed T (`littlebig` has no gears yet): closed-loop throughput, one image per
+            # request, then its capacity at the target: the open-loop rate it sustains within it.
+            run = asyncio.run(closed_loop(server.grpc_url, "gate", inputs, args.capacity_concurrency, args.capacity_seconds, ladder[0]))
+            print(f"fixed gate (T={ladder[0]:.4f}) closed loop at concurrency {args.capacity_concurrency}: "
+                  f"{run.throughput:.1f} img/s, p99 {run.percentile(99):.0f} ms", flush=True)
+            rate0 = capacity_at_target(server.grpc_url, inputs, run.throughput, args.target_ms, args.capacity_seconds / 2,
+                                       args.pause, args.capacity_steps, ladder[0])
+            print(f"fixed gate capacity within p99 <= {args.target_ms:.0f} ms: {rate0:.1f} req/s", flush=True)
+            install_gears(server, ladder_.config_value(), args.target_ms)
+            runs = measure(server.grpc_url, inputs, rate0, loads, args.rounds, args.seconds, ladder, drops, args.pause)
+            metrics = read_samples(server.metrics_url, "littlebig_gear")
+    reference = {}
+    for run in runs:
+        if run.variant == "fixed":
+            reference.update(run.classes)
+    rows = summarise(runs, loads, ladder, drops, reference)
+    report(rows, args, ladder_, rate0, run.throughput, metrics, time.time() - started)
+
+
+def install_gears(server: TritonServer, gears: str, target_ms: float) -> None:
+    """Reload `littlebig` with the gears and the target (known only once capacity was measured)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        config = client.get_model_config(GATE_MODEL, as_json=True)["config"]
+        config["parameters"][GEARS] = {"string_value": gears}
+        config["parameters"][LATENCY_TARGET_MS] = {"string_value": repr(float(target_ms))}
+        client.load_model(GATE_MODEL, config=json.dumps(config), headers=server.admin_headers())
+
+
+def report(rows, args, ladder_: Ladder, rate0, closed_loop_rate, metrics, wall_s) -> None:
+    ladder = [g.threshold for g in ladder_.gears]
+    print(f"{'load':>5} {'variant':>9} {'p50 ms':>8} {'p99 ms':>8} {'img/s':>6} {'refused':>7}  seconds per gear "
+          f"({', '.join(f'T={t:.3f}' for t in ladder)})  expected drop  answers != fixed")
+    for row in rows:
+        for variant in VARIANTS:
+            v = row[variant]
+            print(f"{row['load']:5.1f} {variant:>9} {v['p50_ms']:8.0f} {v['p99_ms']:8.0f} {v['throughput']:6.1f} {v['refused']:7.0f}  "
+                  f"{' '.join(f'{s:5.1f}' for s in v['gear_seconds']):<28} {v['expected_drop_pt']:6.2f} pt  {v['differ_from_fixed']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "ladder": ladder_.as_dict(), "capacity_req_s": rate0, "closed_loop_img_s": closed_loop_rate, "target_ms": args.target_ms,
+        "rounds": args.rounds, "seconds_per_run": args.seconds, "max_queue_size": args.max_queue_size,
+        "images": args.images, "wall_s": wall_s, "rows": rows,
+        "gate_gear_metrics": [{"name": n, "labels": labels, "value": v} for n, labels, v in metrics],
+    }
+    (out / "overload.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, ladder, out / "overload.png")
+    at = next(r for r in rows if r["load"] == 1.2) if any(r["load"] == 1.2 for r in rows) else rows[len(rows) // 2]
+    print(f"adaptive/fixed p99 at {at['load']:.1f}x: {at['adaptive_vs_fixed_p99']:.2f}; expected drop: "
+          f"{at['adaptive']['expected_drop_pt']:.2f} pt")
+
+
+if __name__ == "__main__":
+    main()

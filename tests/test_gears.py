@@ -1,0 +1,333 @@
+"""Gears: the ladder from calibration data (pure numpy), and the gate moving along it through the real
+server: down while a deliberately slow big misses a small latency target, back when big is fast again,
+every answer equal to offline Eq. 4 at the T it reports; and Triton's queue policy refusing with
+UNAVAILABLE when the gate's queue is full."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from littlebig.client import gears as g
+from littlebig.client import thresholds as th
+from littlebig.client.infer import LittleBigClient
+from littlebig.client.metrics import read_samples, sample_sum
+from littlebig.model_repository.builder import RepositoryError, RepositoryOptions, build_repository
+from littlebig.server import TritonServer
+
+# ---------------------------------------------------------------- the ladder (pure numpy)
+
+
+def outcomes(confidence, little_correct, big_correct) -> th.Outcomes:
+    little_correct, big_correct = np.asarray(little_correct, bool), np.asarray(big_correct, bool)
+    return th.Outcomes(np.asarray(confidence, np.float32), little_correct, big_correct,
+                       little_correct == big_correct, 1_000_000_000, 4_000_000_000)
+
+
+def test_ladder_stops_at_the_first_threshold_over_budget():
+    # 10 images, chosen T = 0.95 escalates everything below it. Lowering T keeps, in order of falling
+    # confidence: 0.9 (little right: no loss), 0.8 (little wrong, big right: -1 image = -10 points).
+    conf = [0.99, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    little = [1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
+    big = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    ladder = g.ladder(outcomes(conf, little, big), 0.95, budget=0.05, count=4)
+    assert ladder.gears[0].threshold == 0.95 and ladder.gears[0].drop == 0.0
+    # The floor keeps 0.9 but not 0.8 (whose loss breaks the budget) although everything further down
+    # is free again: the scan stops at the first breach.
+    assert [round(x.escalation, 3) for x in ladder.gears] == [0.9, 0.8]
+    assert 0.8 < ladder.gears[-1].threshold <= 0.9
+    assert all(x.drop <= 0.05 for x in ladder.gears)
+
+
+def test_ladder_spreads_gears_evenly_in_escalation_and_states_bounds():
+    rng = np.random.default_rng(0)
+    n = 2000
+    conf = rng.uniform(0.1, 1.0, n)
+    little = rng.uniform(size=n) < conf  # little is right about as often as it is sure
+    big = rng.uniform(size=n) < 0.9
+    o = outcomes(conf, little, big)
+    ladder = g.ladder(o, 0.6, budget=0.03, count=4)
+    thresholds = [x.threshold for x in ladder.gears]
+    assert thresholds == sorted(thresholds, reverse=True) and len(set(thresholds)) == len(thresholds) == 4
+    steps = np.diff([x.escalation for x in ladder.gears])
+    assert np.all(steps < 0) and steps.max() - steps.min() < 0.01  # even steps
+    s = th.sweep(o, np.array(thresholds))
+    for gear, accuracy in zip(ladder.gears, s.accuracy):
+        assert gear.drop == pytest.approx(s.accuracy[0] - accuracy)  # measured against the chosen T
+        assert gear.drop <= 0.03 + 1e-12 and gear.upper_drop >= gear.drop
+    # One more row below the floor would break the budget (or the floor is T = 0).
+    below = th.candidate_thresholds(o.confidence)
+    below = below[below < thresholds[-1]]
+    if len(below):
+        nxt = th.sweep(o, below[-1:])
+        assert s.accuracy[0] - nxt.accuracy[0] > 0.03 or nxt.escalation[0] == s.escalation[-1]
+    certified = g.ladder(o, 0.6, budget=0.03, count=4, certified=True)
+    assert certified.gears[-1].threshold >= ladder.gears[-1].threshold
+    assert all(x.upper_drop <= 0.03 + 1e-12 for x in certified.gears)
+
+
+def test_ladder_needs_labels_and_roundtrips():
+    o = outcomes([0.9, 0.5], [1, 0], [1, 1])
+    with pytest.raises(ValueError, match="labelled"):
+        g.ladder(dataclasses.replace(o, little_correct=None, big_correct=None), 0.6)
+    ladder = g.ladder(o, 0.6, budget=0.0)
+    assert [x.threshold for x in ladder.gears] == [0.6]  # nothing below is free: one gear
+    assert g.Ladder.from_dict(json.loads(json.dumps(ladder.as_dict()))) == ladder
+    assert json.loads(ladder.config_value()) == [[0.6, 0.0]]
+
+
+def test_repository_refuses_a_ladder_that_does_not_start_at_t(pair, tmp_path):
+    with pytest.raises(RepositoryError, match="start at the threshold"):
+        build_repository(pair.little, pair.big, tmp_path / "r", RepositoryOptions(threshold=0.5, gears="[[0.4, 0]]"))
+    with pytest.raises(RepositoryError, match="needs gears"):
+        build_repository(pair.little, pair.big, tmp_path / "r", RepositoryOptions(latency_target_ms=10))
+
+
+# ---------------------------------------------------------------- through the server
+
+# A child that sleeps this many seconds per execute while the file `slow` in its model folder says so.
+SLOW_PATCH = '''
+
+import os as _os
+import time as _time
+
+_plain_initialize, _plain_execute = TritonPythonModel.initialize, TritonPythonModel.execute
+
+
+def _initialize(self, args):
+    self._slow_file = _os.path.join(args["model_repository"], "slow")
+    _plain_initialize(self, args)
+
+
+def _execute(self, requests):
+    try:
+        with open(self._slow_file) as f:
+            _time.sleep(float(f.read()))
+    except FileNotFoundError:
+        pass
+    return _plain_execute(self, requests)
+
+
+TritonPythonModel.initialize, TritonPythonModel.execute = _initialize, _execute
+'''
+TARGET_MS = 100
+QUEUE = 4
+
+
+@dataclasses.dataclass
+class GearServer:
+    server: TritonServer
+    repository: Path
+    ladder: list[float]
+
+
+@pytest.fixture(scope="module")
+def gear_server(pair, offline, tmp_path_factory):
+    conf = offline.little.max(1)
+    ladder = [float(np.quantile(conf, q)) for q in (0.6, 0.3, 0.1)]
+    options = RepositoryOptions(
+        threshold=ladder[0], intra_op_threads=1, gate_instances=1, gears=g.gears_parameter(zip(ladder, (0.0, 0.004, 0.009))),
+        latency_target_ms=TARGET_MS, gear_interval_ms=100, max_queue_size=QUEUE,
+    )
+    repository = build_repository(pair.little, pair.big, tmp_path_factory.mktemp("gears") / "repository", options)
+    for child in ("little", "big"):
+        model = repository / child / "1" / "model.py"
+        model.write_text(model.read_text() + SLOW_PATCH)
+    log = tmp_path_factory.mktemp("gears-server") / "tritonserver.log"
+    with TritonServer(repository, log_file=log) as server:
+        yield GearServer(server, repository, ladder)
+
+
+def load(url, images, seconds, concurrency=QUEUE, pin=None):
+    """Closed loop: each worker sends 2-row requests; returns (indices, CLASS, ROUTE, THRESHOLD) of all answers."""
+    answers, errors = [], []
+    end = time.monotonic() + seconds
+
+    def worker(k):
+        with LittleBigClient(url) as client:
+            i = k * 2
+            while time.monotonic() < end:
+                rows = np.arange(i, i + 2) % len(images)
+                try:
+                    out = client.infer(images[rows], threshold=pin if k == 0 else None,
+                                       outputs=["CLASS", "ROUTE", "THRESHOLD"])
+                except Exception as err:  # noqa: BLE001 - collected and asserted on below
+                    errors.append(err)
+                    return
+                answers.append((rows, out, k == 0 and pin is not None))
+                i += 2 * concurrency
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    return answers
+
+
+def assert_eq4_at_reported_t(answers, offline):
+    """Every answer is Eq. 4 (offline, onnxruntime) at the T its THRESHOLD output reports."""
+    for rows, out, _ in answers:
+        thresholds = np.zeros(len(offline.images))
+        thresholds[rows] = out["THRESHOLD"][:, 0]
+        cls, _, route = offline.cascade(thresholds)
+        np.testing.assert_array_equal(out["ROUTE"][:, 0], route[rows])
+        np.testing.assert_array_equal(out["CLASS"][:, 0], cls[rows])
+
+
+def gear_metric(metrics_url, name):
+    return sample_sum(read_samples(metrics_url, "littlebig_gear", settle=True), name)
+
+
+def test_gate_moves_down_under_load_and_back_after(gear_server, offline):
+    server, ladder = gear_server.server, gear_server.ladder
+    slow = gear_server.repository / "big" / "slow"
+    # Met target (big fast, light load): gear 0, answers of the fixed T.
+    calm = load(server.grpc_url, offline.images, 1.0, concurrency=1)
+    assert {float(t) for _, out, _ in calm for t in out["THRESHOLD"][:, 0]} == {ladder[0]}
+    assert_eq4_at_reported_t(calm, offline)
+
+    slow.write_text("0.5")  # every escalation now takes > 5x the target
+    pin = 0.9
+    try:
+        busy = load(server.grpc_url, offline.images, 4.0, pin=pin)
+        assert gear_metric(server.metrics_url, "littlebig_gear") > 0
+    finally:
+        slow.unlink()
+    reported = {float(t) for _, out, pinned in busy if not pinned for t in out["THRESHOLD"][:, 0]}
+    assert reported <= set(ladder) and min(reported) < ladder[0], reported  # moved down along the ladder
+    assert all((out["THRESHOLD"] == pin).all() for _, out, pinned in busy if pinned)  # pinned: never adapted
+    assert any(pinned for _, _, pinned in busy)
+    assert_eq4_at_reported_t(busy, offline)
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # big is fast again: back to gear 0
+        after = load(server.grpc_url, offline.images, 0.5, concurrency=1)
+        if all((out["THRESHOLD"] == ladder[0]).all() for _, out, _ in after[-3:]):
+            break
+    assert all((out["THRESHOLD"] == ladder[0]).all() for _, out, _ in after[-3:])
+    assert gear_metric(server.metrics_url, "littlebig_gear") == 0
+    assert_eq4_at_reported_t(after, offline)
+    seconds = read_samples(server.metrics_url, "littlebig_gear_seconds_total", settle=True)
+    assert sum(v for _, labels, v in seconds if labels["gear"] != "0") > 0  # time in lower gears was counted
+    assert gear_metric(server.metrics_url, "littlebig_gear_accuracy_cost_total") > 0
+
+
+def test_full_queue_is_refused_with_unavailable(gear_server, offline):
+    server = gear_server.server
+    slow = gear_server.repository / "little" / "slow"
+    slow.write_text("0.5")  # the one gate instance waits on little; requests pile up in its queue
+    outcomes = []
+
+    def send(i):
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            image = grpcclient.InferInput("IMAGE", [1, *offline.images.shape[1:]], "UINT8")
+            image.set_data_from_numpy(offline.images[i : i + 1])
+            try:
+                client.infer("littlebig", [image])
+                outcomes.append("ok")
+            except grpcclient.InferenceServerException as err:
+                outcomes.append((err.status(), err.message()))
+
+    try:
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+            time.sleep(0.01)
+        for t in threads:
+            t.join()
+    finally:
+        slow.unlink()
+    refused = [o for o in outcomes if o != "ok"]
+    assert refused and outcomes.count("ok") >= QUEUE, outcomes
+    for status, message in refused:
+        assert status == "StatusCode.UNAVAILABLE" and "queue" in message.lower(), (status, message)
+
+
+def test_repo_command_installs_gears_and_queue_policy(pair, tmp_path):
+    from littlebig.cli import main
+    from littlebig.model_repository.builder import read_config
+
+    ladder = g.Ladder((g.Gear(0.4, 0.2, 1.0, 0.9, 0.0, 0.0), g.Gear(0.3, 0.1, 0.9, 0.895, 0.005, 0.02)), 0.01, 0.95, False)
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "calib" / "report.json").write_text(json.dumps({"threshold": 0.4, "gears": ladder.as_dict()}))
+    main(["repo", "--little", str(pair.little), "--big", str(pair.big), "--out", str(tmp_path / "repo"),
+          "--gears", str(tmp_path / "calib"), "--latency-target-ms", "250", "--max-queue-size", "8", "--queue-timeout-ms", "2000"])
+    config = read_config(tmp_path / "repo" / "littlebig" / "config.pbtxt")
+    assert float(config.parameters["threshold"].string_value) == 0.4  # the ladder's top
+    assert json.loads(config.parameters["gears"].string_value) == [[0.4, 0.0], [0.3, 0.005]]
+    assert float(config.parameters["latency_target_ms"].string_value) == 250
+    policy = config.dynamic_batching.default_queue_policy
+    assert (policy.max_queue_size, policy.default_timeout_microseconds) == (8, 2_000_000)
+    assert policy.timeout_action == policy.REJECT
+
+
+
+# ---------------------------------------------------------------- the controller alone (from the gate's source)
+
+
+class Recorder:
+    def __init__(self):
+        self.value = 0.0
+
+    def set(self, value):
+        self.value = value
+
+
+def gate_gears(ladder, target_s=0.1, interval_s=0.5):
+    """The gate's Gears class, run from the gate file's own source with stand-in metrics."""
+    import ast
+    import types
+
+    from littlebig import contract
+
+    path = Path(contract.__file__).resolve().parent.parent / "model_repository" / "littlebig" / "1" / "model.py"
+    tree = ast.parse(path.read_text())
+    source = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Gears")
+    namespace = {"np": np}
+    exec(compile(ast.Module([source], []), str(path), "exec"), namespace)
+    counts = {}
+    metrics = types.SimpleNamespace(gear=Recorder(), threshold=Recorder(), seconds=[f"s{k}" for k in range(len(ladder))], cost="cost")
+
+    def count(metric, amount):
+        counts[metric] = counts.get(metric, 0) + amount
+
+    return namespace["Gears"](ladder, target_s, interval_s, metrics, count, 0.0), counts
+
+
+def test_controller_down_at_once_up_after_calm_intervals_and_home_after_quiet():
+    gears, counts = gate_gears([(0.5, 0.0), (0.4, 0.002), (0.3, 0.008)])
+    t = 0.0
+
+    def tick(latency, rows=10):
+        nonlocal t
+        t += 0.5
+        started = gears.start(t)
+        gears.little_answered(t)
+        gears.adapted(rows)
+        gears.answered(started - latency, rows, t)  # answers that took ``latency``
+        return gears.threshold
+
+    assert [tick(0.02) for _ in range(3)] == [0.5, 0.5, 0.5]  # met: gear 0, the fixed T
+    assert counts.get("cost", 0) == 0
+    assert [tick(0.3), tick(0.3), tick(0.3)] == [0.5, 0.4, 0.3]  # missed: one gear down per interval
+    assert tick(0.07) == 0.3  # between half the target and the target: hold
+    assert [tick(0.02) for _ in range(4)] == [0.3, 0.3, 0.3, 0.3]  # calm, but not yet for 4 intervals
+    assert tick(0.02) == 0.4  # 4 calm intervals in a row: one gear up
+    # Each tick's rows meet the gear decided at its start: 6 ticks in gear 2, 2 in gear 1.
+    assert counts["cost"] == pytest.approx(10 * (0.008 * 6 + 0.002 * 2))
+    assert counts["s2"] == pytest.approx(3.0) and counts["s1"] == pytest.approx(0.5)
+    escalated = t
+    gears.escalation_started(escalated)
+    assert tick(0.0) == 0.3  # fast answers, but an escalation has waited 0.5 s for big: down
+    gears.escalation_ended(escalated)
+    t += 5.0  # quiet spell: nothing in flight, nothing answered
+    assert gears.start(t) == t and gears.threshold == 0.5
