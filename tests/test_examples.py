@@ -13,7 +13,7 @@ import torch
 from littlebig.examples import debtext, digits
 from littlebig.examples.build import build_pair, multilabel_spec, text_spec
 from littlebig.examples.data import ExampleError, TensorSet, split_rows
-from littlebig.examples.reference import cascade, choose_threshold, expected_macs, micro_f1, stage_probs
+from littlebig.examples.reference import cascade, expected_macs, micro_f1, stage_probs
 from littlebig.export import ExportError, read_metadata
 from littlebig.export.tensor_export import ClassifierHead, TensorModel, export_tensor_model, tensor_parity
 from littlebig.signals import signal as gating_signal
@@ -152,17 +152,6 @@ def test_offline_cascade_routes_on_the_signal_and_pays_per_stage():
     assert micro_f1(np.array([[1, 0], [1, 1]]), np.array([[1, 1], [0, 1]])) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
 
 
-def test_offline_threshold_choice_keeps_the_metric_within_the_drop(multilabel_pair):
-    out, summary = multilabel_pair
-    calib = TensorSet.load(out / "calib.npz")
-    probs = stage_probs([out / "little.onnx", out / "big.onnx"], calib)
-    macs = [summary["models"]["little"]["macs"], summary["models"]["big"]["macs"]]
-    choice = choose_threshold(probs, calib.labels, "multilabel", "mean_abs_margin", macs, max_drop=0.01)
-    assert choice.metric >= choice.big_metric - 0.01 and choice.relative_macs < 1.0
-    answers = cascade(probs, [choice.threshold], "mean_abs_margin")
-    assert micro_f1(answers.decisions("multilabel"), calib.labels) == pytest.approx(choice.metric)
-
-
 # ---------------------------------------------------------------- through the real server
 
 
@@ -205,3 +194,23 @@ def test_served_example_equals_the_offline_cascade_row_by_row(examples_server, g
     assert set(result["routes"]) == {0, 1}, "the rows must reach both stages"
     assert result["route_mismatches"] == 0 and result["answer_mismatches"] == 0, result
     assert result["max_abs_confidence_diff"] <= 1e-6 and result["max_abs_probs_diff"] <= 1e-6, result
+
+
+def test_served_stage_probs_calibrate_through_kstage(examples_server, multilabel_pair):
+    """bench/examples.py's path: the stage models asked directly through the server, T chosen by
+    client/kstage.py on those probabilities, and the offline cascade at T keeping the micro-F1."""
+    from littlebig.client.kstage import choose_multilabel
+    from littlebig.examples.served import served_stage_probs
+
+    server, _ = examples_server
+    folder, summary = multilabel_pair
+    calib = TensorSet.load(folder / "calib.npz")
+    served = served_stage_probs(server.grpc_url, calib, ("digits_little", "digits_big"), batch_size=64)
+    offline = stage_probs([folder / "little.onnx", folder / "big.onnx"], calib)
+    assert all(np.abs(s - o).max() <= 1e-6 for s, o in zip(served, offline))
+    macs = [summary["models"]["little"]["macs"], summary["models"]["big"]["macs"]]
+    choice = choose_multilabel(served, calib.labels, macs, max_f1_drop=0.01)
+    assert choice["criterion_met"] and choice["macs_reduction"] > 0.0, choice
+    assert choice["metric"] >= choice["reference_metric"] - 0.01
+    answers = cascade(offline, choice["thresholds"], "mean_abs_margin")
+    assert micro_f1(answers.decisions("multilabel"), calib.labels) == pytest.approx(choice["metric"])

@@ -71,31 +71,3 @@ def expected_macs(route: np.ndarray, macs: list[int]) -> float:
     """Mean MACs per row: a row answered by stage k paid for stages 0..k (paper Eq. 5/7)."""
     paid = np.cumsum(np.asarray(macs, dtype=np.float64))
     return float(paid[route].mean())
-
-
-@dataclasses.dataclass(frozen=True)
-class PairChoice:
-    threshold: float
-    metric: float  # the cascade's on the calibration rows
-    big_metric: float
-    relative_macs: float  # expected MACs / big's
-
-
-def choose_threshold(probs: list[np.ndarray], labels: np.ndarray, task: str, signal: str, macs: list[int],
-                     max_drop: float) -> PairChoice:
-    """Two stages: the T with the fewest expected MACs whose cascade metric on these rows is at most
-    ``max_drop`` below big's (exact: T runs over every distinct signal value;
-    1.0, nearly everything to big, when none qualifies)."""
-    confidence = gating_signal(signal, probs[0])
-    big_metric = metric(task, (probs[1] >= 0.5).astype(np.int32) if task == "multilabel" else probs[1].argmax(1), labels)
-    best = None
-    for threshold in np.unique(np.append(confidence, 1.0))[::-1]:  # from 1.0 down: cost falls as T falls
-        answers = cascade(probs, [float(threshold)], signal)
-        value = metric(task, answers.decisions(task), labels)
-        cost = expected_macs(answers.route, macs) / macs[1]
-        if best is None or (value >= big_metric - max_drop and cost <= best.relative_macs):
-            best = PairChoice(float(threshold), value, big_metric, cost)
-    # The middle of the gap below the chosen value routes the same rows, and no row sits on T, so a
-    # server computing the signal in another precision routes them the same way too.
-    below = confidence[confidence < best.threshold]
-    return dataclasses.replace(best, threshold=(best.threshold + (below.max() if len(below) else 0.0)) / 2)

@@ -1,5 +1,5 @@
-"""An example pair through the real server: its repository, its rows sent to the gate, and the
-row-by-row comparison with the offline cascade (reference.py)."""
+"""An example pair through the real server: its repository, its rows sent to the gate or to each stage
+model, and the row-by-row comparison with the offline cascade (reference.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from littlebig.contract import CLASS, CONFIDENCE, GATE_MODEL, LABELS, PROBS, ROUTE
+from littlebig.contract import BIG_MODEL, CLASS, CONFIDENCE, GATE_MODEL, LABELS, LITTLE_MODEL, PROBS, ROUTE
 
 from .data import TensorSet
 from .reference import CascadeAnswers
@@ -26,12 +26,11 @@ def build_example_repository(folder: str | Path, out: str | Path, threshold: flo
     return build_repository(folder / "little.onnx", folder / "big.onnx", out, settings)
 
 
-def served_answers(url: str, data: TensorSet, task: str, *, gate: str = GATE_MODEL, batch_size: int = 64,
-                   parameters: dict | None = None) -> dict[str, np.ndarray]:
-    """Every row of ``data`` through the gate over gRPC, in batches; the outputs concatenated."""
+def _infer_rows(url: str, data: TensorSet, model: str, outputs: list[str], batch_size: int,
+                parameters: dict | None = None) -> dict[str, np.ndarray]:
+    """Every row of ``data`` through the served ``model`` over gRPC, in batches; the outputs concatenated."""
     import tritonclient.grpc as grpcclient
 
-    outputs = [LABELS if task == "multilabel" else CLASS, CONFIDENCE, ROUTE, PROBS]
     answers = {name: [] for name in outputs}
     with grpcclient.InferenceServerClient(url) as client:
         for start in range(0, len(data), batch_size):
@@ -41,11 +40,25 @@ def served_answers(url: str, data: TensorSet, task: str, *, gate: str = GATE_MOD
                 tensor = grpcclient.InferInput(name, list(chunk.shape), TRITON_TYPES[chunk.dtype])
                 tensor.set_data_from_numpy(chunk)
                 tensors.append(tensor)
-            result = client.infer(gate, tensors, outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
+            result = client.infer(model, tensors, outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
                                   parameters=parameters)
             for name in outputs:
                 answers[name].append(result.as_numpy(name))
     return {name: np.concatenate(parts) for name, parts in answers.items()}
+
+
+def served_answers(url: str, data: TensorSet, task: str, *, gate: str = GATE_MODEL, batch_size: int = 64,
+                   parameters: dict | None = None) -> dict[str, np.ndarray]:
+    """Every row of ``data`` through the gate; its LABELS or CLASS, CONFIDENCE, ROUTE and PROBS."""
+    outputs = [LABELS if task == "multilabel" else CLASS, CONFIDENCE, ROUTE, PROBS]
+    return _infer_rows(url, data, gate, outputs, batch_size, parameters)
+
+
+def served_stage_probs(url: str, data: TensorSet, models: tuple[str, ...] = (LITTLE_MODEL, BIG_MODEL), *,
+                       batch_size: int = 64) -> list[np.ndarray]:
+    """Each served stage model's PROBS on every row, asking the models directly (not the gate: calibration
+    needs every stage's answer on every row, as client/collect.py does for images)."""
+    return [_infer_rows(url, data, model, [PROBS], batch_size)[PROBS] for model in models]
 
 
 def compare(served: dict[str, np.ndarray], expected: CascadeAnswers, task: str) -> dict:
