@@ -17,6 +17,7 @@ from .datasets import ImageSet
 from .images import to_wire_batch
 from .infer import GateInfo, LittleBigClient
 from .labels import ClassLabels
+from littlebig.contract import served_stages
 
 
 @dataclasses.dataclass
@@ -176,9 +177,7 @@ def gate_stage_models(url: str) -> tuple[str, ...]:
     else its little and big."""
     with LittleBigClient(url) as client:
         params = {k: v["string_value"] for k, v in client.model_config().get("parameters", {}).items()}
-    if params.get("stage_models"):
-        return tuple(name.strip() for name in params["stage_models"].split(","))
-    return (params["little_model"], params["big_model"])
+    return served_stages(params)
 
 
 def collect_cached(

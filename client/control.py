@@ -15,7 +15,7 @@ import json
 import tritonclient.grpc as grpcclient
 
 from .admin import admin_headers
-from littlebig.contract import GEARS
+from littlebig.contract import GEARS, served_stages
 
 from .infer import GATE_MODEL, LittleBigClient
 
@@ -35,10 +35,7 @@ def switch_threshold(url: str, threshold: float, *, gears: str | None = None, mo
         parameters = config.setdefault("parameters", {})
         parameters["threshold"] = {"string_value": repr(float(threshold))}
         set_gears(parameters, threshold, gears)
-        # A config override replaces the whole config; everything else stays as served.
-        client.load_model(model, config=json.dumps(config), headers=admin_headers(url))
-        if not client.is_model_ready(model):
-            raise RuntimeError(f"model {model!r} is not ready after switching to threshold {threshold}")
+        _reload(client, url, model, config, f"threshold {threshold}")
 
 
 def switch_thresholds(url: str, thresholds: list[float], *, model: str = GATE_MODEL) -> dict:
@@ -47,7 +44,7 @@ def switch_thresholds(url: str, thresholds: list[float], *, model: str = GATE_MO
     with grpcclient.InferenceServerClient(url) as client:
         config = client.get_model_config(model, as_json=True)["config"]
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-    stages = params["stage_models"].split(",") if params.get("stage_models") else [params["little_model"], params["big_model"]]
+    stages = served_stages(params)
     if len(thresholds) != len(stages) - 1:
         raise ValueError(f"the gate serves {len(stages)} stages ({', '.join(stages)}): give {len(stages) - 1} thresholds, got {len(thresholds)}")
     if len(stages) == 2:
@@ -59,10 +56,16 @@ def switch_thresholds(url: str, thresholds: list[float], *, model: str = GATE_MO
     config["parameters"]["thresholds"] = {"string_value": ",".join(repr(float(t)) for t in thresholds)}
     config["parameters"].pop("threshold", None)
     with grpcclient.InferenceServerClient(url) as client:
-        client.load_model(model, config=json.dumps(config), headers=admin_headers(url))
-        if not client.is_model_ready(model):
-            raise RuntimeError(f"model {model!r} is not ready after switching to thresholds {thresholds}")
+        _reload(client, url, model, config, f"thresholds {thresholds}")
     return params
+
+
+def _reload(client: grpcclient.InferenceServerClient, url: str, model: str, config: dict, what: str) -> None:
+    """Load ``model`` with ``config`` as an override (it replaces the whole config; everything else
+    stays as served) and check it is ready."""
+    client.load_model(model, config=json.dumps(config), headers=admin_headers(url))
+    if not client.is_model_ready(model):
+        raise RuntimeError(f"model {model!r} is not ready after switching to {what}")
 
 
 def set_gears(parameters: dict, threshold: float, gears: str | None) -> None:

@@ -13,6 +13,14 @@ import math
 GATE_MODEL, LITTLE_MODEL, BIG_MODEL = "littlebig", "little", "big"
 
 
+def served_stages(parameters: dict[str, str]) -> tuple[str, ...]:
+    """The stage models a gate calls, in cost order, from its config parameters (string values):
+    `stage_models` (K stages), else the two-stage `little_model`, `big_model`."""
+    if parameters.get("stage_models"):
+        return tuple(name.strip() for name in parameters["stage_models"].split(","))
+    return (parameters["little_model"], parameters["big_model"])
+
+
 def stage_models(count: int) -> tuple[str, ...]:
     """Model names of a cascade of ``count`` stages in cost order: little, stage1 ... stage{K-2}, big
     (two stages: little, big)."""

@@ -27,17 +27,15 @@ import numpy as np
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from littlebig.contract import GATE_MODEL
+from littlebig.contract import GATE_MODEL, served_stages
 from littlebig.server import ServerError, TritonServer
 
 SERVER = "tritonserver"  # the target name of a whole-server restart
 
 
 def _stage_names(params: dict) -> list[str]:
-    """The gate's stages in cost order (stage_models; older configs: little_model, big_model)."""
-    if "stage_models" in params:
-        return params["stage_models"]["string_value"].split(",")
-    return [params["little_model"]["string_value"], params["big_model"]["string_value"]]
+    """The gate's stages in cost order, from its config parameters (JSON form)."""
+    return list(served_stages({key: value["string_value"] for key, value in params.items()}))
 
 
 def _blank_input(spec: dict) -> httpclient.InferInput:
