@@ -11,6 +11,9 @@ ratios are medians of per-round ratios.
 
     .venv/bin/python bench/peers.py --little runs/lite/little.onnx --big runs/lite/big.onnx \
         --data DIR --threshold 0.36 --out bench/results/peers.json
+
+With --little-in-gate the gate runs little in its own process (`littlebig repo --little-in-gate`);
+the peers still call the served `little`, as a user's BLS model or client would.
 """
 
 from __future__ import annotations
@@ -155,10 +158,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--out", required=True, help="JSON file for the figures")
+    parser.add_argument("--little-in-gate", action="store_true", help="the gate runs little in its own process")
+    parser.add_argument("--gate-instances", type=int, default=RepositoryOptions.gate_instances)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        repo = build_repository(args.little, args.big, Path(tmp) / "repository", RepositoryOptions(threshold=args.threshold))
+        options = RepositoryOptions(threshold=args.threshold, little_in_gate=args.little_in_gate, gate_instances=args.gate_instances)
+        repo = build_repository(args.little, args.big, Path(tmp) / "repository", options)
         add_peer(repo)
         with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
             with LittleBigClient(server.grpc_url) as client:
@@ -174,7 +180,8 @@ def main() -> None:
               f"{row['gate_vs_client_p50']:.2f}  p99 gate/bls {row['gate_vs_bls_p99']:.2f} gate/client {row['gate_vs_client_p99']:.2f}  "
               f"(img/s gate {row['gate']['throughput']:.1f}, bls {row['bls']['throughput']:.1f}, client {row['client']['throughput']:.1f})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"threshold": args.threshold, "images": len(images), "rounds": args.rounds,
+    Path(args.out).write_text(json.dumps({"threshold": args.threshold, "little_in_gate": args.little_in_gate, "gate_instances": args.gate_instances,
+                                          "images": len(images), "rounds": args.rounds,
                                           "seconds_per_run": args.seconds, "wall_s": time.time() - started, "rows": rows}, indent=2) + "\n")
 
 
