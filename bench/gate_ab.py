@@ -14,6 +14,12 @@ report gives the median over rounds:
 
     .venv/bin/python bench/gate_ab.py --variant old=/tmp/old_gate.py --threshold 0 --concurrency 1 \
         --cost-batches 1,8,32 --rounds 5
+
+A variant may also be the current gate with other config parameters (--param-variant), e.g. little
+run inside the gate's process:
+
+    .venv/bin/python bench/gate_ab.py --param-variant in_gate=little_onnx:little/1/model.onnx \
+        --threshold 0 --concurrency 1 --cost-batches 1,8,32 --rounds 5
 """
 
 from __future__ import annotations
@@ -32,24 +38,36 @@ from littlebig.model_repository.builder import RepositoryOptions, build_reposito
 from littlebig.server import TritonServer
 
 
-def add_variant(repo: Path, name: str, model_file: Path) -> str:
+def add_variant(repo: Path, name: str, model_file: Path | None = None, parameters: dict[str, str] | None = None) -> str:
+    """A copy of the gate named gate_<name>, with ``model_file`` as its model.py and/or other config ``parameters``."""
     model = f"gate_{name}"
     shutil.copytree(repo / GATE_MODEL, repo / model)
-    shutil.copy(model_file, repo / model / "1" / "model.py")
+    if model_file is not None:
+        shutil.copy(model_file, repo / model / "1" / "model.py")
     config = read_config(repo / model / "config.pbtxt")
     config.name = model
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = value
     write_config(repo / model, config)
     return model
 
 
-def own_costs(url: str, little_model: str, images, variants: dict[str, str], batches: list[int], rounds: int) -> dict:
+def parse_parameters(text: str) -> dict[str, str]:
+    """"key:value,key:value" -> {key: value}."""
+    pairs = [item.partition(":") for item in text.split(",") if item]
+    if not pairs or any(not key or not sep for key, sep, _ in pairs):
+        raise SystemExit(f"--param-variant wants NAME=key:value[,key:value], got {text!r}")
+    return {key: value for key, _, value in pairs}
+
+
+def own_costs(url: str, metrics_url: str, little_model: str, images, variants: dict[str, str], batches: list[int], rounds: int) -> dict:
     """Per variant and batch size: the gate's own ms per execution, one value per round (order rotating)."""
     costs = {name: {b: [] for b in batches} for name in variants}
     names = list(variants)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             for b in batches:
-                costs[name][b].append(measure_gate_cost(url, little_model, images, b, gate_model=variants[name]).own_ms)
+                costs[name][b].append(measure_gate_cost(url, little_model, images, b, gate_model=variants[name], metrics_url=metrics_url).own_ms)
         print(f"cost round {r + 1}/{rounds}: " + "; ".join(
             f"{n} " + "/".join(f"{costs[n][b][-1]:.2f}" for b in batches) for n in names))
     return costs
@@ -61,8 +79,11 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/imagenet-sample")
     parser.add_argument("--out", default="runs/gate_ab")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=MODEL_PY")
+    parser.add_argument("--param-variant", action="append", default=[], metavar="NAME=KEY:VALUE[,KEY:VALUE]",
+                        help="the current gate with these config parameters")
     parser.add_argument("--threshold", type=float, default=0.256272)
     parser.add_argument("--big-nice", type=int, default=RepositoryOptions.big_nice)
+    parser.add_argument("--little-in-gate", action="store_true", help="build every gate variant with little in its process")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -71,12 +92,15 @@ def main() -> None:
 
     out = Path(args.out)
     shutil.rmtree(out / "repository", ignore_errors=True)
-    options = RepositoryOptions(threshold=args.threshold, big_nice=args.big_nice)
+    options = RepositoryOptions(threshold=args.threshold, big_nice=args.big_nice, little_in_gate=args.little_in_gate)
     repo = build_repository(Path(args.demo) / "little.onnx", Path(args.demo) / "big.onnx", out / "repository", options)
     variants = {"current": GATE_MODEL}
     for spec in args.variant:
         name, _, path = spec.partition("=")
         variants[name] = add_variant(repo, name, Path(path))
+    for spec in args.param_variant:
+        name, _, text = spec.partition("=")
+        variants[name] = add_variant(repo, name, parameters=parse_parameters(text))
 
     with TritonServer(repo, log_file=out / "tritonserver.log") as server:
         with LittleBigClient(server.grpc_url) as client:
@@ -85,7 +109,7 @@ def main() -> None:
         models = list(variants.values()) + [info.little_model]
         probes = alternating_probes(server.grpc_url, models, images, args.concurrency, args.seconds, args.rounds, log=print)
         batches = [int(b) for b in args.cost_batches.split(",") if b]
-        costs = own_costs(server.grpc_url, info.little_model, images, variants, batches, args.rounds) if batches else {}
+        costs = own_costs(server.grpc_url, server.metrics_url, info.little_model, images, variants, batches, args.rounds) if batches else {}
 
     # Per model and round: p50 of the requests little answered (route 0; -1 for little alone),
     # p50 of the escalated ones, and requests per second.

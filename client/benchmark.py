@@ -117,7 +117,7 @@ def bench(
         peak = max(rows, key=lambda r: r["big"]["throughput"])
         c = peak["concurrency"]
         latency = route_latency_comparison(url, little_model, images, c, latency_seconds, latency_rounds, log)
-        costs = [measure_gate_cost(url, little_model, images, b) for b in gate_cost_batches]
+        costs = [measure_gate_cost(url, little_model, images, b, metrics_url=metrics_url) for b in gate_cost_batches]
         switch_threshold(url, 0.0)
         added = route_latency_comparison(url, little_model, images, 1, latency_seconds, latency_rounds, log)
     finally:

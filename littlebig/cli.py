@@ -73,6 +73,7 @@ def _repository_options(args):
         gear_interval_ms=args.gear_interval_ms,
         max_queue_size=args.max_queue_size,
         queue_timeout_ms=args.queue_timeout_ms,
+        little_in_gate=args.little_in_gate,
     )
 
 
@@ -520,6 +521,9 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting for the gate beyond this are refused at once with UNAVAILABLE (0: no bound)")
     parser.add_argument("--queue-timeout-ms", type=int, default=defaults.queue_timeout_ms,
                         help="a request that waited this long for the gate is refused with UNAVAILABLE (0: no bound)")
+    parser.add_argument("--little-in-gate", action="store_true",
+                        help="run little with onnxruntime inside the gate's process (python runtime): no BLS hop "
+                        "for the rows little answers")
 
 
 def weight(text: str) -> float:

@@ -70,6 +70,8 @@ CONFIG_PARAMETERS = (
     # MACs per stage, the gating signal and the task.
     "stage_models", "thresholds", "stage_macs", "signal", "task",
     "gears", "latency_target_ms", "gear_interval_ms",
+    # Little run inside the gate's process (python runtime): its ONNX file relative to the repository.
+    "little_onnx", "little_intra_op_threads",
 )
 # The gate hands its littlebig_* counters to Triton at most this often (config metrics_interval_ms):
 # readers of /metrics wait this long after the last answer to see every count.

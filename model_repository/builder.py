@@ -152,6 +152,9 @@ class RepositoryOptions:
     # waiting queue_timeout_ms (0: no bound), a request is refused at once with UNAVAILABLE.
     max_queue_size: int = 0
     queue_timeout_ms: int = 0
+    # Run little inside the gate's process (python runtime only): no BLS hop for stage 0. The
+    # `little` model is still served (calibration, peers, the supervisor's canary ask it directly).
+    little_in_gate: bool = False
 
     def validate(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -172,6 +175,11 @@ class RepositoryOptions:
             raise RepositoryError(f"big nice must be in 0..19, got {self.big_nice}")
         if self.on_big_failure not in ("fail", "little"):
             raise RepositoryError(f"on_big_failure must be 'fail' or 'little', got {self.on_big_failure!r}")
+        if self.little_in_gate and self.runtime != "python":
+            raise RepositoryError(
+                f"--little-in-gate runs little with onnxruntime inside the gate and needs --runtime python; with "
+                f"--runtime {self.runtime} little is a native Triton model the gate calls"
+            )
         if self.child_timeout_ms < 0:
             raise RepositoryError(f"child timeout must be >= 0 ms (0: none), got {self.child_timeout_ms}")
         for name in ("latency_target_ms", "max_queue_size", "queue_timeout_ms"):
@@ -313,6 +321,9 @@ def gate_config(*stages: ModelFacts, options: RepositoryOptions, labels: ClassLa
             "child_timeout_ms": options.child_timeout_ms,
         },
     )
+    if options.little_in_gate:
+        # Relative to the repository, where _write_stage puts little's ONNX file.
+        _parameters(config, {"little_onnx": f"{names[0]}/1/model.onnx", "little_intra_op_threads": options.intra_op_threads})
     if options.gears:
         _check_gears_fit(options.gears, thresholds)
         _parameters(config, {GEARS: options.gears, LATENCY_TARGET_MS: repr(float(options.latency_target_ms)),

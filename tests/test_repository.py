@@ -73,6 +73,16 @@ def test_native_runtime_configs(pair, tmp_path):
     assert gate_py == (tmp_path / "ort" / "littlebig" / "1" / "model.py").read_text()
 
 
+def test_little_in_gate_points_the_gate_at_littles_onnx_and_needs_the_python_runtime(pair, tmp_path):
+    repo = build_repository(pair.little, pair.big, tmp_path / "py", RepositoryOptions(little_in_gate=True, intra_op_threads=1))
+    gate = params(read_config(repo / "littlebig" / "config.pbtxt"))
+    assert (repo / gate["little_onnx"]).read_bytes() == pair.little.read_bytes()
+    assert gate["little_intra_op_threads"] == "1"
+    assert "little_onnx" not in params(read_config(build_repository(pair.little, pair.big, tmp_path / "plain").joinpath("littlebig", "config.pbtxt")))
+    with pytest.raises(RepositoryError, match="needs --runtime python"):
+        build_repository(pair.little, pair.big, tmp_path / "ort", RepositoryOptions(runtime="onnxruntime", little_in_gate=True))
+
+
 def test_pair_with_different_wire_sizes_is_refused(pair, tmp_path):
     other = load_model("timm:resnet10t", random_init=True, num_classes=NUM_CLASSES, resolution=32)
     odd = export_onnx(other, tmp_path / "odd.onnx", wire_size=32, parity_images=wire_images(2)[:, :32, :32].copy(), log=lambda *_: None)

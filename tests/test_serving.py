@@ -316,3 +316,34 @@ def test_children_without_in_graph_top1_still_match_offline(pair, offline, serve
         assert_matches_offline(out, little_offline, served_threshold)
         expected = np.where(out["ROUTE"] == 1, little_offline.big, little_offline.little)
         np.testing.assert_allclose(out["PROBS"], expected, rtol=0, atol=2e-6)
+
+
+def test_little_in_the_gate_matches_offline_without_calling_little(pair, offline, served_threshold, tmp_path):
+    """--little-in-gate: stage 0 runs in the gate's process. Same answers as Eq. 4 offline, at the
+    config T and under concurrent requests with escalations in flight; the served `little` is never
+    asked, and the seconds little spent in the gate are counted."""
+    import concurrent.futures
+
+    from littlebig.model_repository.builder import RepositoryOptions, build_repository
+
+    options = RepositoryOptions(threshold=served_threshold, intra_op_threads=1, little_in_gate=True)
+    repo = build_repository(pair.little, pair.big, tmp_path / "repo", options)
+    with TritonServer(repo, log_file=tmp_path / "log.txt") as running, LittleBigClient(running.grpc_url) as client:
+        stats = grpcclient.InferenceServerClient(running.grpc_url)
+        little_before = stats.get_inference_statistics("little").model_stats[0].execution_count
+        assert_matches_offline(serve_all(client, offline.images, served_threshold), offline, served_threshold)
+        out = serve_all(client, offline.images[:64], return_probs=True)
+        expected = np.where(out["ROUTE"] == 1, offline.big[:64], offline.little[:64])
+        np.testing.assert_allclose(out["PROBS"], expected, rtol=0, atol=2e-6)
+
+        def one(start):  # a thread per request: each has its own client, so they share gate batches
+            with LittleBigClient(running.grpc_url) as own:
+                return start, own.infer(offline.images[start : start + 4])
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            parts = sorted(pool.map(one, range(0, len(offline.images), 4)))
+        assert_matches_offline({k: np.concatenate([p[k] for _, p in parts]) for k in ("CLASS", "CONFIDENCE", "ROUTE")},
+                               offline, served_threshold)
+        assert stats.get_inference_statistics("little").model_stats[0].execution_count == little_before
+        samples = read_samples(running.metrics_url, "littlebig_in_gate", settle=True)
+        assert sample_sum(samples, "littlebig_in_gate_seconds_total", stage="little") > 0.0
