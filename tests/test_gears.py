@@ -303,31 +303,44 @@ def gate_gears(ladder, target_s=0.1, interval_s=0.5):
     return namespace["Gears"](ladder, target_s, interval_s, metrics, count, 0.0), counts
 
 
-def test_controller_down_at_once_up_after_calm_intervals_and_home_after_quiet():
+def test_controller_down_on_a_confirmed_miss_up_after_calm_intervals_and_home_after_quiet():
     gears, counts = gate_gears([(0.5, 0.0), (0.4, 0.002), (0.3, 0.008)])
     t = 0.0
 
     def tick(latency, rows=10):
+        """One interval whose answers took ``latency``; the T in force for them (decided at its start
+        from the previous interval's answers)."""
         nonlocal t
         t += 0.5
         started = gears.start(t)
         gears.little_answered(t)
         gears.adapted(rows)
-        gears.answered(started - latency, rows, t)  # answers that took ``latency``
+        gears.answered(started - latency, rows, t)
         return gears.threshold
 
     assert [tick(0.02) for _ in range(3)] == [0.5, 0.5, 0.5]  # met: gear 0, the fixed T
+    # One window over the target (not far over), then met: a single slow batch, no gear change.
+    assert [tick(0.15), tick(0.07), tick(0.02)] == [0.5, 0.5, 0.5]
     assert counts.get("cost", 0) == 0
-    assert [tick(0.3), tick(0.3), tick(0.3)] == [0.5, 0.4, 0.3]  # missed: one gear down per interval
+    # Over the target twice in a row: confirmed, straight to the last gear.
+    assert [tick(0.15), tick(0.15), tick(0.15)] == [0.5, 0.5, 0.3]
+    assert tick(0.07) == 0.3  # still over: stays down
     assert tick(0.07) == 0.3  # between half the target and the target: hold
     assert [tick(0.02) for _ in range(4)] == [0.3, 0.3, 0.3, 0.3]  # calm, but not yet for 4 intervals
     assert tick(0.02) == 0.4  # 4 calm intervals in a row: one gear up
-    # Each tick's rows meet the gear decided at its start: 6 ticks in gear 2, 2 in gear 1.
-    assert counts["cost"] == pytest.approx(10 * (0.008 * 6 + 0.002 * 2))
-    assert counts["s2"] == pytest.approx(3.0) and counts["s1"] == pytest.approx(0.5)
+    # The climb did not hold: far over the target, down at once, and the next climb waits twice as long.
+    assert [tick(0.02), tick(0.25)] == [0.4, 0.4]
+    assert [tick(0.02) for _ in range(8)] == [0.3] * 8
+    assert tick(0.02) == 0.4  # 8 calm intervals
+    assert [tick(0.02) for _ in range(7)] == [0.4] * 7
+    assert tick(0.02) == 0.5  # 8 calm intervals again; that climb held, so the wait halves back to 4
+    assert gears.raise_after == 4
+    # Each tick's rows meet the gear decided at its start.
+    assert counts["cost"] == pytest.approx(10 * (0.008 * 15 + 0.002 * 11))
+    assert counts["s2"] == pytest.approx(7.5) and counts["s1"] == pytest.approx(5.5)
     escalated = t
     gears.escalation_started(escalated)
-    assert tick(0.0) == 0.3  # fast answers, but an escalation has waited 0.5 s for big: down
+    assert tick(0.0) == 0.3  # fast answers, but an escalation has waited 0.5 s for big: far over, down at once
     gears.escalation_ended(escalated)
     t += 5.0  # quiet spell: nothing in flight, nothing answered
     assert gears.start(t) == t and gears.threshold == 0.5

@@ -55,8 +55,9 @@ only then: without little_onnx this file needs numpy and the backend utils alone
 
 Gears (opt-in, two-stage cascades for now): with a config `gears` ladder [[T, expected drop], ...]
 from the config T down (written by `littlebig calibrate`, client/gears.py) and `latency_target_ms` > 0,
-class Gears lowers T one gear at a time while its latency estimate misses the target and raises it
-again once the estimate is comfortably below it (hysteresis), at most once per `gear_interval_ms`.
+class Gears drops T to the ladder's last gear once its latency estimate has missed the target in two
+intervals in a row (or once far over it), and raises it one gear at a time once the estimate is
+comfortably below it (hysteresis), deciding at most once per `gear_interval_ms`.
 While the target is met it stays in gear 0: the answers are those of the fixed config T. A request
 that sends its own `threshold`/`thresholds` is never adapted. Every answer says in THRESHOLD
 (FP64 [K-1] per row) which thresholds applied.
@@ -360,16 +361,27 @@ class Gears:
     this instance's last wait for little as the estimate of the time spent in the gate's queue (the
     dynamic batcher hands over everything waiting, so a request waits about one execute), and the age of
     the oldest escalation still waiting for big (big's backlog shows there before any answer does).
-    Every ``interval_s`` the worse of the window's p99 and that age is compared with the target: above
-    it, one gear down (lower T) at once; after ``RAISE_AFTER`` intervals in a row below ``RAISE_BELOW`` x
-    target, one gear up; otherwise hold. Down fast, up slowly: a backlog shows up late (when big
-    finally answers), so climbing back as soon as one window looked calm went straight back into
-    overload. After a quiet spell (nothing in flight, nothing answered for an interval) there is no
-    load to shed: back to gear 0. While the target is met the gear stays 0.
+    Every ``interval_s`` the worse of the window's p99 and that age is compared with the target.
+
+    Down only on a confirmed miss, and then to the last gear: a miss counts when the signal is over the
+    target in ``CONFIRM`` intervals in a row, or once when it is over ``FAR_OVER`` x target (a backlog
+    already built up). Near its capacity a gate meeting the target sees single over-target windows
+    (one slow batch of big); two in a row are rare there but usual once load exceeds what gear 0
+    sustains. When the miss is real, big's queue already holds a backlog that only the fewest
+    escalations drain quickly, so half-measures (one gear per interval) let it grow for several more
+    intervals. Up slowly: after ``raise_after`` intervals in a row below ``RAISE_BELOW`` x target, one
+    gear up; ``raise_after`` starts at ``RAISE_AFTER`` and doubles (up to ``MAX_RAISE_AFTER``) when a
+    confirmed miss follows a climb within ``raise_after`` intervals (the gear climbed into could not take
+    the load), and halves back at each climb after one that held. After a quiet spell (nothing in flight, nothing
+    answered for an interval) there is no load to shed: back to gear 0, ``raise_after`` reset. While the
+    target is met the gear stays 0.
     """
 
     RAISE_BELOW = 0.5
     RAISE_AFTER = 4
+    MAX_RAISE_AFTER = 32
+    CONFIRM = 2
+    FAR_OVER = 2.0
 
     def __init__(self, ladder, target_s, interval_s, metrics, count, now):
         self.count = count  # Counters.add: counters reach Triton batched, like the gate's own
@@ -382,6 +394,9 @@ class Gears:
         self.window = []  # latency estimates (s) of answers since the last decision
         self.pending = []  # start times of escalations waiting for big
         self.calm = 0  # intervals in a row below RAISE_BELOW x target
+        self.over = 0  # intervals in a row over the target
+        self.raise_after = self.RAISE_AFTER  # calm intervals needed to climb one gear
+        self.climbed = self.missed = float("-inf")  # when the gate last climbed, last confirmed a miss
         self.decided = self.accounted = self.began = self.last_answer = now
 
     @property
@@ -425,23 +440,46 @@ class Gears:
     def _decide(self, now):
         self.count(self.metrics.seconds[self.gear], now - self.accounted)
         self.accounted = now
-        gear, signal = self.gear, self._signal(now)
+        signal = self._signal(now)
         if not self.pending and now - self.last_answer > self.interval_s:
-            gear, self.calm = 0, 0  # quiet spell: what the window holds is old news
+            gear = 0  # quiet spell: what the window holds is old news
+            self.calm = self.over = 0
+            self.raise_after = self.RAISE_AFTER
         elif signal > self.target_s:
-            gear, self.calm = min(gear + 1, len(self.thresholds) - 1), 0
+            gear = self._missed(now, signal)
         elif signal < self.RAISE_BELOW * self.target_s:
-            self.calm += int((now - self.decided) / self.interval_s)
-            gear = max(gear - self.calm // self.RAISE_AFTER, 0)
-            self.calm %= self.RAISE_AFTER
+            gear = self._calm(now)
         else:
-            self.calm = 0
+            gear, self.calm, self.over = self.gear, 0, 0
         if gear != self.gear:
             self.gear = gear
             self.metrics.gear.set(gear)
             self.metrics.threshold.set(self.threshold)
         self.window.clear()
         self.decided = now
+
+    def _missed(self, now, signal):
+        """Over the target: to the last gear once the miss is confirmed, else hold."""
+        self.calm = 0
+        self.over += 1
+        if self.over < self.CONFIRM and signal <= self.FAR_OVER * self.target_s:
+            return self.gear
+        if now - self.climbed < self.raise_after * self.interval_s:
+            self.raise_after = min(2 * self.raise_after, self.MAX_RAISE_AFTER)  # the last climb went too far
+            self.climbed = float("-inf")  # once per climb
+        self.missed = now
+        return len(self.thresholds) - 1
+
+    def _calm(self, now):
+        """Comfortably under the target: one gear up after ``raise_after`` calm intervals in a row."""
+        self.over = 0
+        self.calm += max(int(round((now - self.decided) / self.interval_s)), 1)
+        if self.gear == 0 or self.calm < self.raise_after:
+            return self.gear
+        if self.missed < self.climbed:
+            self.raise_after = max(self.raise_after // 2, self.RAISE_AFTER)  # the last climb held
+        self.calm, self.climbed = 0, now
+        return self.gear - 1
 
 
 @dataclasses.dataclass
