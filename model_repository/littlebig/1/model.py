@@ -372,9 +372,9 @@ class Gears:
     intervals. Up slowly: after ``raise_after`` intervals in a row below ``RAISE_BELOW`` x target, one
     gear up; ``raise_after`` starts at ``RAISE_AFTER`` and doubles (up to ``MAX_RAISE_AFTER``) when a
     confirmed miss follows a climb within ``raise_after`` intervals (the gear climbed into could not take
-    the load), and halves back at each climb after one that held. After a quiet spell (nothing in flight, nothing
-    answered for an interval) there is no load to shed: back to gear 0, ``raise_after`` reset. While the
-    target is met the gear stays 0.
+    the load), and halves back at each climb after one that held. After a quiet spell (nothing in
+    flight, nothing answered for an interval) there is no load to shed: back to gear 0, ``raise_after``
+    reset. While the target is met the gear stays 0.
     """
 
     RAISE_BELOW = 0.5
