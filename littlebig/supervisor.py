@@ -77,9 +77,13 @@ class Supervisor(threading.Thread):
         self._stopping = threading.Event()
         self._stage_count = 2  # the gate's stages, read with the models (the canary's thresholds)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the watchdog; a round still busy after ``timeout_s`` (a canary or reload waiting on the
+        server) is left to end by itself: it is a daemon thread, and the server is being stopped."""
         self._stopping.set()
-        self.join()
+        self.join(timeout_s)
+        if self.is_alive():
+            self.log(f"littlebig supervisor: a check is still running after {timeout_s:g}s; stopping the server anyway")
 
     def run(self) -> None:
         while not self._stopping.wait(self.options.interval_s):
