@@ -156,7 +156,10 @@ def _interrupt(signum, frame) -> None:
 
 def _wait_forever(server, supervisor=None) -> None:
     # SIGTERM ends the wait like Ctrl-C does, so the server is always stopped in order (drained).
+    # SIGINT too, explicitly: a process started in the background by a shell script inherits SIGINT
+    # ignored, and Python then raises no KeyboardInterrupt, so `kill -INT` would leave it running.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         while supervisor is not None or server.process.poll() is None:
             time.sleep(0.5)  # with a supervisor, a dead server is restarted, not the end

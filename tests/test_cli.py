@@ -59,10 +59,12 @@ def test_serve_command_prints_urls_and_stops_on_ctrl_c(repository, tmp_path):
     repository = copy
     ports = [str(free_port()) for _ in range(3)]
     log = tmp_path / "serve.log"
+    # Started with SIGINT ignored, as a shell script's background job is: serve must still stop on it.
     proc = subprocess.Popen(
         [*LITTLEBIG, "serve", "--repo", str(repository), "--http-port", ports[0], "--grpc-port", ports[1],
          "--metrics-port", ports[2], "--log-file", str(log)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     lines = []
     deadline = time.monotonic() + 120
