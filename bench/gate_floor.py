@@ -16,9 +16,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from gate_ab import add_variant  # bench/gate_ab.py, beside this script
+from gate_ab import add_variant, own_costs  # bench/gate_ab.py, beside this script
 
-from littlebig.client.gate_cost import measure_gate_cost
 from littlebig.client.images import list_images, to_wire_batch
 from littlebig.client.infer import GATE_MODEL, LittleBigClient
 from littlebig.model_repository.builder import RepositoryOptions, build_repository
@@ -40,20 +39,11 @@ def main() -> None:
         models = {"gate": GATE_MODEL, "gate_little_in_gate": add_variant(repo, "in_gate", parameters={"little_onnx": "little/1/model.onnx"}),
                   "echo": add_variant(repo, "echo", Path(__file__).parent / "peers" / "echo" / "model.py")}
         batches = [int(b) for b in args.batches.split(",")]
-        ms = {name: {b: [] for b in batches} for name in models}
         with TritonServer(repo, log_file=work / "tritonserver.log") as server:
             with LittleBigClient(server.grpc_url) as client:
                 info = client.gate_info()
             images = to_wire_batch(list_images(args.data)[:64], info.wire_size, info.crop_pct)
-            names = list(models)
-            for r in range(args.rounds):
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    for b in batches:
-                        cost = measure_gate_cost(server.grpc_url, info.little_model, images, b, gate_model=models[name],
-                                                 metrics_url=server.metrics_url)
-                        ms[name][b].append(cost.own_ms)
-                print(f"round {r + 1}/{args.rounds}: " + "; ".join(f"{n} " + "/".join(f"{ms[n][b][-1]:.2f}" for b in batches) for n in names),
-                      flush=True)
+            ms = own_costs(server.grpc_url, server.metrics_url, info.little_model, images, models, batches, args.rounds)
     result = {name: {str(b): statistics.median(v) for b, v in per.items()} for name, per in ms.items()}
     for name, per in result.items():
         print(f"{name:20s} own ms per execution (median of {args.rounds}): " + ", ".join(f"batch {b}: {v:.2f}" for b, v in per.items()))
