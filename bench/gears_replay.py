@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("traces", help="traces.json from bench/overload.py --traces")
     parser.add_argument("overload", help="overload.json of the same run (ladder and target)")
-    parser.add_argument("--interval-ms", type=float, default=500.0)
+    parser.add_argument("--interval-ms", type=float, default=None, help="default: the run's gear_interval_ms (500)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a Gears constant")
     args = parser.parse_args()
     overrides = {name: float(value) for name, value in (s.split("=", 1) for s in args.set)}
@@ -78,7 +78,9 @@ def main() -> None:
     result = json.loads(Path(args.overload).read_text())
     ladder = [(g["threshold"], g["drop"]) for g in result["ladder"]["gears"]]
     target_ms = result["target_ms"]
-    print(f"controller {cls.__mro__[1].__name__} with {overrides or 'the gate file constants'}; target p99 <= {target_ms:.0f} ms")
+    interval_ms = args.interval_ms or result.get("gear_interval_ms", 500.0)
+    print(f"controller {cls.__mro__[1].__name__} with {overrides or 'the gate file constants'}, deciding every "
+          f"{interval_ms:.0f} ms; target p99 <= {target_ms:.0f} ms")
     print(f"{'load':>5} {'round':>5} {'fixed p99':>9} {'met':>4}  would-be seconds per gear")
     met_target = {(r["round"], r["load"], r["variant"]): r["met_target"] for r in result["runs"]}
     alarms = met = 0
@@ -87,7 +89,7 @@ def main() -> None:
             continue
         p99 = float(np.percentile(trace["latency_ms"], 99))
         ok = met_target[(trace["round"], trace["load"], "fixed")]
-        seconds = replay(trace, cls, ladder, target_ms / 1000.0, args.interval_ms / 1000.0)
+        seconds = replay(trace, cls, ladder, target_ms / 1000.0, interval_ms / 1000.0)
         met += ok
         alarms += ok and sum(seconds[1:]) > 0
         print(f"{trace['load']:5.1f} {trace['round']:5d} {p99:7.0f} ms {'yes' if ok else 'no':>4}  "

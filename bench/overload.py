@@ -33,12 +33,15 @@ from littlebig.client.gears import Ladder
 from littlebig.client.images import list_images, to_wire_batch
 from littlebig.client.infer import LittleBigClient
 from littlebig.client.metrics import read_samples
-from littlebig.contract import GATE_MODEL, GEARS, LATENCY_TARGET_MS
+from littlebig.contract import GATE_MODEL, GEAR_INTERVAL_MS, GEARS, LATENCY_TARGET_MS
 from littlebig.model_repository.builder import RepositoryOptions, build_repository
 from littlebig.server import TritonServer
 from peers import closed_loop, image_inputs  # bench/peers.py, beside this script
 
 VARIANTS = ("fixed", "adaptive")
+# A request unanswered this long counts as failed, so a lost answer (a gate stub that died: the
+# 2.51 python backend does not restart it) stops the run instead of hanging it.
+ANSWER_TIMEOUT_S = 60.0
 OUTPUTS = [grpcaio.InferRequestedOutput(name) for name in ("CLASS", "THRESHOLD")]
 
 
@@ -54,7 +57,7 @@ class Run:
     images: list[int]  # image index of each answer, in send order
     classes: list[int]  # CLASS of each answer, in send order
     refused: int  # UNAVAILABLE (queue full or timed out)
-    failed: int  # any other error
+    failed: int  # any other error, or no answer within ANSWER_TIMEOUT_S
     round: int = 0
 
     @property
@@ -79,7 +82,8 @@ async def open_loop(url: str, variant: str, inputs, rate: float, seconds: float,
     async def one(k: int, sent: float) -> None:
         index = k % len(inputs)
         try:
-            result = await client.infer(GATE_MODEL, [inputs[index]], outputs=OUTPUTS, parameters=parameters)
+            result = await client.infer(GATE_MODEL, [inputs[index]], outputs=OUTPUTS, parameters=parameters,
+                                        client_timeout=ANSWER_TIMEOUT_S)
         except grpcaio.InferenceServerException as err:
             if "UNAVAILABLE" in str(err.status()):
                 run.refused += 1
@@ -173,7 +177,7 @@ def measure(url, inputs, rate0, loads, rounds, seconds, ladder, drops, pause) ->
                 progress.update(1)
                 progress.write(
                     f"round {r + 1} {load:.1f}x {variant:>8}: p50 {run.percentile(50):7.0f} ms  p99 {run.percentile(99):7.0f} ms  "
-                    f"{run.throughput:5.1f} img/s  refused {run.refused:4d}  gears(s) "
+                    f"{run.throughput:5.1f} img/s  refused {run.refused:4d}  failed {run.failed}  gears(s) "
                     f"{' '.join(f'{s:.1f}' for s in gear_seconds(run, ladder))}  drop {expected_drop(run, ladder, drops):.2f} pt"
                 )
                 time.sleep(pause)  # queues drain; the adaptive gate climbs back to gear 0 when quiet
@@ -264,6 +268,8 @@ def parse_args() -> argparse.Namespace:
                         "is the rate it sustains within it, and the adaptive gate's latency_target_ms")
     parser.add_argument("--capacity-steps", type=int, default=5, help="bisection steps of the capacity search")
     parser.add_argument("--capacity-repeats", type=int, default=2, help="runs per bisection step (their median p99 decides)")
+    parser.add_argument("--gear-interval-ms", type=int, default=RepositoryOptions.gear_interval_ms,
+                        help="how often the adaptive gate reconsiders its gear")
     parser.add_argument("--max-queue-size", type=int, default=64, help="Triton queue bound on both gates")
     parser.add_argument("--pause", type=float, default=3.0, help="seconds of quiet between runs")
     parser.add_argument("--out", required=True, help="folder for overload.json and overload.png")
@@ -294,7 +300,7 @@ def main() -> None:
             rate0 = capacity_at_target(server.grpc_url, inputs, run.throughput, args.target_ms, args.capacity_seconds / 2,
                                        args.pause, args.capacity_steps, args.capacity_repeats, ladder[0])
             print(f"fixed gate capacity within p99 <= {args.target_ms:.0f} ms: {rate0:.1f} req/s", flush=True)
-            install_gears(server, ladder_.config_value(), args.target_ms)
+            install_gears(server, ladder_.config_value(), args.target_ms, args.gear_interval_ms)
             runs = measure(server.grpc_url, inputs, rate0, loads, args.rounds, args.seconds, ladder, drops, args.pause)
             metrics = read_samples(server.metrics_url, "littlebig_gear")
     reference = {}  # the fixed T's class of each image (every fixed answer is at the config T)
@@ -306,7 +312,7 @@ def main() -> None:
     report(rows, records, runs, args, ladder_, rate0, run.throughput, metrics, time.time() - started)
 
 
-def install_gears(server: TritonServer, gears: str, target_ms: float) -> None:
+def install_gears(server: TritonServer, gears: str, target_ms: float, interval_ms: int) -> None:
     """Reload `littlebig` with the gears and the target (known only once capacity was measured)."""
     import tritonclient.grpc as grpcclient
 
@@ -314,6 +320,7 @@ def install_gears(server: TritonServer, gears: str, target_ms: float) -> None:
         config = client.get_model_config(GATE_MODEL, as_json=True)["config"]
         config["parameters"][GEARS] = {"string_value": gears}
         config["parameters"][LATENCY_TARGET_MS] = {"string_value": repr(float(target_ms))}
+        config["parameters"][GEAR_INTERVAL_MS] = {"string_value": str(int(interval_ms))}
         client.load_model(GATE_MODEL, config=json.dumps(config), headers=server.admin_headers())
 
 
@@ -330,6 +337,7 @@ def report(rows, records, runs, args, ladder_: Ladder, rate0, closed_loop_rate, 
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "ladder": ladder_.as_dict(), "capacity_req_s": rate0, "closed_loop_img_s": closed_loop_rate, "target_ms": args.target_ms,
+        "gear_interval_ms": args.gear_interval_ms,
         "rounds": args.rounds, "seconds_per_run": args.seconds, "max_queue_size": args.max_queue_size,
         "images": args.images, "wall_s": wall_s, "rows": rows, "runs": records,
         "gate_gear_metrics": [{"name": n, "labels": labels, "value": v} for n, labels, v in metrics],
