@@ -363,10 +363,7 @@ class Gears:
     this instance's last wait for little as the estimate of the time spent in the gate's queue (the
     dynamic batcher hands over everything waiting, so a request waits about one execute), and the age of
     the oldest escalation still waiting for big (big's backlog shows there before any answer does).
-    Every ``interval_s`` the worst of the window's p99, that age, and, once that age is past
-    ``LEAD_FROM`` x target and grew since the last decision, where it will be ``LEAD`` decisions later
-    at that pace, is compared with the target: a growing backlog is caught before the requests queued
-    behind it are late, not after (tuned offline with bench/gears_replay.py on recorded overload runs).
+    Every ``interval_s`` the worse of the window's p99 and that age is compared with the target.
 
     Down only on a confirmed miss, and then to the last gear: a miss counts when the signal is over the
     target in ``CONFIRM`` intervals in a row, or once when it is over ``FAR_OVER`` x target (a backlog
@@ -387,8 +384,6 @@ class Gears:
     MAX_RAISE_AFTER = 32
     CONFIRM = 2
     FAR_OVER = 2.0
-    LEAD = 2
-    LEAD_FROM = 0.3
 
     def __init__(self, ladder, target_s, interval_s, metrics, count, now):
         self.count = count  # Counters.add: counters reach Triton batched, like the gate's own
@@ -400,7 +395,6 @@ class Gears:
         self.queue_s = 0.0  # this instance's last wait for little: the estimated gate queue wait
         self.window = []  # latency estimates (s) of answers since the last decision
         self.pending = []  # start times of escalations waiting for big
-        self.oldest = 0.0  # the oldest one's age at the last decision
         self.calm = 0  # intervals in a row below RAISE_BELOW x target
         self.over = 0  # intervals in a row over the target
         self.raise_after = self.RAISE_AFTER  # calm intervals needed to climb one gear
@@ -443,12 +437,7 @@ class Gears:
 
     def _signal(self, now):
         oldest = now - min(self.pending) if self.pending else 0.0
-        growth = max(oldest - self.oldest, 0.0)
-        self.oldest = oldest
-        # A backlog already past LEAD_FROM x target and still growing: where it will be LEAD decisions
-        # from now. Waiting for the miss itself leaves every request queued meanwhile late.
-        ahead = oldest + self.LEAD * growth if oldest > self.LEAD_FROM * self.target_s else 0.0
-        return max(oldest, ahead, float(np.percentile(self.window, 99)) if self.window else 0.0)
+        return max(oldest, float(np.percentile(self.window, 99)) if self.window else 0.0)
 
     def _decide(self, now):
         self.count(self.metrics.seconds[self.gear], now - self.accounted)
