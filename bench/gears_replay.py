@@ -8,8 +8,11 @@ controller would have left gear 0: on runs where the fixed T met the target that
 can be overridden to compare variants on the same traces (`--set CONFIRM=3`); the live effect of a
 variant still needs `bench/overload.py`.
 
-The replay sees each answer's whole latency (send to answer), slightly more than the gate sees, and
-takes the oldest request still unanswered as the oldest escalation waiting for big.
+The replay sees each answer's whole latency (send to answer), more than the gate sees, and takes
+the oldest request still unanswered as the oldest escalation waiting for big. It is a first filter,
+not a verdict: a variant that looked two decisions ahead on a growing backlog moved in none of the 11
+replayed runs where the fixed T met the target, and live it moved in all five 1.0x rounds
+(bench/results/overload_steep/rejected_lead_forecast.json).
 
     .venv/bin/python bench/gears_replay.py runs/overload/traces.json runs/overload/overload.json --set CONFIRM=3
 """
