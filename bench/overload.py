@@ -294,10 +294,10 @@ def main() -> None:
             inputs = image_inputs(images)
             # The gate at fixed T (`littlebig` has no gears yet): closed-loop throughput, one image per
             # request, then its capacity at the target: the open-loop rate it sustains within it.
-            run = asyncio.run(closed_loop(server.grpc_url, "gate", inputs, args.capacity_concurrency, args.capacity_seconds, ladder[0]))
+            closed = asyncio.run(closed_loop(server.grpc_url, "gate", inputs, args.capacity_concurrency, args.capacity_seconds, ladder[0]))
             print(f"fixed gate (T={ladder[0]:.4f}) closed loop at concurrency {args.capacity_concurrency}: "
-                  f"{run.throughput:.1f} img/s, p99 {run.percentile(99):.0f} ms", flush=True)
-            rate0 = capacity_at_target(server.grpc_url, inputs, run.throughput, args.target_ms, args.capacity_seconds / 2,
+                  f"{closed.throughput:.1f} img/s, p99 {closed.percentile(99):.0f} ms", flush=True)
+            rate0 = capacity_at_target(server.grpc_url, inputs, closed.throughput, args.target_ms, args.capacity_seconds / 2,
                                        args.pause, args.capacity_steps, args.capacity_repeats, ladder[0])
             print(f"fixed gate capacity within p99 <= {args.target_ms:.0f} ms: {rate0:.1f} req/s", flush=True)
             install_gears(server, ladder_.config_value(), args.target_ms, args.gear_interval_ms)
@@ -309,7 +309,7 @@ def main() -> None:
             reference.update(zip(run.images, run.classes))
     rows = summarise(runs, loads, ladder, drops, reference, args.target_ms)
     records = [run_record(r, ladder, drops, reference, args.target_ms) for r in runs]
-    report(rows, records, runs, args, ladder_, rate0, run.throughput, metrics, time.time() - started)
+    report(rows, records, runs, args, ladder_, rate0, closed.throughput, metrics, time.time() - started)
 
 
 def install_gears(server: TritonServer, gears: str, target_ms: float, interval_ms: int) -> None:
