@@ -4,9 +4,12 @@ One gate serves both variants: it has the calibration report's gears and a laten
 variant's requests pin the config T (request parameter `threshold`: a pinned request is never
 adapted), the adaptive variant's do not. Same model, same instances, same code path otherwise.
 The fixed gate's capacity is measured first: the open-loop rate it sustains with p99 within the
-latency target (bisection over short runs, one image per request). Then Poisson arrivals at 1.0x, 1.2x
-and 1.5x of it are sent for a bounded time to each gate in turn (order alternating per round; medians
-of rounds). Every answer's THRESHOLD output says which gear answered it, so the client
+latency target (bisection over short runs, one image per request, two runs per step). Then Poisson
+arrivals at 0.8x, 1.0x, 1.2x and 1.5x of it are sent for a bounded time to each gate in turn (the same
+arrivals, order alternating per round; medians of rounds). Every run is kept in overload.json; per
+load the script prints in how many rounds the fixed gate met the target and how many of the adaptive
+gate's answers in those rounds came from a lower gear (the promise: the fixed T's answers while the
+target is met). Every answer's THRESHOLD output says which gear answered it, so the client
 counts the time in each gear and the expected accuracy drop (the gears' calibrated drops, per answer).
 Both gates have Triton's bounded queue: what they cannot take is refused (UNAVAILABLE) and counted.
 
