@@ -14,9 +14,11 @@ one final response per request after execute has returned.) Blocking on big inst
 little-answered traffic behind every escalation. All of it runs on the stub's event loop thread:
 with BLS calls and response sends from two threads at once (a thread pool for big, or a synchronous
 execute that left only big to the loop) tritonserver 2.51 crashed under perf_analyzer load
-(signal 11 in libtriton_python.so); this form ran it cleanly. For the same reason a batch that
-stage 0 answers entirely is returned from execute (one message) only when no escalation is in
-flight; otherwise its responses are sent from the loop as well.
+(signal 11 in libtriton_python.so); this form ran it cleanly. Under sustained load a 2.51 stub can
+still die of heap corruption ("double free or corruption"; open upstream: server#8841, #8882),
+seen twice here in about 200k overload requests, once with this form and once with batches sent
+from the loop whenever escalations were in flight; the backend neither restarts the stub nor fails
+its requests, `littlebig serve`'s supervisor restores it.
 
 Self-contained (numpy + triton_python_backend_utils) so the same file runs in the NGC container.
 Config parameters: stage_models ("little,stage1,big"; absent: little_model, big_model), thresholds
@@ -730,20 +732,6 @@ class TritonPythonModel:
         self.counters.add(self.metric_error if response.has_error() else self.metric_ok)
         return response
 
-    def _finish(self, requests, responses):
-        """Hands back a batch whose every request is answered: returned (the stub's main thread
-        writes them, one message for the batch) when nothing else is in flight, else sent from
-        this loop. While escalations are in flight the loop may be sending their answers, and a
-        returned batch would be written by a second thread at the same moment: the pattern the
-        module docstring warns of. (A gate stub died once with "double free or corruption" after
-        ~20k requests of open-loop overload while batches were still returned then; not proven
-        to be the cause.)"""
-        if not self._escalations:
-            return [self._count(r) for r in responses]
-        for request, response in zip(requests, responses):
-            self._send(request.get_response_sender(), response)
-        return None
-
     def _send(self, sender, response):
         # A non-decoupled model may send one final response per request through the request's
         # sender instead of returning it; it leaves at once, so it does not wait for later stages.
@@ -782,7 +770,7 @@ class TritonPythonModel:
         started = gears.start(time.monotonic()) if gears else None
         accepted, responses = self._accept(requests, gears.in_force if gears else self.thresholds)
         if not accepted:
-            return self._finish(requests, responses)
+            return [self._count(r) for r in responses]
 
         counts = [len(a.arrays[0]) for _, a in accepted]
         ends = np.cumsum(counts)
@@ -798,7 +786,7 @@ class TritonPythonModel:
                 responses[index] = self._error(err)
             if gears:
                 gears.answered(started, len(accepted), time.monotonic())
-            return self._finish(requests, responses)
+            return [self._count(r) for r in responses]
         if gears:
             gears.little_answered(time.monotonic())
             gears.adapted(sum(n for n, (_, a) in zip(counts, accepted) if not a.pinned))
@@ -819,7 +807,7 @@ class TritonPythonModel:
         if gears:
             gears.answered(started, len(accepted) - len(waiting), time.monotonic())
         if not waiting:
-            return self._finish(requests, responses)
+            return [self._count(r) for r in responses]  # one message back for the whole batch
 
         # Everything already decided leaves now; the rest is answered by a background task.
         for index, response in enumerate(responses):
