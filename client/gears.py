@@ -16,8 +16,10 @@ the budget (a few hundred images rarely certify less than a point, so the ladder
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+from importlib import resources
 
 import numpy as np
 
@@ -120,3 +122,15 @@ def describe(ladder_: Ladder) -> str:
             f"drop {g.drop * 100:+.2f} pt (<= {g.upper_drop * 100:.2f} pt at {ladder_.level:.0%})"
         )
     return "\n".join(lines)
+
+
+def gate_controller_class() -> type:
+    """The gate's own ``Gears`` class, compiled from the gate file's source: the file imports the
+    Triton backend utils and cannot be imported here, and the controller needs only numpy. For
+    running the controller offline (tests, bench/gears_replay.py) exactly as the gate runs it."""
+    path = resources.files("littlebig.model_repository") / "littlebig" / "1" / "model.py"
+    tree = ast.parse(path.read_text())
+    source = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Gears")
+    namespace = {"np": np}
+    exec(compile(ast.Module([source], []), str(path), "exec"), namespace)
+    return namespace["Gears"]

@@ -284,23 +284,15 @@ class Recorder:
 
 def gate_gears(ladder, target_s=0.1, interval_s=0.5):
     """The gate's Gears class, run from the gate file's own source with stand-in metrics."""
-    import ast
     import types
 
-    from littlebig import contract
-
-    path = Path(contract.__file__).resolve().parent.parent / "model_repository" / "littlebig" / "1" / "model.py"
-    tree = ast.parse(path.read_text())
-    source = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Gears")
-    namespace = {"np": np}
-    exec(compile(ast.Module([source], []), str(path), "exec"), namespace)
     counts = {}
     metrics = types.SimpleNamespace(gear=Recorder(), threshold=Recorder(), seconds=[f"s{k}" for k in range(len(ladder))], cost="cost")
 
     def count(metric, amount):
         counts[metric] = counts.get(metric, 0) + amount
 
-    return namespace["Gears"](ladder, target_s, interval_s, metrics, count, 0.0), counts
+    return g.gate_controller_class()(ladder, target_s, interval_s, metrics, count, 0.0), counts
 
 
 def test_controller_down_on_a_confirmed_miss_up_after_calm_intervals_and_home_after_quiet():
