@@ -308,5 +308,9 @@ class TritonServer:
     def __enter__(self) -> "TritonServer":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and issubclass(exc_type, Exception):
+            # The log usually sits in a temporary folder that goes with the block: show it while it exists.
+            print(f"littlebig: stopping tritonserver after {exc_type.__name__}; last lines of {self.log_file}:\n"
+                  f"{self.log_tail()}", file=sys.stderr, flush=True)
         self.stop()

@@ -176,12 +176,17 @@ def test_metrics_count_rows_by_route_and_macs(server, offline, pair):
     assert after["macs"] - before["macs"] == pytest.approx(32 * pair.little_macs + escalated * pair.big_macs, rel=1e-9)
 
 
-def test_launcher_stops_the_server_and_reports_missing_repository(repository, tmp_path):
-    with TritonServer(repository, log_file=tmp_path / "log.txt") as second:
-        assert second.is_ready()
-        process = second.process
+def test_launcher_stops_the_server_and_reports_missing_repository(repository, tmp_path, capsys):
+    with pytest.raises(RuntimeError, match="the caller failed"):
+        with TritonServer(repository, log_file=tmp_path / "log.txt") as second:
+            assert second.is_ready()
+            process = second.process
+            raise RuntimeError("the caller failed")
     assert process.poll() is not None
     assert "Started GRPCInferenceService" in (tmp_path / "log.txt").read_text()
+    # A block that failed gets the server log's tail on stderr (its folder is often about to go).
+    err = capsys.readouterr().err
+    assert "after RuntimeError" in err and "Started GRPCInferenceService" in err
     with pytest.raises(ServerError, match="does not exist"):
         TritonServer(tmp_path / "absent")
 
