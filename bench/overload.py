@@ -274,6 +274,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gear-interval-ms", type=int, default=RepositoryOptions.gear_interval_ms,
                         help="how often the adaptive gate reconsiders its gear")
     parser.add_argument("--max-queue-size", type=int, default=64, help="Triton queue bound on both gates")
+    parser.add_argument("--gate-instances", type=int, default=RepositoryOptions.gate_instances)
+    parser.add_argument("--little-in-gate", action="store_true", help="the gate runs little in its own process")
     parser.add_argument("--pause", type=float, default=3.0, help="seconds of quiet between runs")
     parser.add_argument("--out", required=True, help="folder for overload.json and overload.png")
     parser.add_argument("--traces", action="store_true", help="also write every answer (send time, latency, T) of every "
@@ -288,7 +290,8 @@ def main() -> None:
     loads = [float(x) for x in args.loads.split(",")]
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        options = RepositoryOptions(threshold=ladder[0], max_queue_size=args.max_queue_size)
+        options = RepositoryOptions(threshold=ladder[0], max_queue_size=args.max_queue_size, gate_instances=args.gate_instances,
+                                    little_in_gate=args.little_in_gate)
         repo = build_repository(args.little, args.big, Path(tmp) / "repository", options)
         with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
             with LittleBigClient(server.grpc_url) as client:
@@ -340,7 +343,7 @@ def report(rows, records, runs, args, ladder_: Ladder, rate0, closed_loop_rate, 
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "ladder": ladder_.as_dict(), "capacity_req_s": rate0, "closed_loop_img_s": closed_loop_rate, "target_ms": args.target_ms,
-        "gear_interval_ms": args.gear_interval_ms,
+        "gear_interval_ms": args.gear_interval_ms, "gate_instances": args.gate_instances, "little_in_gate": args.little_in_gate,
         "rounds": args.rounds, "seconds_per_run": args.seconds, "max_queue_size": args.max_queue_size,
         "images": args.images, "wall_s": wall_s, "rows": rows, "runs": records,
         "gate_gear_metrics": [{"name": n, "labels": labels, "value": v} for n, labels, v in metrics],

@@ -221,6 +221,54 @@ def test_gate_moves_down_under_load_and_back_after(gear_server, offline):
     assert gear_metric(server.metrics_url, "littlebig_gear_accuracy_cost_total") > 0
 
 
+def test_a_step_down_answers_requests_waiting_for_big_at_the_new_t(gear_server, offline):
+    """Requests already waiting for a stuck big leave as soon as the gears step down, answered by little
+    where little is sure enough at the new T; a row below every gear's T still gets big's answer."""
+    server, ladder = gear_server.server, gear_server.ladder
+    conf = offline.little.max(1).astype(np.float64)
+    middle = np.flatnonzero((conf >= ladder[-1]) & (conf < ladder[0]))[:2]  # big's at gear 0, little's at the last gear
+    low = np.flatnonzero(conf < ladder[-1])[:1]  # big's at every gear
+    sure = np.flatnonzero(conf >= ladder[0])[:1]  # little's at every gear
+    deadline = time.monotonic() + 15
+    while gear_metric(server.metrics_url, "littlebig_gear") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)  # a quiet spell brings the gate home from an earlier test
+    settled_before = gear_metric(server.metrics_url, "littlebig_gear_settled_rows_total")
+    big_sleep = 2.0
+    answers = {}
+
+    def send(name, rows, delay):
+        time.sleep(delay)
+        with LittleBigClient(server.grpc_url) as client:
+            sent = time.monotonic()
+            out = client.infer(offline.images[rows], outputs=["CLASS", "ROUTE", "THRESHOLD"])
+            answers[name] = (rows, out, time.monotonic() - sent)
+
+    slow = gear_server.repository / "big" / "slow"
+    slow.write_text(str(big_sleep))
+    try:
+        # Both escalate at gear 0; the later request's execute finds the oldest escalation far over the
+        # target (100 ms) and steps down to the last gear.
+        threads = [threading.Thread(target=send, args=args) for args in (("middle", middle, 0.0), ("low", low, 0.05),
+                                                                          ("trigger", sure, 0.5))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        slow.unlink()
+    rows, out, seconds = answers["middle"]
+    assert seconds < big_sleep, seconds  # it did not wait for big
+    np.testing.assert_array_equal(out["THRESHOLD"][:, 0], ladder[-1])
+    np.testing.assert_array_equal(out["ROUTE"][:, 0], 0)
+    rows, out, seconds = answers["low"]
+    assert seconds >= big_sleep, seconds
+    np.testing.assert_array_equal(out["THRESHOLD"][:, 0], ladder[0])  # escalated at gear 0: big's answer
+    np.testing.assert_array_equal(out["ROUTE"][:, 0], 1)
+    assert_eq4_at_reported_t(list(answers.values()), offline)
+    settled = gear_metric(server.metrics_url, "littlebig_gear_settled_rows_total") - settled_before
+    assert settled == len(middle)
+
+
 def test_full_queue_is_refused_with_unavailable(gear_server, offline):
     server = gear_server.server
     slow = gear_server.repository / "little" / "slow"

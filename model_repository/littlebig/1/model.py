@@ -62,9 +62,11 @@ from the config T down (written by `littlebig calibrate`, client/gears.py) and `
 class Gears drops T to the ladder's last gear once its latency estimate has missed the target in two
 intervals in a row (or once far over it), and raises it one gear at a time once the estimate is
 comfortably below it (hysteresis), deciding at most once per `gear_interval_ms`.
-While the target is met it stays in gear 0: the answers are those of the fixed config T. A request
-that sends its own `threshold`/`thresholds` is never adapted. Every answer says in THRESHOLD
-(FP64 [K-1] per row) which thresholds applied.
+While the target is met it stays in gear 0: the answers are those of the fixed config T. A step down
+also settles the backlog: rows already waiting for big whose little signal is >= the new T are
+answered at once with little's answer (reporting the new T), instead of behind the backlog that caused
+the miss. A request that sends its own `threshold`/`thresholds` is never adapted. Every answer says in
+THRESHOLD (FP64 [K-1] per row) which thresholds applied.
 
 Degraded mode (on_big_failure="little", opt-in): when stage k fails or times out, the rows it was
 asked about are answered with stage k-1's answer and ROUTE = K + k - 1 (two stages: 2; counted in
@@ -172,6 +174,9 @@ class ChildAnswer:
     confidence: np.ndarray  # float64 [N]
     probs: np.ndarray | None  # float32 [N, C]
 
+    def rows(self, mask):
+        return ChildAnswer(self.label[mask], self.confidence[mask], None if self.probs is None else self.probs[mask])
+
 
 @dataclasses.dataclass
 class Waiting:
@@ -216,7 +221,7 @@ class Answers:
         return pb_utils.InferenceResponse(output_tensors=outputs)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared and hashed by identity: the gate keeps a set of them
 class Escalation:
     """The rows still unsure after a stage (copied out of the requests) and the requests waiting."""
 
@@ -225,6 +230,11 @@ class Escalation:
     thresholds: np.ndarray  # float64 [len(pending), K-1]
     waiting: list
     open: np.ndarray  # bool [N]: the row still waits for a later stage
+    answers: Answers  # the batch's answers so far
+    adaptive: np.ndarray  # bool [len(pending)]: the row's request sent no thresholds (gears may settle it)
+    started: float = 0.0  # when its execute started (the gears' latency clock)
+    observed: bool = False  # the gears count it among the escalations waiting for big
+    shed: int = 0  # waiting requests answered early by a step down of the gears
 
 
 class LocalStage:
@@ -431,6 +441,14 @@ class Gears:
         if self.gear:
             self.count(self.metrics.cost, rows * self.drops[self.gear])
 
+    def reanswered(self, old_thresholds):
+        """Rows escalated at ``old_thresholds`` and now answered by little at this gear's T: the
+        expected accuracy they gave up beyond what was counted when they arrived."""
+        drop = {t: d for t, d in zip(self.thresholds, self.drops)}
+        extra = sum(self.drops[self.gear] - drop.get(float(t), 0.0) for t in old_thresholds)
+        if extra > 0:
+            self.count(self.metrics.cost, extra)
+
     def escalation_started(self, started):
         self.pending.append(started)
 
@@ -492,6 +510,7 @@ class GearMetrics:
     threshold: object  # gauge: its T
     seconds: list  # counters per gear: seconds spent in it
     cost: object  # counter: expected answers lost against the config T (sum of the gears' drops per row)
+    settled: object  # counter: rows waiting for big that a step down answered with little's answer
 
 
 class TritonPythonModel:
@@ -533,6 +552,7 @@ class TritonPythonModel:
         # Triton keeps an instance until every response it owes is sent (a reload under load
         # called finalize only after the pending escalation had answered).
         self._escalations = set()
+        self._waiting = set()  # with gears: escalations still waiting for big, which a step down may settle
 
     def finalize(self):
         self.counters.flush()  # the last interval's counts; the timer does not outlive the instance
@@ -597,6 +617,8 @@ class TritonPythonModel:
                 ("littlebig_gear_accuracy_cost_total", "Expected answers lost against the config T: each row answered "
                  "in a lower gear adds that gear's calibrated drop; divided by littlebig_rows_total it is the "
                  "expected accuracy drop", counter),
+                ("littlebig_gear_settled_rows_total", "Rows waiting for big that a step down of the gears answered "
+                 "at once with little's answer at the new T", counter),
             )
         ]
         self._gear_families = families  # keep the families alive as long as their metrics
@@ -607,6 +629,7 @@ class TritonPythonModel:
         metrics = GearMetrics(
             metric(families[0]), metric(families[1]),
             [metric(families[2], gear=str(k), threshold=repr(t)) for k, (t, _) in enumerate(ladder)], metric(families[3]),
+            metric(families[4]),
         )
         metrics.gear.set(0)
         metrics.threshold.set(self.thresholds[0])
@@ -767,7 +790,7 @@ class TritonPythonModel:
 
     async def execute(self, requests):
         gears = self.gears
-        started = gears.start(time.monotonic()) if gears else None
+        started = self._gears_start() if gears else None
         accepted, responses = self._accept(requests, gears.in_force if gears else self.thresholds)
         if not accepted:
             return [self._count(r) for r in responses]
@@ -815,27 +838,72 @@ class TritonPythonModel:
                 self._send(requests[index].get_response_sender(), response)
         # Fancy indexing copies the rows out of the requests' input buffers, which Triton may free
         # once execute returns.
-        escalation = Escalation([x[pending] for x in arrays], pending, thresholds[pending], waiting, unsure)
-        later = self._escalate(escalation, answers)
+        adaptive = np.repeat([not a.pinned for _, a in accepted], counts)[pending]
+        escalation = Escalation([x[pending] for x in arrays], pending, thresholds[pending], waiting, unsure, answers, adaptive)
+        later = self._escalate(escalation)
         if gears:
+            escalation.started, escalation.observed = started, True
             gears.escalation_started(started)
-            later = self._observed(later, started, len(waiting))
+            self._waiting.add(escalation)
+            later = self._observed(later, escalation, len(waiting))
         task = asyncio.create_task(later)
         self._escalations.add(task)
         task.add_done_callback(self._escalations.discard)
         return None
 
-    async def _observed(self, escalation, started, count):
-        """The escalation, with its requests' latency told to the gears."""
-        try:
-            await escalation
-        finally:
-            self.gears.escalation_ended(started)
-            self.gears.answered(started, count, time.monotonic())
+    def _gears_start(self):
+        """The gears' decision at the start of an execute; a step down settles what it can of the backlog."""
+        before = self.gears.gear
+        started = self.gears.start(time.monotonic())
+        if self.gears.gear > before:
+            self._shed(self.gears.threshold)
+        return started
 
-    async def _escalate(self, escalation, answers):
+    def _shed(self, threshold):
+        """The gears just stepped down to ``threshold``: rows waiting for big whose little signal is >=
+        it are answered now with little's answer (Eq. 4 at the T they report), so each waiting request
+        whose rows are all settled leaves at once instead of behind big's backlog. Big still answers the
+        call it was sent; its answer on those rows is dropped. Rows of pinned requests keep their T."""
+        now = time.monotonic()
+        for escalation in list(self._waiting):
+            answers, pending = escalation.answers, escalation.pending
+            settle = escalation.open[pending] & escalation.adaptive & (answers.confidence[pending] >= threshold)
+            if not settle.any():
+                continue
+            rows = pending[settle]
+            self.gears.reanswered(answers.thresholds[rows, 0])
+            answers.thresholds[rows, 0] = threshold
+            escalation.open[rows] = False
+            self.counters.add(self.metric_rows[0], len(rows))
+            self.counters.add(self.gears.metrics.settled, len(rows))
+            done = [wait for wait in escalation.waiting if not escalation.open[wait.rows].any()]
+            escalation.waiting = [wait for wait in escalation.waiting if escalation.open[wait.rows].any()]
+            for wait in done:
+                self._send(wait.sender, answers.response(wait.rows, wait.want_probs))
+            escalation.shed += len(done)
+            self.gears.answered(escalation.started, len(done), now)
+            if not escalation.waiting:
+                self._unobserve(escalation)  # nothing of it waits for big any more
+
+    def _unobserve(self, escalation):
+        if escalation.observed:
+            escalation.observed = False
+            self.gears.escalation_ended(escalation.started)
+
+    async def _observed(self, later, escalation, count):
+        """The escalation, with its requests' latency told to the gears (those a step down answered
+        were told then)."""
+        try:
+            await later
+        finally:
+            self._waiting.discard(escalation)
+            self._unobserve(escalation)
+            self.gears.answered(escalation.started, count - escalation.shed, time.monotonic())
+
+    async def _escalate(self, escalation):
         """Run the later stages, each on the rows the previous one left unsure, answering each
         waiting request as soon as all its rows are settled."""
+        answers = escalation.answers
         for stage in self.stages[1:]:
             want_probs = self.ensemble or any(wait.want_probs for wait in escalation.waiting)
             try:
@@ -856,21 +924,24 @@ class TritonPythonModel:
                 return
 
     def _settle(self, stage, answer, escalation, answers):
-        """Record a stage's answer on the pending rows; narrow the escalation to the rows it leaves
-        unsure. Returns (waiting, response) of the requests it settled."""
+        """Record a stage's answer on the pending rows still open (a step down of the gears may have
+        settled some meanwhile); narrow the escalation to the rows it leaves unsure. Returns (waiting,
+        response) of the requests it settled."""
         pending = escalation.pending
         if self.ensemble:  # Eq. 8 (two stages): the blend decides the class and the confidence
             answer = self._answer_of((1.0 - self.ensemble_weight) * answers.probs[pending] + self.ensemble_weight * answer.probs)
-        unsure = self._unsure(stage, answer, escalation.thresholds)
-        answers.fill(pending, answer, stage.index)
-        escalation.open[pending[~unsure]] = False
-        self.counters.add(self.metric_rows[stage.index], int(len(pending) - unsure.sum()))
+        still = escalation.open[pending]
+        unsure = self._unsure(stage, answer, escalation.thresholds) & still
+        answers.fill(pending[still], answer if still.all() else answer.rows(still), stage.index)
+        escalation.open[pending[still & ~unsure]] = False
+        self.counters.add(self.metric_rows[stage.index], int((still & ~unsure).sum()))
         self.counters.add(self.metric_macs, len(pending) * stage.macs)
         done = [wait for wait in escalation.waiting if not escalation.open[wait.rows].any()]
         escalation.waiting = [wait for wait in escalation.waiting if escalation.open[wait.rows].any()]
         if escalation.waiting:  # copies only what the next stage needs
             escalation.inputs = [x[unsure] for x in escalation.inputs]
             escalation.pending, escalation.thresholds = pending[unsure], escalation.thresholds[unsure]
+            escalation.adaptive = escalation.adaptive[unsure]
         return [(wait, answers.response(wait.rows, wait.want_probs)) for wait in done]
 
     def _fallback(self, wait, answers, open_rows, stage, err):
