@@ -57,7 +57,7 @@ def replay(trace: dict, cls, ladder: list[tuple[float, float]], target_s: float,
             continue
         while outstanding and outstanding[0][1] in answered:
             heapq.heappop(outstanding)
-        gears.pending = [outstanding[0][0]] if outstanding else []
+        gears.seen.waiting = [outstanding[0][0]] if outstanding else []
         gears.start(t)
         gear = gears.gear
         heapq.heappush(outstanding, (sent[i], i))

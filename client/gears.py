@@ -19,6 +19,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
+import os
 from importlib import resources
 
 import numpy as np
@@ -128,9 +130,16 @@ def gate_controller_class() -> type:
     """The gate's own ``Gears`` class, compiled from the gate file's source: the file imports the
     Triton backend utils and cannot be imported here, and the controller needs only numpy. For
     running the controller offline (tests, bench/gears_replay.py) exactly as the gate runs it."""
+    return gate_definitions()["Gears"]
+
+
+def gate_definitions() -> dict:
+    """The gears' classes and helpers of the gate file (Observations, PooledObservations, Gears, ...),
+    compiled from its source without the Triton imports."""
     path = resources.files("littlebig.model_repository") / "littlebig" / "1" / "model.py"
     tree = ast.parse(path.read_text())
-    source = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Gears")
-    namespace = {"np": np}
-    exec(compile(ast.Module([source], []), str(path), "exec"), namespace)
-    return namespace["Gears"]
+    names = {"Observations", "PooledObservations", "Gears", "_alive"}
+    sources = [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name in names]
+    namespace = {"np": np, "math": math, "os": os}
+    exec(compile(ast.Module(sources, []), str(path), "exec"), namespace)
+    return namespace

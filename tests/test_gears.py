@@ -133,7 +133,7 @@ def gear_server(pair, offline, tmp_path_factory):
     conf = offline.little.max(1)
     ladder = [float(np.quantile(conf, q)) for q in (0.6, 0.3, 0.1)]
     options = RepositoryOptions(
-        threshold=ladder[0], intra_op_threads=1, gate_instances=1, gears=g.gears_parameter(zip(ladder, (0.0, 0.004, 0.009))),
+        threshold=ladder[0], intra_op_threads=1, gate_instances=2, gears=g.gears_parameter(zip(ladder, (0.0, 0.004, 0.009))),
         latency_target_ms=TARGET_MS, gear_interval_ms=100, max_queue_size=QUEUE,
     )
     repository = build_repository(pair.little, pair.big, tmp_path_factory.mktemp("gears") / "repository", options)
@@ -272,7 +272,7 @@ def test_a_step_down_answers_requests_waiting_for_big_at_the_new_t(gear_server, 
 def test_full_queue_is_refused_with_unavailable(gear_server, offline):
     server = gear_server.server
     slow = gear_server.repository / "little" / "slow"
-    slow.write_text("0.5")  # the one gate instance waits on little; requests pile up in its queue
+    slow.write_text("0.5")  # both gate instances wait on little; requests pile up in the gate's queue
     outcomes = []
 
     def send(i):
@@ -330,7 +330,7 @@ class Recorder:
         self.value = value
 
 
-def gate_gears(ladder, target_s=0.1, interval_s=0.5):
+def gate_gears(ladder, target_s=0.1, interval_s=0.5, seen=None):
     """The gate's Gears class, run from the gate file's own source with stand-in metrics."""
     import types
 
@@ -340,7 +340,7 @@ def gate_gears(ladder, target_s=0.1, interval_s=0.5):
     def count(metric, amount):
         counts[metric] = counts.get(metric, 0) + amount
 
-    return g.gate_controller_class()(ladder, target_s, interval_s, metrics, count, 0.0), counts
+    return g.gate_controller_class()(ladder, target_s, interval_s, metrics, count, 0.0, seen), counts
 
 
 def test_controller_down_on_a_confirmed_miss_up_after_calm_intervals_and_home_after_quiet():
@@ -384,3 +384,45 @@ def test_controller_down_on_a_confirmed_miss_up_after_calm_intervals_and_home_af
     gears.escalation_ended(escalated)
     t += 5.0  # quiet spell: nothing in flight, nothing answered
     assert gears.start(t) == t and gears.threshold == 0.5
+
+
+def test_pooled_observations_are_shared_by_the_instances(tmp_path):
+    pooled = g.gate_definitions()["PooledObservations"]
+    path = str(tmp_path / "board")
+    a, b = pooled(path), pooled(path)
+    assert a.slot != b.slot
+    a.answered(0.2, 3, 10.0)
+    b.answered(0.05, 1, 10.5)
+    assert sorted(b.window(9.0)) == [0.05, 0.2, 0.2, 0.2]  # each sees the other's answers
+    assert list(a.window(10.2)) == [0.05]
+    assert a.last_answer() == 10.5
+    assert a.oldest() is None
+    b.escalation_started(9.5)
+    b.escalation_started(9.7)
+    assert a.oldest() == 9.5
+    b.escalation_ended(9.5)
+    assert a.oldest() == 9.7
+    # A slot whose process is gone does not count (a stub that died), and is free for the next instance.
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    b.board[b.slot, 0] = int(gone.stdout)
+    assert a.oldest() is None and list(a.window(9.0)) == [0.2] * 3
+    c = pooled(path)
+    assert c.slot == b.slot and c.oldest() is None
+    a.close()  # a closed slot is free too
+    assert list(c.window(9.0)) == [] and pooled(path).slot == a.slot
+
+
+def test_instances_deciding_from_pooled_observations_move_together(tmp_path):
+    pooled = g.gate_definitions()["PooledObservations"]
+    ladder = [(0.5, 0.0), (0.4, 0.002), (0.3, 0.008)]
+    (a, _), (b, _) = (gate_gears(ladder, seen=pooled(str(tmp_path / "board"))) for _ in range(2))
+    t = 0.0
+    for _ in range(3):  # only a's requests are slow; b answers none at all
+        t += 0.5
+        started = a.start(t)
+        a.answered(started - 0.15, 10, t)
+        b.decide(t + 0.01)
+    assert a.threshold == b.threshold == 0.3  # both confirmed the miss from a's answers

@@ -61,7 +61,8 @@ Gears (opt-in, two-stage cascades for now): with a config `gears` ladder [[T, ex
 from the config T down (written by `littlebig calibrate`, client/gears.py) and `latency_target_ms` > 0,
 class Gears drops T to the ladder's last gear once its latency estimate has missed the target in two
 intervals in a row (or once far over it), and raises it one gear at a time once the estimate is
-comfortably below it (hysteresis), deciding at most once per `gear_interval_ms`.
+comfortably below it (hysteresis), deciding at most once per `gear_interval_ms`. The instances of
+one server decide from the answers of all of them (PooledObservations, a file in /dev/shm).
 While the target is met it stays in gear 0: the answers are those of the fixed config T. A step down
 also settles the backlog: rows already waiting for big whose little signal is >= the new T are
 answered at once with little's answer (reporting the new T), instead of behind the backlog that caused
@@ -75,6 +76,7 @@ littlebig_fallback_rows_total) instead of an error.
 
 import asyncio
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -367,15 +369,191 @@ def parse_gears(text, threshold):
     return ladder
 
 
-class Gears:
-    """Moves T along the calibrated ladder to keep a latency target (one instance's own view).
+class Observations:
+    """What the gears decide from, as one gate instance sees it: its answers (time, latency, count)
+    and the start times of its escalations still waiting for big."""
 
-    Signals, all observed inside this instance (Triton does not tell a Python model when a request
-    arrived or how long it queued): each answer's time from the start of its execute to its send, plus
-    this instance's last wait for little as the estimate of the time spent in the gate's queue (the
-    dynamic batcher hands over everything waiting, so a request waits about one execute), and the age of
-    the oldest escalation still waiting for big (big's backlog shows there before any answer does).
-    Every ``interval_s`` the worse of the window's p99 and that age is compared with the target.
+    def __init__(self):
+        self.answers = []  # (answered at, latency s, count)
+        self.waiting = []  # start times of escalations waiting for big
+
+    def answered(self, latency, count, now):
+        self.answers.append((now, latency, count))
+
+    def escalation_started(self, started):
+        self.waiting.append(started)
+
+    def escalation_ended(self, started):
+        self.waiting.remove(started)
+
+    def window(self, since):
+        """Latencies (s) of the answers given since ``since``, one per request."""
+        self.answers = [a for a in self.answers if a[0] >= since]
+        return np.repeat([a[1] for a in self.answers], [a[2] for a in self.answers])
+
+    def oldest(self):
+        """Start time of the oldest escalation still waiting for big; None when none waits."""
+        return min(self.waiting) if self.waiting else None
+
+    def last_answer(self):
+        return self.answers[-1][0] if self.answers else float("-inf")
+
+    def close(self):
+        pass
+
+
+class PooledObservations(Observations):
+    """The gears' observations pooled over a model's instances on one server: each instance (a stub
+    process of its own) keeps its answers and its oldest waiting escalation in its own slot of a small
+    memory-mapped file in /dev/shm, and reads every live slot when it decides. So every instance decides
+    from all answers and all escalations (one instance alone sees half of them with two instances, and
+    they used to sit in different gears), and each can still decide without the others.
+
+    Slot layout (float64): pid, start of the oldest waiting escalation (inf: none), last answer, answers
+    written, then a ring of (answered at, latency s, count). Times are time.monotonic(), one clock for
+    every process on the host. A slot whose pid is gone is free, so a dead stub's slot is ignored."""
+
+    SLOTS = 16
+    RING = 1024
+    HEADER = 4
+
+    def __init__(self, path):
+        super().__init__()
+        import mmap
+
+        self.path = path
+        width = self.HEADER + 3 * self.RING
+        size = self.SLOTS * width * 8
+        fd = self._open_locked(path)  # one instance at a time sizes the file and claims a slot
+        self._inode = os.fstat(fd).st_ino
+        try:
+            found = os.fstat(fd).st_size
+            if found == 0:
+                os.ftruncate(fd, size)  # zeros: every slot free
+            elif found != size:  # another version's layout, maybe mapped by live instances: leave it
+                raise OSError(f"{path} holds {found} bytes, not the {size} of this layout")
+            self.map = mmap.mmap(fd, size)
+            self.board = np.frombuffer(self.map, dtype=np.float64).reshape(self.SLOTS, width)
+            free = [k for k in range(self.SLOTS) if not _alive(int(self.board[k, 0]))]
+            if not free:
+                raise OSError(f"all {self.SLOTS} slots of {path} are taken")
+            self.slot = free[0]
+            self.board[self.slot] = 0.0  # nothing of a previous holder's ring counts
+            self.board[self.slot, : self.HEADER] = (os.getpid(), math.inf, -math.inf, 0)
+        finally:
+            self._unlock(fd)
+        self.mine = self.board[self.slot]
+        self.ring = self.mine[self.HEADER :].reshape(self.RING, 3)
+
+    def answered(self, latency, count, now):
+        written = int(self.mine[3])
+        self.ring[written % self.RING] = (-math.inf, latency, count)
+        self.ring[written % self.RING, 0] = now  # last: a reader never takes a half-written entry as new
+        self.mine[3] = written + 1
+        self.mine[2] = now
+
+    def escalation_started(self, started):
+        super().escalation_started(started)
+        self.mine[1] = min(self.waiting)
+
+    def escalation_ended(self, started):
+        super().escalation_ended(started)
+        self.mine[1] = min(self.waiting) if self.waiting else math.inf
+
+    def _live(self):
+        return [k for k in range(self.SLOTS) if k == self.slot or _alive(int(self.board[k, 0]))]
+
+    def window(self, since):
+        rings = self.board[self._live(), self.HEADER :].reshape(-1, 3)
+        new = rings[rings[:, 0] >= since]
+        return np.repeat(new[:, 1], new[:, 2].astype(np.int64))
+
+    def oldest(self):
+        oldest = float(self.board[self._live(), 1].min())
+        return None if oldest == math.inf else oldest
+
+    def last_answer(self):
+        return float(self.board[self._live(), 2].max())
+
+    def close(self):
+        """Free the slot; the last instance to leave removes the file."""
+        fd = self._open_locked(self.path)
+        try:
+            self.mine[: self.HEADER] = (0, math.inf, -math.inf, 0)
+            if os.fstat(fd).st_ino == self._inode and not any(_alive(int(pid)) for pid in self.board[:, 0]):
+                os.unlink(self.path)
+        finally:
+            self._unlock(fd)
+
+    @staticmethod
+    def _unlock(fd):
+        import fcntl
+
+        # Explicitly: the mmap holds a duplicate of the descriptor, and with it the lock, until unmapped.
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    @staticmethod
+    def _open_locked(path):
+        """The file, created if missing and locked; never one that the last instance just removed."""
+        import fcntl
+
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+
+SHARED_MEMORY = "/dev/shm"
+
+
+def pooled_observations(model_name):
+    """The gears' observations shared by this model's instances on this server (the stub's parent
+    process is its tritonserver); this instance's own when the shared file cannot be made. Files left by
+    servers that are gone are removed."""
+    for stale in glob.glob(os.path.join(SHARED_MEMORY, "littlebig-gears-*")):
+        server = os.path.basename(stale).split("-")[2]
+        if server.isdigit() and not _alive(int(server)):
+            try:
+                os.unlink(stale)
+            except OSError:
+                pass
+    path = os.path.join(SHARED_MEMORY, f"littlebig-gears-{os.getppid()}-{model_name}")
+    try:
+        return PooledObservations(path)
+    except OSError as err:
+        pb_utils.Logger.log_warn(f"littlebig gears: each instance decides from its own answers only ({err})")
+        return Observations()
+
+
+def _alive(pid):
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Gears:
+    """Moves T along the calibrated ladder to keep a latency target.
+
+    Signals (Triton does not tell a Python model when a request arrived or how long it queued), from
+    ``Observations``: this instance's own, or pooled over the model's instances on this server
+    (``PooledObservations``), so that every instance sees every answer and they move together. Each
+    answer's time from the start of its execute to its send, plus the instance's last wait for little as
+    the estimate of the time spent in the gate's queue (the dynamic batcher hands over everything waiting,
+    so a request waits about one execute), and the age of the oldest escalation still waiting for big
+    (big's backlog shows there before any answer does). Every ``interval_s`` the worse of the window's p99
+    and that age is compared with the target.
 
     Down only on a confirmed miss, and then to the last gear: a miss counts when the signal is over the
     target in ``CONFIRM`` intervals in a row, or once when it is over ``FAR_OVER`` x target (a backlog
@@ -397,21 +575,20 @@ class Gears:
     CONFIRM = 2
     FAR_OVER = 2.0
 
-    def __init__(self, ladder, target_s, interval_s, metrics, count, now):
+    def __init__(self, ladder, target_s, interval_s, metrics, count, now, seen=None):
         self.count = count  # Counters.add: counters reach Triton batched, like the gate's own
         self.thresholds = [t for t, _ in ladder]
         self.drops = [d for _, d in ladder]
         self.target_s, self.interval_s = target_s, interval_s
         self.metrics = metrics  # GearMetrics
+        self.seen = seen if seen is not None else Observations()
         self.gear = 0
         self.queue_s = 0.0  # this instance's last wait for little: the estimated gate queue wait
-        self.window = []  # latency estimates (s) of answers since the last decision
-        self.pending = []  # start times of escalations waiting for big
         self.calm = 0  # intervals in a row below RAISE_BELOW x target
         self.over = 0  # intervals in a row over the target
         self.raise_after = self.RAISE_AFTER  # calm intervals needed to climb one gear
         self.climbed = self.missed = float("-inf")  # when the gate last climbed, last confirmed a miss
-        self.decided = self.accounted = self.began = self.last_answer = now
+        self.decided = self.accounted = self.began = now
 
     @property
     def threshold(self):
@@ -424,17 +601,21 @@ class Gears:
 
     def start(self, now):
         """At the start of an execute: maybe change gear; returns when its requests probably arrived."""
-        if now - self.decided >= self.interval_s:
-            self._decide(now)
+        self.decide(now)
         self.began = now
         return now - self.queue_s
+
+    def decide(self, now):
+        """Reconsider the gear if an interval has passed since the last decision."""
+        if now - self.decided >= self.interval_s:
+            self._decide(now)
 
     def little_answered(self, now):
         self.queue_s = now - self.began
 
     def answered(self, started, count, now):
-        self.window.extend([now - started] * count)
-        self.last_answer = now
+        if count:
+            self.seen.answered(now - started, count, now)
 
     def adapted(self, rows):
         """``rows`` were answered at this gear's T (not pinned): the expected accuracy they gave up."""
@@ -450,20 +631,21 @@ class Gears:
             self.count(self.metrics.cost, extra)
 
     def escalation_started(self, started):
-        self.pending.append(started)
+        self.seen.escalation_started(started)
 
     def escalation_ended(self, started):
-        self.pending.remove(started)
+        self.seen.escalation_ended(started)
 
-    def _signal(self, now):
-        oldest = now - min(self.pending) if self.pending else 0.0
-        return max(oldest, float(np.percentile(self.window, 99)) if self.window else 0.0)
+    def _signal(self, now, oldest):
+        window = self.seen.window(self.decided)
+        return max(now - oldest if oldest is not None else 0.0, float(np.percentile(window, 99)) if len(window) else 0.0)
 
     def _decide(self, now):
         self.count(self.metrics.seconds[self.gear], now - self.accounted)
         self.accounted = now
-        signal = self._signal(now)
-        if not self.pending and now - self.last_answer > self.interval_s:
+        oldest = self.seen.oldest()
+        signal = self._signal(now, oldest)
+        if oldest is None and now - self.seen.last_answer() > self.interval_s:
             gear = 0  # quiet spell: what the window holds is old news
             self.calm = self.over = 0
             self.raise_after = self.RAISE_AFTER
@@ -477,7 +659,6 @@ class Gears:
             self.gear = gear
             self.metrics.gear.set(gear)
             self.metrics.threshold.set(self.threshold)
-        self.window.clear()
         self.decided = now
 
     def _missed(self, now, signal):
@@ -553,9 +734,14 @@ class TritonPythonModel:
         # called finalize only after the pending escalation had answered).
         self._escalations = set()
         self._waiting = set()  # with gears: escalations still waiting for big, which a step down may settle
+        self._ticker = None  # with gears: the timer that reconsiders the gear while escalations wait
 
     def finalize(self):
         self.counters.flush()  # the last interval's counts; the timer does not outlive the instance
+        if self.gears:
+            if self._ticker is not None:
+                self._ticker.cancel()
+            self.gears.seen.close()
 
     def _init_metrics(self, model_name):
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
@@ -634,7 +820,8 @@ class TritonPythonModel:
         metrics.gear.set(0)
         metrics.threshold.set(self.thresholds[0])
         interval_s = float(params.get("gear_interval_ms", "500")) / 1000.0
-        return Gears(ladder, target_ms / 1000.0, interval_s, metrics, self.counters.add, time.monotonic())
+        return Gears(ladder, target_ms / 1000.0, interval_s, metrics, self.counters.add, time.monotonic(),
+                     pooled_observations(model_name))
 
     def _parse_inputs(self, request):
         tensors, arrays = [], []
@@ -845,6 +1032,7 @@ class TritonPythonModel:
             escalation.started, escalation.observed = started, True
             gears.escalation_started(started)
             self._waiting.add(escalation)
+            self._arm_ticker()
             later = self._observed(later, escalation, len(waiting))
         task = asyncio.create_task(later)
         self._escalations.add(task)
@@ -855,9 +1043,28 @@ class TritonPythonModel:
         """The gears' decision at the start of an execute; a step down settles what it can of the backlog."""
         before = self.gears.gear
         started = self.gears.start(time.monotonic())
+        self._after_decision(before)
+        return started
+
+    def _after_decision(self, before):
         if self.gears.gear > before:
             self._shed(self.gears.threshold)
-        return started
+
+    def _arm_ticker(self):
+        if self._ticker is None and self._waiting:
+            self._ticker = asyncio.get_running_loop().call_later(self.gears.interval_s, self._tick)
+
+    def _tick(self):
+        """While escalations wait for big the gears reconsider every interval even when no request
+        arrives here (the pooled view may show a miss in other instances' answers), so a step down
+        settles this instance's backlog without waiting for its next execute. On the stub's event loop,
+        like every BLS call and response send."""
+        self._ticker = None
+        if self._waiting:
+            before = self.gears.gear
+            self.gears.decide(time.monotonic())
+            self._after_decision(before)
+            self._arm_ticker()
 
     def _shed(self, threshold):
         """The gears just stepped down to ``threshold``: rows waiting for big whose little signal is >=
