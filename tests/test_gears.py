@@ -9,6 +9,7 @@ import dataclasses
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +222,23 @@ def test_gate_moves_down_under_load_and_back_after(gear_server, offline):
     assert gear_metric(server.metrics_url, "littlebig_gear_accuracy_cost_total") > 0
 
 
+def home(server, image):
+    """Bring the gate back to gear 0 after an earlier test: a request after a quiet spell (a decision needs
+    an execute or an escalation waiting), until every instance reports gear 0."""
+    def one(_):
+        with LittleBigClient(server.grpc_url) as client:
+            client.infer(image, outputs=["CLASS"])
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        with ThreadPoolExecutor(4) as pool:  # concurrent, so that both gate instances execute
+            list(pool.map(one, range(4)))
+        if gear_metric(server.metrics_url, "littlebig_gear") == 0:
+            return
+    raise AssertionError("the gate did not come back to gear 0")
+
+
 def test_a_step_down_answers_requests_waiting_for_big_at_the_new_t(gear_server, offline):
     """Requests already waiting for a stuck big leave as soon as the gears step down, answered by little
     where little is sure enough at the new T; a row below every gear's T still gets big's answer."""
@@ -229,9 +247,7 @@ def test_a_step_down_answers_requests_waiting_for_big_at_the_new_t(gear_server, 
     middle = np.flatnonzero((conf >= ladder[-1]) & (conf < ladder[0]))[:2]  # big's at gear 0, little's at the last gear
     low = np.flatnonzero(conf < ladder[-1])[:1]  # big's at every gear
     sure = np.flatnonzero(conf >= ladder[0])[:1]  # little's at every gear
-    deadline = time.monotonic() + 15
-    while gear_metric(server.metrics_url, "littlebig_gear") != 0 and time.monotonic() < deadline:
-        time.sleep(0.2)  # a quiet spell brings the gate home from an earlier test
+    home(server, offline.images[sure])
     settled_before = gear_metric(server.metrics_url, "littlebig_gear_settled_rows_total")
     big_sleep = 2.0
     answers = {}
@@ -267,6 +283,52 @@ def test_a_step_down_answers_requests_waiting_for_big_at_the_new_t(gear_server, 
     assert_eq4_at_reported_t(list(answers.values()), offline)
     settled = gear_metric(server.metrics_url, "littlebig_gear_settled_rows_total") - settled_before
     assert settled == len(middle)
+
+
+def big_rows(url) -> int:
+    with grpcclient.InferenceServerClient(url) as client:
+        return int(client.get_inference_statistics("big", as_json=True)["model_stats"][0].get("inference_count", 0))
+
+
+def test_rows_held_for_big_never_reach_it_after_a_step_down(gear_server, offline):
+    """While big works on one call per gate instance, later escalations wait in the gate, where a step
+    down settles them before big spends anything on them."""
+    server, ladder = gear_server.server, gear_server.ladder
+    conf = offline.little.max(1).astype(np.float64)
+    middle = np.flatnonzero((conf >= ladder[-1]) & (conf < ladder[0]))[:3]  # big's at gear 0, little's at the last gear
+    low = np.flatnonzero(conf < ladder[-1])[:1]
+    home(server, offline.images[np.flatnonzero(conf >= ladder[0])[:1]])
+    settled_before = gear_metric(server.metrics_url, "littlebig_gear_settled_rows_total")
+    computed_before = big_rows(server.grpc_url)
+    answers = {}
+
+    def send(name, rows, delay):
+        time.sleep(delay)
+        with LittleBigClient(server.grpc_url) as client:
+            answers[name] = (rows, client.infer(offline.images[rows], outputs=["CLASS", "ROUTE", "THRESHOLD"]), None)
+
+    slow = gear_server.repository / "big" / "slow"
+    slow.write_text("1.0")
+    try:
+        # `low` occupies big; the three 1-row requests escalate at gear 0 before the gate steps down
+        # (the oldest escalation is far over the 100 ms target after 0.2 s). At most one of them finds
+        # a gate instance with no call in flight and is sent to big; the others are held.
+        jobs = [("low", low, 0.0)] + [(f"middle{k}", middle[k : k + 1], 0.03 + 0.02 * k) for k in range(len(middle))]
+        threads = [threading.Thread(target=send, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        slow.unlink()
+    for k in range(len(middle)):
+        _, out, _ = answers[f"middle{k}"]
+        assert out["THRESHOLD"][0, 0] == ladder[-1] and out["ROUTE"][0, 0] == 0
+    assert answers["low"][1]["ROUTE"][0, 0] == 1
+    assert_eq4_at_reported_t(list(answers.values()), offline)
+    assert gear_metric(server.metrics_url, "littlebig_gear_settled_rows_total") - settled_before == len(middle)
+    time.sleep(1.5)  # big finishes whatever it was sent (fast again now) before its count is read
+    assert big_rows(server.grpc_url) - computed_before <= 2  # low's row and at most one middle row
 
 
 def test_full_queue_is_refused_with_unavailable(gear_server, offline):

@@ -238,6 +238,72 @@ class Escalation:
     observed: bool = False  # the gears count it among the escalations waiting for big
     shed: int = 0  # waiting requests answered early by a step down of the gears
 
+    def narrow(self, keep):
+        """Only the rows ``keep`` (bool over pending) still go on."""
+        if not keep.all():
+            self.inputs = [x[keep] for x in self.inputs]
+            self.pending, self.thresholds, self.adaptive = self.pending[keep], self.thresholds[keep], self.adaptive[keep]
+
+
+class Held:
+    """With gears, escalations wait for big here, one call per gate instance in flight, instead of in
+    big's queue: a step down can still settle their rows before big spends anything on them (rows
+    already sent to big are computed whatever happens), and the open rows of all the escalations held
+    leave together in the next call (up to ``max_rows``)."""
+
+    def __init__(self, stage, infer, max_rows):
+        self.stage = stage
+        self.infer = infer  # async (stage, inputs, want_probs) -> ChildAnswer, raising ChildError
+        self.max_rows = max_rows
+        self.queue = []  # (escalation, want_probs, future of its answer)
+        self.call = None  # the task of the call in flight
+
+    def run(self, escalation, want_probs):
+        """A future of big's answer on the escalation's open rows at the time its call leaves (None when
+        a step down settled all of them first); the escalation is narrowed to those rows."""
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((escalation, want_probs, future))
+        self._next()
+        return future
+
+    def _next(self):
+        if self.call is not None:
+            return
+        batch, rows = [], 0
+        while self.queue:
+            escalation, want_probs, future = self.queue[0]
+            still = escalation.open[escalation.pending]
+            if not still.any():
+                self.queue.pop(0)
+                future.set_result(None)
+                continue
+            if batch and rows + int(still.sum()) > self.max_rows:
+                break
+            self.queue.pop(0)
+            escalation.narrow(still)
+            batch.append((escalation, want_probs, future))
+            rows += len(escalation.pending)
+        if batch:
+            self.call = asyncio.ensure_future(self._call(batch))
+
+    async def _call(self, batch):
+        try:
+            parts = [escalation.inputs for escalation, _, _ in batch]
+            inputs = parts[0] if len(parts) == 1 else [np.concatenate(columns) for columns in zip(*parts)]
+            answer = await self.infer(self.stage, inputs, any(want for _, want, _ in batch))
+            start = 0
+            for escalation, _, future in batch:
+                future.set_result(answer.rows(slice(start, start + len(escalation.pending))))
+                start += len(escalation.pending)
+        except Exception as err:  # noqa: BLE001 - every escalation of the call must hear of it
+            failure = err if isinstance(err, ChildError) else ChildError(self.stage, repr(err))
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(failure)
+        finally:
+            self.call = None
+            self._next()
+
 
 class LocalStage:
     """Stage 0 run in the gate's own process with onnxruntime (config parameter little_onnx)."""
@@ -728,6 +794,7 @@ class TritonPythonModel:
             self.local = LocalStage(path, int(params.get("little_intra_op_threads", "0")))
         self._init_metrics(args["model_name"])
         self.gears = self._init_gears(params, args["model_name"], args["model_instance_name"])
+        self.held = Held(self.stages[-1], self._infer, int(config["max_batch_size"]) or 1) if self.gears else None
         # Escalations still running after their execute returned; a strong reference keeps each task
         # alive until it ends (the event loop holds tasks only weakly). No finalize waits for them:
         # Triton keeps an instance until every response it owes is sent (a reload under load
@@ -1114,7 +1181,12 @@ class TritonPythonModel:
         for stage in self.stages[1:]:
             want_probs = self.ensemble or any(wait.want_probs for wait in escalation.waiting)
             try:
-                answer = await self._infer(stage, escalation.inputs, want_probs)
+                if self.held is not None and stage is self.held.stage:
+                    answer = await self.held.run(escalation, want_probs)
+                    if answer is None:  # a step down settled every row first
+                        return
+                else:
+                    answer = await self._infer(stage, escalation.inputs, want_probs)
             except ChildError as err:
                 for wait in escalation.waiting:
                     self._send(wait.sender, self._fallback(wait, answers, escalation.open, stage, err))
@@ -1146,9 +1218,7 @@ class TritonPythonModel:
         done = [wait for wait in escalation.waiting if not escalation.open[wait.rows].any()]
         escalation.waiting = [wait for wait in escalation.waiting if escalation.open[wait.rows].any()]
         if escalation.waiting:  # copies only what the next stage needs
-            escalation.inputs = [x[unsure] for x in escalation.inputs]
-            escalation.pending, escalation.thresholds = pending[unsure], escalation.thresholds[unsure]
-            escalation.adaptive = escalation.adaptive[unsure]
+            escalation.narrow(unsure)
         return [(wait, answers.response(wait.rows, wait.want_probs)) for wait in done]
 
     def _fallback(self, wait, answers, open_rows, stage, err):
