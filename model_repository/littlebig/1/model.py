@@ -66,7 +66,8 @@ one server decide from the answers of all of them (PooledObservations, a file in
 While the target is met it stays in gear 0: the answers are those of the fixed config T. A step down
 also settles the backlog: rows already waiting for big whose little signal is >= the new T are
 answered at once with little's answer (reporting the new T), instead of behind the backlog that caused
-the miss. A request that sends its own `threshold`/`thresholds` is never adapted. Every answer says in
+the miss; with one gate instance escalations wait for big in the gate (class Held, one call in flight),
+so most of that backlog has not reached big yet. A request that sends its own `threshold`/`thresholds` is never adapted. Every answer says in
 THRESHOLD (FP64 [K-1] per row) which thresholds applied.
 
 Degraded mode (on_big_failure="little", opt-in): when stage k fails or times out, the rows it was
@@ -246,10 +247,12 @@ class Escalation:
 
 
 class Held:
-    """With gears, escalations wait for big here, one call per gate instance in flight, instead of in
-    big's queue: a step down can still settle their rows before big spends anything on them (rows
-    already sent to big are computed whatever happens), and the open rows of all the escalations held
-    leave together in the next call (up to ``max_rows``)."""
+    """With gears and one gate instance, escalations wait for big here, one call in flight, instead of
+    in big's queue: a step down can still settle their rows before big spends anything on them (the
+    call in flight is computed whatever happens), and the open rows of all the escalations held leave
+    together in the next call (up to ``max_rows``), as big's own batcher would have taken them. With
+    several gate instances each would hold its rows while big takes another instance's call, so held
+    rows would miss the batch big takes next: there escalations go to big at once, as without gears."""
 
     def __init__(self, stage, infer, max_rows):
         self.stage = stage
@@ -794,7 +797,8 @@ class TritonPythonModel:
             self.local = LocalStage(path, int(params.get("little_intra_op_threads", "0")))
         self._init_metrics(args["model_name"])
         self.gears = self._init_gears(params, args["model_name"], args["model_instance_name"])
-        self.held = Held(self.stages[-1], self._infer, int(config["max_batch_size"]) or 1) if self.gears else None
+        instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
+        self.held = Held(self.stages[-1], self._infer, int(config["max_batch_size"]) or 1) if self.gears and instances == 1 else None
         # Escalations still running after their execute returned; a strong reference keeps each task
         # alive until it ends (the event loop holds tasks only weakly). No finalize waits for them:
         # Triton keeps an instance until every response it owes is sent (a reload under load
