@@ -280,6 +280,37 @@ def plot(rows: list[dict], ladder: list[float], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_timeline(runs: list[Run], target_ms: float, path: Path) -> None:
+    """Round 1 of each load over time: each second's p99 for both gates, and the adaptive gate's T."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = sorted({r.load for r in runs})
+    fig, axes = plt.subplots(len(loads), 1, figsize=(10, 2.6 * len(loads)), sharex=True, squeeze=False)
+    for ax, load in zip(axes[:, 0], loads):
+        first = [r for r in runs if r.load == load and r.round == 0]
+        for run in first:
+            sent, latency = np.array(run.send_times), np.array(run.latencies_ms)
+            seconds = np.arange(int(np.ceil(run.seconds)))
+            p99 = [np.percentile(latency[(sent >= t) & (sent < t + 1)], 99) if np.any((sent >= t) & (sent < t + 1)) else np.nan
+                   for t in seconds]
+            ax.plot(seconds + 0.5, p99, "o-" if run.variant == "fixed" else "s-", ms=3, label=f"{run.variant} p99 per second")
+            if run.variant == "adaptive":
+                twin = ax.twinx()
+                twin.step(sent, run.thresholds, where="post", color="grey", alpha=0.5, lw=1)
+                twin.set_ylabel("adaptive T", color="grey")
+        ax.axhline(target_ms, color="red", ls="--", lw=1, label="target")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{load:.1f}x: ms")
+        ax.legend(loc="upper left", fontsize=8)
+    axes[-1, 0].set_xlabel("seconds into the run (by send time)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--little", required=True)
@@ -385,6 +416,7 @@ def report(rows, records, runs, args, ladder_: Ladder, rate0, closed_loop_rate, 
             {"round": r.round + 1, "load": r.load, "variant": r.variant, "send_s": r.send_times, "latency_ms": r.latencies_ms,
              "threshold": r.thresholds} for r in runs]) + "\n")
     plot(rows, ladder, out / "overload.png")
+    plot_timeline(runs, args.target_ms, out / "timeline.png")
     for row in rows:
         print(f"{row['load']:.1f}x: the fixed T met the target in {row['fixed_met_rounds']} of {args.rounds} rounds; in those the "
               f"adaptive gate answered {row['adaptive_below_config_t_where_fixed_met']} of "

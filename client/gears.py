@@ -17,6 +17,8 @@ the budget (a few hundred images rarely certify less than a point, so the ladder
 from __future__ import annotations
 
 import ast
+import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -134,12 +136,12 @@ def gate_controller_class() -> type:
 
 
 def gate_definitions() -> dict:
-    """The gears' classes and helpers of the gate file (Observations, PooledObservations, Gears, ...),
-    compiled from its source without the Triton imports."""
+    """The gears' classes and helpers of the gate file (Observations, PooledObservations, Gears, Held,
+    and the escalation records they work on), compiled from its source without the Triton imports."""
     path = resources.files("littlebig.model_repository") / "littlebig" / "1" / "model.py"
     tree = ast.parse(path.read_text())
-    names = {"Observations", "PooledObservations", "Gears", "_alive"}
+    names = {"Observations", "PooledObservations", "Gears", "_alive", "ChildError", "ChildAnswer", "Answers", "Escalation", "Held"}
     sources = [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name in names]
-    namespace = {"np": np, "math": math, "os": os}
+    namespace = {"np": np, "math": math, "os": os, "asyncio": asyncio, "dataclasses": dataclasses, "contextlib": contextlib}
     exec(compile(ast.Module(sources, []), str(path), "exec"), namespace)
     return namespace

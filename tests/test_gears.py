@@ -5,6 +5,7 @@ UNAVAILABLE when the gate's queue is full."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import threading
@@ -489,13 +490,47 @@ def test_pooled_observations_are_shared_by_the_instances(tmp_path):
 
 
 def test_instances_deciding_from_pooled_observations_move_together(tmp_path):
+    """The controller's state is the pool's: decisions taken in turn by two instances confirm a miss
+    together, and both are in the gear the last decision left."""
     pooled = g.gate_definitions()["PooledObservations"]
     ladder = [(0.5, 0.0), (0.4, 0.002), (0.3, 0.008)]
     (a, _), (b, _) = (gate_gears(ladder, seen=pooled(str(tmp_path / "board"))) for _ in range(2))
     t = 0.0
-    for _ in range(3):  # only a's requests are slow; b answers none at all
+    for k in range(4):
         t += 0.5
-        started = a.start(t)
-        a.answered(started - 0.15, 10, t)
-        b.decide(t + 0.01)
-    assert a.threshold == b.threshold == 0.3  # both confirmed the miss from a's answers
+        (a if k % 2 == 0 else b).decide(t)  # a decides, then b, then a, ...
+        a.answered(t - 0.15, 10, t)  # over the 0.1 s target, but not far over: a miss needs two intervals
+    assert a.threshold == b.threshold == 0.3
+    b.decide(t + 0.1)  # within the interval of the last decision: nothing to decide, but b takes its gear
+    assert b.threshold == 0.3
+
+
+def test_held_escalations_leave_together_each_with_its_open_rows():
+    gate = g.gate_definitions()
+    calls = []
+
+    async def infer(stage, inputs, want_probs):
+        calls.append(list(inputs[0][:, 0]))
+        await asyncio.sleep(0.01)
+        label = inputs[0][:, 0].astype(np.int64)
+        return gate["ChildAnswer"](label, label.astype(np.float64), None)
+
+    def escalation(values, open_rows=None):
+        n = len(values)
+        open_rows = np.ones(n, bool) if open_rows is None else np.asarray(open_rows)
+        return gate["Escalation"]([np.array(values)[:, None]], np.arange(n), np.zeros((n, 1)), [], open_rows, None,
+                                  np.ones(n, bool))
+
+    async def main():
+        held = gate["Held"]("big", infer, 4)
+        escalations = [escalation([1, 2]), escalation([3, 4, 5], [True, False, True]), escalation([6, 7]), escalation([8], [False]),
+                       escalation([9, 10, 11])]
+        futures = [held.run(e, False) for e in escalations]  # the first leaves at once, the rest wait for it
+        return [await f for f in futures], escalations
+
+    answers, escalations = asyncio.run(main())
+    # Then the open rows of what waited, up to 4 rows a call: 4 was settled meanwhile and never leaves;
+    # the escalation with no open row gets None; the last does not fit beside the others.
+    assert calls == [[1, 2], [3, 5, 6, 7], [9, 10, 11]]
+    assert [None if a is None else list(a.label) for a in answers] == [[1, 2], [3, 5], [6, 7], None, [9, 10, 11]]
+    assert list(escalations[1].pending) == [0, 2]  # narrowed to the rows that left

@@ -76,6 +76,7 @@ littlebig_fallback_rows_total) instead of an error.
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import glob
 import json
@@ -467,6 +468,10 @@ class Observations:
     def last_answer(self):
         return self.answers[-1][0] if self.answers else float("-inf")
 
+    def shared(self, gears):
+        """The controller's state while it decides: this instance's own."""
+        return contextlib.nullcontext()
+
     def close(self):
         pass
 
@@ -478,13 +483,17 @@ class PooledObservations(Observations):
     from all answers and all escalations (one instance alone sees half of them with two instances, and
     they used to sit in different gears), and each can still decide without the others.
 
-    Slot layout (float64): pid, start of the oldest waiting escalation (inf: none), last answer, answers
-    written, then a ring of (answered at, latency s, count). Times are time.monotonic(), one clock for
-    every process on the host. A slot whose pid is gone is free, so a dead stub's slot is ignored."""
+    Row 0 holds the gears controller's state (``shared``): the instances take one decision per interval
+    between them and are always in the same gear. Rows 1.. are the slots (float64): pid, start of the
+    oldest waiting escalation (inf: none), last answer, answers written, then a ring of (answered at,
+    latency s, count). Times are time.monotonic(), one clock for every process on the host. A slot whose
+    pid is gone is free, so a dead stub's slot is ignored."""
 
     SLOTS = 16
     RING = 1024
     HEADER = 4
+    STATE = ("gear", "calm", "over", "raise_after", "climbed", "missed", "decided")  # the controller's, in row 0
+    COUNTS = ("gear", "calm", "over", "raise_after")
 
     def __init__(self, path):
         super().__init__()
@@ -492,7 +501,7 @@ class PooledObservations(Observations):
 
         self.path = path
         width = self.HEADER + 3 * self.RING
-        size = self.SLOTS * width * 8
+        size = (1 + self.SLOTS) * width * 8
         fd = self._open_locked(path)  # one instance at a time sizes the file and claims a slot
         self._inode = os.fstat(fd).st_ino
         try:
@@ -502,8 +511,8 @@ class PooledObservations(Observations):
             elif found != size:  # another version's layout, maybe mapped by live instances: leave it
                 raise OSError(f"{path} holds {found} bytes, not the {size} of this layout")
             self.map = mmap.mmap(fd, size)
-            self.board = np.frombuffer(self.map, dtype=np.float64).reshape(self.SLOTS, width)
-            free = [k for k in range(self.SLOTS) if not _alive(int(self.board[k, 0]))]
+            self.board = np.frombuffer(self.map, dtype=np.float64).reshape(1 + self.SLOTS, width)
+            free = [k for k in range(1, 1 + self.SLOTS) if not _alive(int(self.board[k, 0]))]
             if not free:
                 raise OSError(f"all {self.SLOTS} slots of {path} are taken")
             self.slot = free[0]
@@ -511,6 +520,7 @@ class PooledObservations(Observations):
             self.board[self.slot, : self.HEADER] = (os.getpid(), math.inf, -math.inf, 0)
         finally:
             self._unlock(fd)
+        self.lock = os.open(path, os.O_RDWR)  # its own open file: held only while deciding (shared)
         self.mine = self.board[self.slot]
         self.ring = self.mine[self.HEADER :].reshape(self.RING, 3)
 
@@ -530,7 +540,7 @@ class PooledObservations(Observations):
         self.mine[1] = min(self.waiting) if self.waiting else math.inf
 
     def _live(self):
-        return [k for k in range(self.SLOTS) if k == self.slot or _alive(int(self.board[k, 0]))]
+        return [k for k in range(1, 1 + self.SLOTS) if k == self.slot or _alive(int(self.board[k, 0]))]
 
     def window(self, since):
         rings = self.board[self._live(), self.HEADER :].reshape(-1, 3)
@@ -544,12 +554,32 @@ class PooledObservations(Observations):
     def last_answer(self):
         return float(self.board[self._live(), 2].max())
 
+    @contextlib.contextmanager
+    def shared(self, gears):
+        """While the controller decides, under the file's lock, its state is the pool's: the state the
+        last decision of any instance left (none yet: this instance's), written back after."""
+        import fcntl
+
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        try:
+            state = self.board[0]
+            if state[0]:
+                for name, value in zip(self.STATE, state[1:]):
+                    setattr(gears, name, int(value) if name in self.COUNTS else float(value))
+                gears.gear = min(gears.gear, len(gears.thresholds) - 1)  # a reload may have shortened the ladder
+            yield
+            state[1 : 1 + len(self.STATE)] = [getattr(gears, name) for name in self.STATE]
+            state[0] = 1.0
+        finally:
+            fcntl.flock(self.lock, fcntl.LOCK_UN)
+
     def close(self):
         """Free the slot; the last instance to leave removes the file."""
+        os.close(self.lock)
         fd = self._open_locked(self.path)
         try:
             self.mine[: self.HEADER] = (0, math.inf, -math.inf, 0)
-            if os.fstat(fd).st_ino == self._inode and not any(_alive(int(pid)) for pid in self.board[:, 0]):
+            if os.fstat(fd).st_ino == self._inode and not any(_alive(int(pid)) for pid in self.board[1:, 0]):
                 os.unlink(self.path)
         finally:
             self._unlock(fd)
@@ -675,9 +705,18 @@ class Gears:
         return now - self.queue_s
 
     def decide(self, now):
-        """Reconsider the gear if an interval has passed since the last decision."""
-        if now - self.decided >= self.interval_s:
-            self._decide(now)
+        """Reconsider the gear if an interval has passed since the last decision: this instance's, or
+        with pooled observations any instance's (the controller's state is then the pool's, so the
+        instances take one decision per interval between them and are always in the same gear)."""
+        before = self.gear
+        with self.seen.shared(self):
+            if now - self.decided >= self.interval_s:
+                self._decide(now)
+        self.count(self.metrics.seconds[before], now - self.accounted)
+        self.accounted = now
+        if self.gear != before:
+            self.metrics.gear.set(self.gear)
+            self.metrics.threshold.set(self.threshold)
 
     def little_answered(self, now):
         self.queue_s = now - self.began
@@ -710,8 +749,6 @@ class Gears:
         return max(now - oldest if oldest is not None else 0.0, float(np.percentile(window, 99)) if len(window) else 0.0)
 
     def _decide(self, now):
-        self.count(self.metrics.seconds[self.gear], now - self.accounted)
-        self.accounted = now
         oldest = self.seen.oldest()
         signal = self._signal(now, oldest)
         if oldest is None and now - self.seen.last_answer() > self.interval_s:
@@ -724,10 +761,7 @@ class Gears:
             gear = self._calm(now)
         else:
             gear, self.calm, self.over = self.gear, 0, 0
-        if gear != self.gear:
-            self.gear = gear
-            self.metrics.gear.set(gear)
-            self.metrics.threshold.set(self.threshold)
+        self.gear = gear
         self.decided = now
 
     def _missed(self, now, signal):
