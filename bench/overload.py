@@ -296,7 +296,8 @@ def plot_timeline(runs: list[Run], target_ms: float, path: Path) -> None:
             seconds = np.arange(int(np.ceil(run.seconds)))
             p99 = [np.percentile(latency[(sent >= t) & (sent < t + 1)], 99) if np.any((sent >= t) & (sent < t + 1)) else np.nan
                    for t in seconds]
-            ax.plot(seconds + 0.5, p99, "o-" if run.variant == "fixed" else "s-", ms=3, label=f"{run.variant} p99 per second")
+            style = {"fixed": ("o-", "tab:blue"), "adaptive": ("s-", "tab:green")}[run.variant]
+            ax.plot(seconds + 0.5, p99, style[0], color=style[1], ms=3, label=f"{run.variant} p99 per second")
             if run.variant == "adaptive":
                 twin = ax.twinx()
                 twin.step(sent, run.thresholds, where="post", color="grey", alpha=0.5, lw=1)
