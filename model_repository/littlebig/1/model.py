@@ -1131,18 +1131,21 @@ class TritonPythonModel:
         # Fancy indexing copies the rows out of the requests' input buffers, which Triton may free
         # once execute returns.
         adaptive = np.repeat([not a.pinned for _, a in accepted], counts)[pending]
-        escalation = Escalation([x[pending] for x in arrays], pending, thresholds[pending], waiting, unsure, answers, adaptive)
+        self._launch(Escalation([x[pending] for x in arrays], pending, thresholds[pending], waiting, unsure, answers, adaptive), started)
+        return None
+
+    def _launch(self, escalation, started):
+        """The later stages, as a task on the stub's event loop (execute returns without waiting for it)."""
         later = self._escalate(escalation)
-        if gears:
+        if self.gears:
             escalation.started, escalation.observed = started, True
-            gears.escalation_started(started)
+            self.gears.escalation_started(started)
             self._waiting.add(escalation)
             self._arm_ticker()
-            later = self._observed(later, escalation, len(waiting))
+            later = self._observed(later, escalation, len(escalation.waiting))
         task = asyncio.create_task(later)
         self._escalations.add(task)
         task.add_done_callback(self._escalations.discard)
-        return None
 
     def _gears_start(self):
         """The gears' decision at the start of an execute; a step down settles what it can of the backlog."""
