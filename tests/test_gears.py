@@ -252,6 +252,31 @@ def home(server, image):
     raise AssertionError("the gate did not come back to gear 0")
 
 
+def send_while_big_sleeps(served, images, seconds, jobs):
+    """Each job (name, rows, delay) sends one request ``delay`` s after the start, in its own thread, while
+    big sleeps ``seconds`` per execute; returns name -> (rows, outputs, latency s)."""
+    answers = {}
+
+    def send(name, rows, delay):
+        time.sleep(delay)
+        with LittleBigClient(served.server.grpc_url) as client:
+            sent = time.monotonic()
+            out = client.infer(images[rows], outputs=["CLASS", "ROUTE", "THRESHOLD"])
+            answers[name] = (rows, out, time.monotonic() - sent)
+
+    slow = served.repository / "big" / "slow"
+    slow.write_text(str(seconds))
+    try:
+        threads = [threading.Thread(target=send, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        slow.unlink()
+    return answers
+
+
 def test_a_step_down_answers_requests_waiting_for_big_at_the_new_t(gear_server, offline):
     """Requests already waiting for a stuck big leave as soon as the gears step down, answered by little
     where little is sure enough at the new T; a row below every gear's T still gets big's answer."""
@@ -263,28 +288,10 @@ def test_a_step_down_answers_requests_waiting_for_big_at_the_new_t(gear_server, 
     home(server, offline.images[sure])
     settled_before = gear_metric(server.metrics_url, "littlebig_gear_settled_rows_total")
     big_sleep = 2.0
-    answers = {}
-
-    def send(name, rows, delay):
-        time.sleep(delay)
-        with LittleBigClient(server.grpc_url) as client:
-            sent = time.monotonic()
-            out = client.infer(offline.images[rows], outputs=["CLASS", "ROUTE", "THRESHOLD"])
-            answers[name] = (rows, out, time.monotonic() - sent)
-
-    slow = gear_server.repository / "big" / "slow"
-    slow.write_text(str(big_sleep))
-    try:
-        # Both escalate at gear 0; the later request's execute finds the oldest escalation far over the
-        # target (100 ms) and steps down to the last gear.
-        threads = [threading.Thread(target=send, args=args) for args in (("middle", middle, 0.0), ("low", low, 0.05),
-                                                                          ("trigger", sure, 0.5))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        slow.unlink()
+    # Both escalate at gear 0; the later request's execute finds the oldest escalation far over the
+    # target (100 ms) and steps down to the last gear.
+    answers = send_while_big_sleeps(gear_server, offline.images, big_sleep,
+                                    [("middle", middle, 0.0), ("low", low, 0.05), ("trigger", sure, 0.5)])
     rows, out, seconds = answers["middle"]
     assert seconds < big_sleep, seconds  # it did not wait for big
     np.testing.assert_array_equal(out["THRESHOLD"][:, 0], ladder[-1])
@@ -313,26 +320,10 @@ def test_rows_held_for_big_never_reach_it_after_a_step_down(held_server, offline
     home(server, offline.images[np.flatnonzero(conf >= ladder[0])[:1]])
     settled_before = gear_metric(server.metrics_url, "littlebig_gear_settled_rows_total")
     computed_before = big_rows(server.grpc_url)
-    answers = {}
-
-    def send(name, rows, delay):
-        time.sleep(delay)
-        with LittleBigClient(server.grpc_url) as client:
-            answers[name] = (rows, client.infer(offline.images[rows], outputs=["CLASS", "ROUTE", "THRESHOLD"]), None)
-
-    slow = held_server.repository / "big" / "slow"
-    slow.write_text("1.0")
-    try:
-        # `low` occupies big; the three 1-row requests escalate at gear 0 before the gate steps down
-        # (the oldest escalation is far over the 100 ms target after 0.2 s) and are held meanwhile.
-        jobs = [("low", low, 0.0)] + [(f"middle{k}", middle[k : k + 1], 0.03 + 0.02 * k) for k in range(len(middle))]
-        threads = [threading.Thread(target=send, args=job) for job in jobs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        slow.unlink()
+    # `low` occupies big; the three 1-row requests escalate at gear 0 before the gate steps down
+    # (the oldest escalation is far over the 100 ms target after 0.2 s) and are held meanwhile.
+    jobs = [("low", low, 0.0)] + [(f"middle{k}", middle[k : k + 1], 0.03 + 0.02 * k) for k in range(len(middle))]
+    answers = send_while_big_sleeps(held_server, offline.images, 1.0, jobs)
     for k in range(len(middle)):
         _, out, _ = answers[f"middle{k}"]
         assert out["THRESHOLD"][0, 0] == ladder[-1] and out["ROUTE"][0, 0] == 0

@@ -67,8 +67,8 @@ While the target is met it stays in gear 0: the answers are those of the fixed c
 also settles the backlog: rows already waiting for big whose little signal is >= the new T are
 answered at once with little's answer (reporting the new T), instead of behind the backlog that caused
 the miss; with one gate instance escalations wait for big in the gate (class Held, one call in flight),
-so most of that backlog has not reached big yet. A request that sends its own `threshold`/`thresholds` is never adapted. Every answer says in
-THRESHOLD (FP64 [K-1] per row) which thresholds applied.
+so most of that backlog has not reached big yet. A request that sends its own `threshold`/`thresholds`
+is never adapted. Every answer says in THRESHOLD (FP64 [K-1] per row) which thresholds applied.
 
 Degraded mode (on_big_failure="little", opt-in): when stage k fails or times out, the rows it was
 asked about are answered with stage k-1's answer and ROUTE = K + k - 1 (two stages: 2; counted in
@@ -239,6 +239,12 @@ class Escalation:
     started: float = 0.0  # when its execute started (the gears' latency clock)
     observed: bool = False  # the gears count it among the escalations waiting for big
     shed: int = 0  # waiting requests answered early by a step down of the gears
+
+    def leave(self):
+        """The waiting requests whose rows are all settled, no longer waiting."""
+        done = [wait for wait in self.waiting if not self.open[wait.rows].any()]
+        self.waiting = [wait for wait in self.waiting if self.open[wait.rows].any()]
+        return done
 
     def narrow(self, keep):
         """Only the rows ``keep`` (bool over pending) still go on."""
@@ -1191,8 +1197,7 @@ class TritonPythonModel:
             escalation.open[rows] = False
             self.counters.add(self.metric_rows[0], len(rows))
             self.counters.add(self.gears.metrics.settled, len(rows))
-            done = [wait for wait in escalation.waiting if not escalation.open[wait.rows].any()]
-            escalation.waiting = [wait for wait in escalation.waiting if escalation.open[wait.rows].any()]
+            done = escalation.leave()
             for wait in done:
                 self._send(wait.sender, answers.response(wait.rows, wait.want_probs))
             escalation.shed += len(done)
@@ -1256,8 +1261,7 @@ class TritonPythonModel:
         escalation.open[pending[still & ~unsure]] = False
         self.counters.add(self.metric_rows[stage.index], int((still & ~unsure).sum()))
         self.counters.add(self.metric_macs, len(pending) * stage.macs)
-        done = [wait for wait in escalation.waiting if not escalation.open[wait.rows].any()]
-        escalation.waiting = [wait for wait in escalation.waiting if escalation.open[wait.rows].any()]
+        done = escalation.leave()
         if escalation.waiting:  # copies only what the next stage needs
             escalation.narrow(unsure)
         return [(wait, answers.response(wait.rows, wait.want_probs)) for wait in done]
