@@ -36,7 +36,7 @@ from littlebig.client.gears import Ladder
 from littlebig.client.images import list_images, to_wire_batch
 from littlebig.client.infer import LittleBigClient
 from littlebig.client.metrics import read_samples
-from littlebig.contract import GATE_MODEL, GEAR_INTERVAL_MS, GEARS, LATENCY_TARGET_MS
+from littlebig.contract import GATE_MODEL, GEAR_DEADLINE_MS, GEAR_INTERVAL_MS, GEARS, LATENCY_TARGET_MS
 from littlebig.model_repository.builder import RepositoryOptions, build_repository
 from littlebig.server import TritonServer
 from peers import closed_loop, image_inputs  # bench/peers.py, beside this script
@@ -337,6 +337,8 @@ def parse_args() -> argparse.Namespace:
                         "is the rate it sustains within it, and the adaptive gate's latency_target_ms")
     parser.add_argument("--capacity-steps", type=int, default=5, help="bisection steps of the capacity search")
     parser.add_argument("--capacity-repeats", type=int, default=2, help="runs per bisection step (their median p99 decides)")
+    parser.add_argument("--gear-deadline-ms", type=float, default=None, help="the adaptive gate's gear_deadline_ms "
+                        "(default: the repository builder's, 0.9 x the target; 0: rows wait for big)")
     parser.add_argument("--gear-interval-ms", type=int, default=RepositoryOptions.gear_interval_ms,
                         help="how often the adaptive gate reconsiders its gear")
     parser.add_argument("--max-queue-size", type=int, default=64, help="Triton queue bound on both gates")
@@ -377,7 +379,7 @@ def main() -> None:
             rate0 = capacity_at_target(server.grpc_url, inputs, closed.throughput, args.target_ms, args.capacity_seconds / 2,
                                        args.pause, args.capacity_steps, args.capacity_repeats, ladder[0], lead_in)
             print(f"fixed gate capacity within p99 <= {args.target_ms:.0f} ms: {rate0:.1f} req/s", flush=True)
-            install_gears(server, ladder_.config_value(), args.target_ms, args.gear_interval_ms)
+            install_gears(server, ladder_.config_value(), args.target_ms, args.gear_interval_ms, deadline_ms(args))
             runs = measure(server.grpc_url, inputs, rate0, loads, args.rounds, args.seconds, ladder, drops, args.pause, lead_in)
             metrics = read_samples(server.metrics_url, "littlebig_gear")
     reference = {}  # the fixed T's class of each image (every fixed answer is at the config T)
@@ -389,7 +391,11 @@ def main() -> None:
     report(rows, records, runs, args, ladder_, rate0, closed.throughput, metrics, time.time() - started)
 
 
-def install_gears(server: TritonServer, gears: str, target_ms: float, interval_ms: int) -> None:
+def deadline_ms(args: argparse.Namespace) -> float:
+    return RepositoryOptions(latency_target_ms=args.target_ms, gear_deadline_ms=args.gear_deadline_ms).deadline_ms()
+
+
+def install_gears(server: TritonServer, gears: str, target_ms: float, interval_ms: int, deadline_ms: float) -> None:
     """Reload `littlebig` with the gears and the target (known only once capacity was measured)."""
     import tritonclient.grpc as grpcclient
 
@@ -398,6 +404,7 @@ def install_gears(server: TritonServer, gears: str, target_ms: float, interval_m
         config["parameters"][GEARS] = {"string_value": gears}
         config["parameters"][LATENCY_TARGET_MS] = {"string_value": repr(float(target_ms))}
         config["parameters"][GEAR_INTERVAL_MS] = {"string_value": str(int(interval_ms))}
+        config["parameters"][GEAR_DEADLINE_MS] = {"string_value": repr(float(deadline_ms))}
         client.load_model(GATE_MODEL, config=json.dumps(config), headers=server.admin_headers())
 
 
@@ -414,7 +421,7 @@ def report(rows, records, runs, args, ladder_: Ladder, rate0, closed_loop_rate, 
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "ladder": ladder_.as_dict(), "capacity_req_s": rate0, "closed_loop_img_s": closed_loop_rate, "target_ms": args.target_ms,
-        "gear_interval_ms": args.gear_interval_ms, "gate_instances": args.gate_instances, "little_in_gate": args.little_in_gate,
+        "gear_interval_ms": args.gear_interval_ms, "gear_deadline_ms": deadline_ms(args), "gate_instances": args.gate_instances, "little_in_gate": args.little_in_gate,
         "rounds": args.rounds, "seconds_per_run": args.seconds, "max_queue_size": args.max_queue_size,
         "lead_in": dataclasses.asdict(LeadIn(args.lead_in_seconds, args.lead_in_load)),
         "images": args.images, "wall_s": wall_s, "rows": rows, "runs": records,

@@ -71,6 +71,7 @@ def _repository_options(args):
         gears=gears[0] if gears else None,
         latency_target_ms=args.latency_target_ms,
         gear_interval_ms=args.gear_interval_ms,
+        gear_deadline_ms=args.gear_deadline_ms,
         max_queue_size=args.max_queue_size,
         queue_timeout_ms=args.queue_timeout_ms,
         little_in_gate=args.little_in_gate,
@@ -520,6 +521,9 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         help="latency (the gate's p99 estimate) the gate keeps by moving along --gears; 0: T stays fixed")
     parser.add_argument("--gear-interval-ms", type=int, default=defaults.gear_interval_ms,
                         help="the gate changes gear at most this often")
+    parser.add_argument("--gear-deadline-ms", type=float, default=defaults.gear_deadline_ms,
+                        help="an adaptive row still waiting for big this long is answered by little at the highest "
+                        "gear T its signal clears (default: 0.9 x --latency-target-ms; 0: rows wait for big)")
     parser.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size,
                         help="requests waiting for the gate beyond this are refused at once with UNAVAILABLE (0: no bound)")
     parser.add_argument("--queue-timeout-ms", type=int, default=defaults.queue_timeout_ms,

@@ -69,7 +69,7 @@ CONFIG_PARAMETERS = (
     # K stages: model names in cost order, K-1 thresholds ("T1,T2,..."; two stages write `threshold`),
     # MACs per stage, the gating signal and the task.
     "stage_models", "thresholds", "stage_macs", "signal", "task",
-    "gears", "latency_target_ms", "gear_interval_ms",
+    "gears", "latency_target_ms", "gear_interval_ms", "gear_deadline_ms",
     # Little run inside the gate's process (python runtime): its ONNX file relative to the repository.
     "little_onnx", "little_intra_op_threads",
 )
@@ -77,8 +77,10 @@ CONFIG_PARAMETERS = (
 # readers of /metrics wait this long after the last answer to see every count.
 METRICS_INTERVAL_MS = 100
 # Gears (client/gears.py; two-stage cascades): the ladder [[T, expected drop], ...] from the config T
-# down, the latency the gate keeps by moving along it (ms, its p99 estimate), how often it may move (ms).
+# down, the latency the gate keeps by moving along it (ms, its p99 estimate), how often it may move (ms),
+# and how long an adaptive row waits for big before little answers it at a lower gear (ms, 0: no bound).
 GEARS, LATENCY_TARGET_MS, GEAR_INTERVAL_MS = "gears", "latency_target_ms", "gear_interval_ms"
+GEAR_DEADLINE_MS = "gear_deadline_ms"
 # Request parameters the gate accepts; any other is refused.
 REQUEST_PARAMETERS = ("threshold", "thresholds", "on_big_failure")
 ON_BIG_FAILURE = ("fail", "little")

@@ -20,7 +20,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig.client.labels import ClassLabels
 from littlebig.contract import (
-    BIG_MODEL, GATE_MODEL, GEAR_INTERVAL_MS, GEARS, LABELS, LATENCY_TARGET_MS, LITTLE_MODEL, TASKS, THRESHOLD, stage_models,
+    BIG_MODEL, GATE_MODEL, GEAR_DEADLINE_MS, GEAR_INTERVAL_MS, GEARS, LABELS, LATENCY_TARGET_MS, LITTLE_MODEL, TASKS, THRESHOLD, stage_models,
 )
 from littlebig.export.metadata import graph_inputs, output_names, read_metadata
 from littlebig.signals import DEFAULT_SIGNAL, MULTICLASS_SIGNALS, MULTILABEL_SIGNALS
@@ -148,6 +148,9 @@ class RepositoryOptions:
     gears: str | None = None
     latency_target_ms: float = 0.0
     gear_interval_ms: int = 500  # the gate reconsiders its gear at most this often
+    # An adaptive row still waiting for big this long is answered by little at the highest gear T its
+    # signal clears (None: 0.9 x the target, leaving room to send the answer; 0: rows wait for big).
+    gear_deadline_ms: float | None = None
     # Triton's queue policy on the gate: beyond max_queue_size waiting requests (0: no bound), or after
     # waiting queue_timeout_ms (0: no bound), a request is refused at once with UNAVAILABLE.
     max_queue_size: int = 0
@@ -155,6 +158,10 @@ class RepositoryOptions:
     # Run little inside the gate's process (python runtime only): no BLS hop for stage 0. The
     # `little` model is still served (calibration, peers, the supervisor's canary ask it directly).
     little_in_gate: bool = False
+
+    def deadline_ms(self) -> float:
+        """The gate's gear_deadline_ms: the one given, else 0.9 x the latency target."""
+        return float(self.gear_deadline_ms if self.gear_deadline_ms is not None else 0.9 * self.latency_target_ms)
 
     def validate(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -187,6 +194,8 @@ class RepositoryOptions:
                 raise RepositoryError(f"{name.replace('_', ' ')} must be >= 0 (0: none), got {getattr(self, name)}")
         if self.gear_interval_ms < 1:
             raise RepositoryError(f"gear interval must be >= 1 ms, got {self.gear_interval_ms}")
+        if self.gear_deadline_ms is not None and not self.gear_deadline_ms >= 0:
+            raise RepositoryError(f"gear deadline must be >= 0 ms (0: none), got {self.gear_deadline_ms}")
         self._validate_gears()
 
     def _validate_gears(self) -> None:
@@ -327,7 +336,7 @@ def gate_config(*stages: ModelFacts, options: RepositoryOptions, labels: ClassLa
     if options.gears:
         _check_gears_fit(options.gears, thresholds)
         _parameters(config, {GEARS: options.gears, LATENCY_TARGET_MS: repr(float(options.latency_target_ms)),
-                             GEAR_INTERVAL_MS: options.gear_interval_ms})
+                             GEAR_INTERVAL_MS: options.gear_interval_ms, GEAR_DEADLINE_MS: repr(options.deadline_ms())})
     if labels is not None:
         # The client reads the model's own labels from here (calibration maps data labels through them).
         _parameters(config, {"labels": labels.to_json()})

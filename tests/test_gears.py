@@ -130,13 +130,14 @@ class GearServer:
     ladder: list[float]
 
 
-def serve_with_gears(pair, offline, tmp_path_factory, gate_instances):
+def serve_with_gears(pair, offline, tmp_path_factory, gate_instances, deadline_ms=0.0):
+    """Gears on a 100 ms target; no deadline unless asked (most tests here are about the controller)."""
     conf = offline.little.max(1)
     ladder = [float(np.quantile(conf, q)) for q in (0.6, 0.3, 0.1)]
     options = RepositoryOptions(
         threshold=ladder[0], intra_op_threads=1, gate_instances=gate_instances,
         gears=g.gears_parameter(zip(ladder, (0.0, 0.004, 0.009))), latency_target_ms=TARGET_MS, gear_interval_ms=100,
-        max_queue_size=QUEUE,
+        max_queue_size=QUEUE, gear_deadline_ms=deadline_ms,
     )
     repository = build_repository(pair.little, pair.big, tmp_path_factory.mktemp("gears") / "repository", options)
     for child in ("little", "big"):
@@ -151,6 +152,12 @@ def serve_with_gears(pair, offline, tmp_path_factory, gate_instances):
 def gear_server(pair, offline, tmp_path_factory):
     """Two gate instances: they decide from pooled observations."""
     yield from serve_with_gears(pair, offline, tmp_path_factory, gate_instances=2)
+
+
+@pytest.fixture(scope="module")
+def deadline_server(pair, offline, tmp_path_factory):
+    """Two gate instances and the builder's default deadline (0.9 x the target: 90 ms)."""
+    yield from serve_with_gears(pair, offline, tmp_path_factory, gate_instances=2, deadline_ms=None)
 
 
 @pytest.fixture(scope="module")
@@ -253,15 +260,15 @@ def home(server, image):
 
 
 def send_while_big_sleeps(served, images, seconds, jobs):
-    """Each job (name, rows, delay) sends one request ``delay`` s after the start, in its own thread, while
-    big sleeps ``seconds`` per execute; returns name -> (rows, outputs, latency s)."""
+    """Each job (name, rows, delay[, pinned T]) sends one request ``delay`` s after the start, in its own
+    thread, while big sleeps ``seconds`` per execute; returns name -> (rows, outputs, latency s)."""
     answers = {}
 
-    def send(name, rows, delay):
+    def send(name, rows, delay, pin=None):
         time.sleep(delay)
         with LittleBigClient(served.server.grpc_url) as client:
             sent = time.monotonic()
-            out = client.infer(images[rows], outputs=["CLASS", "ROUTE", "THRESHOLD"])
+            out = client.infer(images[rows], threshold=pin, outputs=["CLASS", "ROUTE", "THRESHOLD"])
             answers[name] = (rows, out, time.monotonic() - sent)
 
     slow = served.repository / "big" / "slow"
@@ -303,6 +310,36 @@ def test_a_step_down_answers_requests_waiting_for_big_at_the_new_t(gear_server, 
     assert_eq4_at_reported_t(list(answers.values()), offline)
     settled = gear_metric(server.metrics_url, "littlebig_gear_settled_rows_total") - settled_before
     assert settled == len(middle)
+
+
+def test_rows_still_waiting_for_big_at_the_deadline_get_little_at_the_highest_gear_they_clear(deadline_server, offline):
+    """Before any miss can be confirmed, the deadline answers each adaptive row waiting for big with
+    little's answer at the highest gear T its signal clears; rows below every gear and pinned requests
+    wait for big."""
+    served, ladder = deadline_server, deadline_server.ladder
+    conf = offline.little.max(1).astype(np.float64)
+    # One row clearing gear 1 and one clearing only gear 2 (the last): both big's at gear 0.
+    middle = np.concatenate([np.flatnonzero((conf >= ladder[k]) & (conf < ladder[k - 1]))[:1] for k in (1, 2)])
+    low = np.flatnonzero(conf < ladder[-1])[:1]
+    home(served.server, offline.images[np.flatnonzero(conf >= ladder[0])[:1]])
+    before = gear_metric(served.server.metrics_url, "littlebig_gear_deadline_rows_total")
+    big_sleep = 1.0
+    answers = send_while_big_sleeps(served, offline.images, big_sleep, [
+        ("middle", middle, 0.0), ("mixed", np.concatenate([middle, low]), 0.0), ("pinned", middle, 0.0, ladder[0])])
+    rows, out, seconds = answers["middle"]
+    assert seconds < big_sleep, seconds  # answered at the deadline, not by big
+    np.testing.assert_array_equal(out["THRESHOLD"][:, 0], ladder[1:])
+    np.testing.assert_array_equal(out["ROUTE"][:, 0], 0)
+    rows, out, seconds = answers["mixed"]
+    assert seconds >= big_sleep, seconds  # its low row waited for big
+    np.testing.assert_array_equal(out["THRESHOLD"][:, 0], [*ladder[1:], ladder[0]])
+    np.testing.assert_array_equal(out["ROUTE"][:, 0], [0, 0, 1])
+    rows, out, seconds = answers["pinned"]  # never adapted: big's answers, after big's sleep
+    assert seconds >= big_sleep, seconds
+    np.testing.assert_array_equal(out["ROUTE"][:, 0], 1)
+    np.testing.assert_array_equal(out["THRESHOLD"][:, 0], ladder[0])
+    assert_eq4_at_reported_t(list(answers.values()), offline)
+    assert gear_metric(served.server.metrics_url, "littlebig_gear_deadline_rows_total") - before == 2 * len(middle)
 
 
 def big_rows(url) -> int:
@@ -378,6 +415,7 @@ def test_repo_command_installs_gears_and_queue_policy(pair, tmp_path):
     assert float(config.parameters["threshold"].string_value) == 0.4  # the ladder's top
     assert json.loads(config.parameters["gears"].string_value) == [[0.4, 0.0], [0.3, 0.005]]
     assert float(config.parameters["latency_target_ms"].string_value) == 250
+    assert float(config.parameters["gear_deadline_ms"].string_value) == 225  # 0.9 x the target by default
     policy = config.dynamic_batching.default_queue_policy
     assert (policy.max_queue_size, policy.default_timeout_microseconds) == (8, 2_000_000)
     assert policy.timeout_action == policy.REJECT

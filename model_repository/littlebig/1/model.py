@@ -68,7 +68,12 @@ also settles the backlog: rows already waiting for big whose little signal is >=
 answered at once with little's answer (reporting the new T), instead of behind the backlog that caused
 the miss; with one gate instance escalations wait for big in the gate (class Held, one call in flight),
 so most of that backlog has not reached big yet. A request that sends its own `threshold`/`thresholds`
-is never adapted. Every answer says in THRESHOLD (FP64 [K-1] per row) which thresholds applied.
+is never adapted. A deadline (`gear_deadline_ms`, the builder's default 0.9 x the target) bounds the
+wait of each adaptive row: rows still waiting for big that long after their execute started are
+answered with little's answer at the highest gear T their signal clears, whatever the gear in force,
+so a burst that is over before a miss can be confirmed costs those rows a lower gear's expected drop
+instead of the target; rows below the last gear keep waiting for big. Only rows about to miss the
+target change. Every answer says in THRESHOLD (FP64 [K-1] per row) which thresholds applied.
 
 Degraded mode (on_big_failure="little", opt-in): when stage k fails or times out, the rows it was
 asked about are answered with stage k-1's answer and ROUTE = K + k - 1 (two stages: 2; counted in
@@ -238,7 +243,8 @@ class Escalation:
     adaptive: np.ndarray  # bool [len(pending)]: the row's request sent no thresholds (gears may settle it)
     started: float = 0.0  # when its execute started (the gears' latency clock)
     observed: bool = False  # the gears count it among the escalations waiting for big
-    shed: int = 0  # waiting requests answered early by a step down of the gears
+    shed: int = 0  # waiting requests answered early (a step down of the gears, the deadline)
+    deadline: object = None  # the timer of its deadline (gear_deadline_ms)
 
     def leave(self):
         """The waiting requests whose rows are all settled, no longer waiting."""
@@ -736,13 +742,19 @@ class Gears:
         if self.gear:
             self.count(self.metrics.cost, rows * self.drops[self.gear])
 
-    def reanswered(self, old_thresholds):
-        """Rows escalated at ``old_thresholds`` and now answered by little at this gear's T: the
-        expected accuracy they gave up beyond what was counted when they arrived."""
+    def reanswered(self, old_thresholds, new_thresholds):
+        """Rows escalated at ``old_thresholds`` and now answered by little at ``new_thresholds`` (gears'
+        T): the expected accuracy they gave up beyond what was counted when they arrived."""
         drop = {t: d for t, d in zip(self.thresholds, self.drops)}
-        extra = sum(self.drops[self.gear] - drop.get(float(t), 0.0) for t in old_thresholds)
+        extra = sum(drop[float(new)] - drop.get(float(old), 0.0) for old, new in zip(old_thresholds, new_thresholds))
         if extra > 0:
             self.count(self.metrics.cost, extra)
+
+    def highest_cleared(self, signals):
+        """Per row, the highest gear T at or below its signal (NaN below the last gear)."""
+        ladder = np.asarray(self.thresholds)
+        gear = np.searchsorted(-ladder, -np.asarray(signals, dtype=np.float64), side="left")
+        return np.where(gear < len(ladder), ladder[np.minimum(gear, len(ladder) - 1)], np.nan)
 
     def escalation_started(self, started):
         self.seen.escalation_started(started)
@@ -801,6 +813,7 @@ class GearMetrics:
     seconds: list  # counters per gear: seconds spent in it
     cost: object  # counter: expected answers lost against the config T (sum of the gears' drops per row)
     settled: object  # counter: rows waiting for big that a step down answered with little's answer
+    deadline: object  # counter: rows waiting for big past the deadline answered with little's answer
 
 
 class TritonPythonModel:
@@ -916,6 +929,8 @@ class TritonPythonModel:
                  "expected accuracy drop", counter),
                 ("littlebig_gear_settled_rows_total", "Rows waiting for big that a step down of the gears answered "
                  "at once with little's answer at the new T", counter),
+                ("littlebig_gear_deadline_rows_total", "Rows still waiting for big at the deadline (gear_deadline_ms) "
+                 "answered with little's answer at the highest gear T their signal clears", counter),
             )
         ]
         self._gear_families = families  # keep the families alive as long as their metrics
@@ -926,11 +941,14 @@ class TritonPythonModel:
         metrics = GearMetrics(
             metric(families[0]), metric(families[1]),
             [metric(families[2], gear=str(k), threshold=repr(t)) for k, (t, _) in enumerate(ladder)], metric(families[3]),
-            metric(families[4]),
+            metric(families[4]), metric(families[5]),
         )
         metrics.gear.set(0)
         metrics.threshold.set(self.thresholds[0])
         interval_s = float(params.get("gear_interval_ms", "500")) / 1000.0
+        self.deadline_s = float(params.get("gear_deadline_ms", "0")) / 1000.0
+        if not self.deadline_s >= 0.0:  # NaN too
+            raise pb_utils.TritonModelException(f"gear_deadline_ms must be >= 0 (0: no deadline), got {params['gear_deadline_ms']}")
         return Gears(ladder, target_ms / 1000.0, interval_s, metrics, self.counters.add, time.monotonic(),
                      pooled_observations(model_name))
 
@@ -1148,6 +1166,9 @@ class TritonPythonModel:
             self.gears.escalation_started(started)
             self._waiting.add(escalation)
             self._arm_ticker()
+            if self.deadline_s:
+                delay = max(started + self.deadline_s - time.monotonic(), 0.0)
+                escalation.deadline = asyncio.get_running_loop().call_later(delay, self._expire, escalation)
             later = self._observed(later, escalation, len(escalation.waiting))
         task = asyncio.create_task(later)
         self._escalations.add(task)
@@ -1185,25 +1206,41 @@ class TritonPythonModel:
         it are answered now with little's answer (Eq. 4 at the T they report), so each waiting request
         whose rows are all settled leaves at once instead of behind big's backlog. Big still answers the
         call it was sent; its answer on those rows is dropped. Rows of pinned requests keep their T."""
-        now = time.monotonic()
         for escalation in list(self._waiting):
-            answers, pending = escalation.answers, escalation.pending
-            settle = escalation.open[pending] & escalation.adaptive & (answers.confidence[pending] >= threshold)
-            if not settle.any():
-                continue
-            rows = pending[settle]
-            self.gears.reanswered(answers.thresholds[rows, 0])
-            answers.thresholds[rows, 0] = threshold
-            escalation.open[rows] = False
-            self.counters.add(self.metric_rows[0], len(rows))
-            self.counters.add(self.gears.metrics.settled, len(rows))
-            done = escalation.leave()
-            for wait in done:
-                self._send(wait.sender, answers.response(wait.rows, wait.want_probs))
-            escalation.shed += len(done)
-            self.gears.answered(escalation.started, len(done), now)
-            if not escalation.waiting:
-                self._unobserve(escalation)  # nothing of it waits for big any more
+            signals = escalation.answers.confidence[escalation.pending]
+            self._answer_early(escalation, np.where(signals >= threshold, threshold, np.nan), self.gears.metrics.settled)
+
+    def _expire(self, escalation):
+        """An escalation's deadline (gear_deadline_ms after its execute started): its rows still waiting
+        for big are answered now with little's answer at the highest gear T their signal clears (Eq. 4 at
+        the T they report; the gears' budget holds at every gear), so a burst that big has not caught up
+        with costs those rows that gear's expected drop instead of the latency target. Rows below the last
+        gear keep waiting for big."""
+        escalation.deadline = None
+        if escalation in self._waiting:
+            signals = escalation.answers.confidence[escalation.pending]
+            self._answer_early(escalation, self.gears.highest_cleared(signals), self.gears.metrics.deadline)
+
+    def _answer_early(self, escalation, thresholds, metric):
+        """Little answers the escalation's open, adaptive pending rows whose ``thresholds`` (per pending
+        row; NaN: not this one) is set, at that T; the requests whose rows are all settled leave now."""
+        answers, pending = escalation.answers, escalation.pending
+        settle = escalation.open[pending] & escalation.adaptive & ~np.isnan(thresholds)
+        if not settle.any():
+            return
+        rows = pending[settle]
+        self.gears.reanswered(answers.thresholds[rows, 0], thresholds[settle])
+        answers.thresholds[rows, 0] = thresholds[settle]
+        escalation.open[rows] = False
+        self.counters.add(self.metric_rows[0], len(rows))
+        self.counters.add(metric, len(rows))
+        done = escalation.leave()
+        for wait in done:
+            self._send(wait.sender, answers.response(wait.rows, wait.want_probs))
+        escalation.shed += len(done)
+        self.gears.answered(escalation.started, len(done), time.monotonic())
+        if not escalation.waiting:
+            self._unobserve(escalation)  # nothing of it waits for big any more
 
     def _unobserve(self, escalation):
         if escalation.observed:
@@ -1218,6 +1255,8 @@ class TritonPythonModel:
         finally:
             self._waiting.discard(escalation)
             self._unobserve(escalation)
+            if escalation.deadline is not None:
+                escalation.deadline.cancel()
             self.gears.answered(escalation.started, count - escalation.shed, time.monotonic())
 
     async def _escalate(self, escalation):
