@@ -361,6 +361,17 @@ def _queue_policy(config: mc.ModelConfig, options: RepositoryOptions) -> None:
     policy.max_queue_size = options.max_queue_size
 
 
+def _droppable_queue(config: mc.ModelConfig, options: RepositoryOptions) -> None:
+    """Big's queue honours each call's own timeout: the gate gives a call whose rows its deadline would
+    answer anyway that deadline, and Triton drops it from the queue instead of big computing it. A call's
+    own timeout applies only below a nonzero default (2.51), so the default is the gate's child timeout,
+    the longest the gate waits for any call (or a day when that is unbounded)."""
+    policy = config.dynamic_batching.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.allow_timeout_override = True
+    policy.default_timeout_microseconds = (options.child_timeout_ms or 86_400_000) * 1000
+
+
 def config_text(config: mc.ModelConfig) -> str:
     return text_format.MessageToString(config)
 
@@ -477,6 +488,8 @@ def build_cascade(
             options.little_queue_delay_us if first else options.big_queue_delay_us,
             0 if first else options.big_nice, labels,
         )
+        if k == len(stages) - 1 and options.gears and options.deadline_ms():
+            _droppable_queue(config, options)
         _write_stage(out / name, config, facts, options, labels, plans[k])
     _remove_stale_stages(out, names)
     gate_dir = out / GATE

@@ -347,6 +347,30 @@ def big_rows(url) -> int:
         return int(client.get_inference_statistics("big", as_json=True)["model_stats"][0].get("inference_count", 0))
 
 
+def test_big_never_computes_a_call_whose_rows_the_deadline_answered(deadline_server, offline):
+    """Calls whose rows all clear the last gear carry their deadline as a queue timeout: while big works
+    on a row that needs it, they are answered at the deadline and big's queue drops them unexecuted."""
+    served, ladder = deadline_server, deadline_server.ladder
+    conf = offline.little.max(1).astype(np.float64)
+    middle = np.flatnonzero((conf >= ladder[-1]) & (conf < ladder[0]))[:3]
+    low = np.flatnonzero(conf < ladder[-1])[:1]
+    home(served.server, offline.images[np.flatnonzero(conf >= ladder[0])[:1]])
+    dropped_before = gear_metric(served.server.metrics_url, "littlebig_gear_dropped_rows_total")
+    computed_before = big_rows(served.server.grpc_url)
+    jobs = [("low", low, 0.0)] + [(f"middle{k}", middle[k : k + 1], 0.1 + 0.02 * k) for k in range(len(middle))]
+    answers = send_while_big_sleeps(served, offline.images, 1.0, jobs)
+    for k in range(len(middle)):
+        _, out, seconds = answers[f"middle{k}"]
+        assert seconds < 1.0 and out["ROUTE"][0, 0] == 0, (seconds, out)
+    assert answers["low"][1]["ROUTE"][0, 0] == 1
+    assert_eq4_at_reported_t(list(answers.values()), offline)
+    # Big may have begun one more 1 s execute before it was fast again: whatever it was sent has been
+    # computed or dropped after 2.5 s.
+    time.sleep(2.5)
+    assert big_rows(served.server.grpc_url) - computed_before == 1  # low's row only
+    assert gear_metric(served.server.metrics_url, "littlebig_gear_dropped_rows_total") - dropped_before == len(middle)
+
+
 def test_rows_held_for_big_never_reach_it_after_a_step_down(held_server, offline):
     """While big works on the one gate instance's call, later escalations wait in the gate, where a step
     down settles them before big spends anything on them."""
@@ -416,6 +440,9 @@ def test_repo_command_installs_gears_and_queue_policy(pair, tmp_path):
     assert json.loads(config.parameters["gears"].string_value) == [[0.4, 0.0], [0.3, 0.005]]
     assert float(config.parameters["latency_target_ms"].string_value) == 250
     assert float(config.parameters["gear_deadline_ms"].string_value) == 225  # 0.9 x the target by default
+    big = read_config(tmp_path / "repo" / "big" / "config.pbtxt").dynamic_batching.default_queue_policy
+    assert big.allow_timeout_override and big.timeout_action == big.REJECT  # so a call can carry its deadline
+    assert big.default_timeout_microseconds == RepositoryOptions.child_timeout_ms * 1000  # overrides need a default
     policy = config.dynamic_batching.default_queue_policy
     assert (policy.max_queue_size, policy.default_timeout_microseconds) == (8, 2_000_000)
     assert policy.timeout_action == policy.REJECT

@@ -73,7 +73,9 @@ wait of each adaptive row: rows still waiting for big that long after their exec
 answered with little's answer at the highest gear T their signal clears, whatever the gear in force,
 so a burst that is over before a miss can be confirmed costs those rows a lower gear's expected drop
 instead of the target; rows below the last gear keep waiting for big. Only rows about to miss the
-target change. Every answer says in THRESHOLD (FP64 [K-1] per row) which thresholds applied.
+target change. A call to big whose rows the deadline would all answer carries the deadline as its
+timeout, and big's queue (configured by the builder to honour it) drops it unexecuted once past it,
+so big does not spend a burst on rows already answered. Every answer says in THRESHOLD (FP64 [K-1] per row) which thresholds applied.
 
 Degraded mode (on_big_failure="little", opt-in): when stage k fails or times out, the rows it was
 asked about are answered with stage k-1's answer and ROUTE = K + k - 1 (two stages: 2; counted in
@@ -100,6 +102,7 @@ REQUEST_PARAMETERS = ("threshold", "thresholds", "on_big_failure")
 TASKS = ("multiclass", "multilabel")
 SIGNALS = ("max_softmax", "margin", "entropy", "mean_abs_margin")
 MULTILABEL_CUT = 0.5
+QUEUE_TIMEOUT = "Request timeout expired"  # Triton's error for a call dropped from a queue at its timeout
 
 
 class RequestError(ValueError):
@@ -108,6 +111,8 @@ class RequestError(ValueError):
 
 class ChildError(RuntimeError):
     """A stage failed, timed out or is not loaded (UNAVAILABLE)."""
+
+    dropped = False  # the stage's queue dropped the call at the timeout the gate gave it
 
     def __init__(self, stage, message):
         super().__init__(f"model '{stage.model}' failed: {message}")
@@ -814,6 +819,7 @@ class GearMetrics:
     cost: object  # counter: expected answers lost against the config T (sum of the gears' drops per row)
     settled: object  # counter: rows waiting for big that a step down answered with little's answer
     deadline: object  # counter: rows waiting for big past the deadline answered with little's answer
+    dropped: object  # counter: rows of calls that big's queue dropped at their deadline (never computed)
 
 
 class TritonPythonModel:
@@ -931,6 +937,8 @@ class TritonPythonModel:
                  "at once with little's answer at the new T", counter),
                 ("littlebig_gear_deadline_rows_total", "Rows still waiting for big at the deadline (gear_deadline_ms) "
                  "answered with little's answer at the highest gear T their signal clears", counter),
+                ("littlebig_gear_dropped_rows_total", "Rows whose call big's queue dropped at their deadline: the "
+                 "deadline answered them and big never computed them", counter),
             )
         ]
         self._gear_families = families  # keep the families alive as long as their metrics
@@ -941,7 +949,7 @@ class TritonPythonModel:
         metrics = GearMetrics(
             metric(families[0]), metric(families[1]),
             [metric(families[2], gear=str(k), threshold=repr(t)) for k, (t, _) in enumerate(ladder)], metric(families[3]),
-            metric(families[4]), metric(families[5]),
+            metric(families[4]), metric(families[5]), metric(families[6]),
         )
         metrics.gear.set(0)
         metrics.threshold.set(self.thresholds[0])
@@ -1002,8 +1010,9 @@ class TritonPythonModel:
         top1 = ["CLASS", "CONFIDENCE"] if self.children_top1 else []
         return top1 + (["PROBS"] if want_probs or not top1 else [])
 
-    async def _infer(self, stage, inputs, want_probs):
-        """``inputs``: numpy batches, or a request's own input tensors (passed on without a copy)."""
+    async def _infer(self, stage, inputs, want_probs, queue_s=None):
+        """``inputs``: numpy batches, or a request's own input tensors (passed on without a copy);
+        ``queue_s``: how long the call may wait in the stage's queue (default: child_timeout_ms)."""
         if stage.index == 0 and self.local is not None:
             return await self._infer_local(stage, inputs, want_probs)
         tensors = [x if isinstance(x, pb_utils.Tensor) else pb_utils.Tensor(s.name, x) for s, x in zip(self.inputs, inputs)]
@@ -1014,7 +1023,7 @@ class TritonPythonModel:
             model_name=stage.model,
             requested_output_names=outputs,
             inputs=tensors,
-            timeout=int(self.child_timeout_s * 1e6),
+            timeout=int((self.child_timeout_s if queue_s is None else queue_s) * 1e6),
             # GPU children answer in GPU memory by default, which as_numpy() cannot read.
             preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
         )
@@ -1028,7 +1037,9 @@ class TritonPythonModel:
         except Exception as err:  # noqa: BLE001 - e.g. the model is not loaded
             raise ChildError(stage, str(err)) from None
         if response.has_error():
-            raise ChildError(stage, response.error().message())
+            err = ChildError(stage, response.error().message())
+            err.dropped = queue_s is not None and QUEUE_TIMEOUT in response.error().message()
+            raise err
         return self._child_answer(lambda name: pb_utils.get_output_tensor_by_name(response, name).as_numpy(), want_probs)
 
     async def _infer_local(self, stage, inputs, want_probs):
@@ -1221,6 +1232,19 @@ class TritonPythonModel:
             signals = escalation.answers.confidence[escalation.pending]
             self._answer_early(escalation, self.gears.highest_cleared(signals), self.gears.metrics.deadline)
 
+    def _droppable(self, escalation, stage):
+        """Seconds to the escalation's deadline when every row of it still open would be answered at the
+        deadline anyway (adaptive, clearing the last gear; big is the last stage): big's queue may drop
+        the call then instead of big computing it (the builder lets big's queue honour a call's timeout).
+        None otherwise: the call waits as long as child_timeout_ms allows."""
+        if not (self.gears and self.deadline_s) or stage is not self.stages[-1]:
+            return None
+        pending = escalation.pending
+        answerable = escalation.adaptive & (escalation.answers.confidence[pending] >= self.gears.thresholds[-1])
+        if not (answerable | ~escalation.open[pending]).all():
+            return None
+        return max(escalation.started + self.deadline_s - time.monotonic(), 0.001)
+
     def _answer_early(self, escalation, thresholds, metric):
         """Little answers the escalation's open, adaptive pending rows whose ``thresholds`` (per pending
         row; NaN: not this one) is set, at that T; the requests whose rows are all settled leave now."""
@@ -1271,8 +1295,11 @@ class TritonPythonModel:
                     if answer is None:  # a step down settled every row first
                         return
                 else:
-                    answer = await self._infer(stage, escalation.inputs, want_probs)
+                    answer = await self._infer(stage, escalation.inputs, want_probs, self._droppable(escalation, stage))
             except ChildError as err:
+                if err.dropped:  # none of its rows needed big: the deadline answers them
+                    self.counters.add(self.gears.metrics.dropped, len(escalation.pending))
+                    self._expire(escalation)
                 for wait in escalation.waiting:
                     self._send(wait.sender, self._fallback(wait, answers, escalation.open, stage, err))
                 return
