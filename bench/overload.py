@@ -362,16 +362,19 @@ def main() -> None:
     loads = [float(x) for x in args.loads.split(",")]
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
+        # Built with the ladder and the deadline so that big's queue honours the deadline's timeouts, but no
+        # target yet: T stays fixed until install_gears gives the gate its target for the measured runs.
         options = RepositoryOptions(threshold=ladder[0], max_queue_size=args.max_queue_size, gate_instances=args.gate_instances,
-                                    little_in_gate=args.little_in_gate)
+                                    little_in_gate=args.little_in_gate, gears=ladder_.config_value(),
+                                    gear_deadline_ms=deadline_ms(args))
         repo = build_repository(args.little, args.big, Path(tmp) / "repository", options)
         with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
             with LittleBigClient(server.grpc_url) as client:
                 info = client.gate_info()
             images = to_wire_batch(list_images(args.data)[: args.images], info.wire_size, info.crop_pct)
             inputs = image_inputs(images)
-            # The gate at fixed T (`littlebig` has no gears yet): closed-loop throughput, one image per
-            # request, then its capacity at the target: the open-loop rate it sustains within it.
+            # The gate at fixed T (no target yet): closed-loop throughput, one image per request, then
+            # its capacity at the target: the open-loop rate it sustains within it.
             closed = asyncio.run(closed_loop(server.grpc_url, "gate", inputs, args.capacity_concurrency, args.capacity_seconds, ladder[0]))
             print(f"fixed gate (T={ladder[0]:.4f}) closed loop at concurrency {args.capacity_concurrency}: "
                   f"{closed.throughput:.1f} img/s, p99 {closed.percentile(99):.0f} ms", flush=True)
@@ -396,7 +399,7 @@ def deadline_ms(args: argparse.Namespace) -> float:
 
 
 def install_gears(server: TritonServer, gears: str, target_ms: float, interval_ms: int, deadline_ms: float) -> None:
-    """Reload `littlebig` with the gears and the target (known only once capacity was measured)."""
+    """Reload `littlebig` with the gears and the target: back in gear 0 for the measured runs."""
     import tritonclient.grpc as grpcclient
 
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
