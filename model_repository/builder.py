@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 from importlib import resources
@@ -194,13 +195,18 @@ class RepositoryOptions:
                 raise RepositoryError(f"{name.replace('_', ' ')} must be >= 0 (0: none), got {getattr(self, name)}")
         if self.gear_interval_ms < 1:
             raise RepositoryError(f"gear interval must be >= 1 ms, got {self.gear_interval_ms}")
-        if self.gear_deadline_ms is not None and not self.gear_deadline_ms >= 0:
-            raise RepositoryError(f"gear deadline must be >= 0 ms (0: none), got {self.gear_deadline_ms}")
+        if self.gear_deadline_ms is not None and not (math.isfinite(self.gear_deadline_ms) and self.gear_deadline_ms >= 0):
+            raise RepositoryError(f"gear deadline must be a number of ms >= 0 (0: none), got {self.gear_deadline_ms}")
         self._validate_gears()
 
     def _validate_gears(self) -> None:
         if self.latency_target_ms and not self.gears:
             raise RepositoryError("a latency target needs gears to move along: pass the calibration report's ladder")
+        if self.gear_deadline_ms and not self.gears:
+            raise RepositoryError("a gear deadline answers rows at the gears' thresholds: pass the calibration report's ladder")
+        if self.gears and self.child_timeout_ms and self.deadline_ms() >= self.child_timeout_ms:
+            raise RepositoryError(f"the gear deadline ({self.deadline_ms():g} ms) must be below the child timeout "
+                                  f"({self.child_timeout_ms} ms), the longest a call to big may wait")
         if not self.gears:
             return
         try:

@@ -92,6 +92,18 @@ def test_repository_refuses_a_ladder_that_does_not_start_at_t(pair, tmp_path):
         build_repository(pair.little, pair.big, tmp_path / "r", RepositoryOptions(latency_target_ms=10))
 
 
+def test_repository_refuses_a_deadline_it_cannot_keep(pair, tmp_path):
+    ladder = "[[0.5, 0], [0.4, 0.002]]"
+    for options, match in (
+        (RepositoryOptions(threshold=0.5, gears=ladder, latency_target_ms=100, gear_deadline_ms=float("inf")), "number of ms"),
+        (RepositoryOptions(threshold=0.5, gear_deadline_ms=50), "ladder"),
+        (RepositoryOptions(threshold=0.5, gears=ladder, latency_target_ms=100, gear_deadline_ms=500, child_timeout_ms=400),
+         "below the child timeout"),
+    ):
+        with pytest.raises(RepositoryError, match=match):
+            build_repository(pair.little, pair.big, tmp_path / "r", options)
+
+
 # ---------------------------------------------------------------- through the server
 
 # A child that sleeps this many seconds per execute while the file `slow` in its model folder says so.

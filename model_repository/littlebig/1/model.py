@@ -75,7 +75,8 @@ so a burst that is over before a miss can be confirmed costs those rows a lower 
 instead of the target; rows below the last gear keep waiting for big. Only rows about to miss the
 target change. A call to big whose rows the deadline would all answer carries the deadline as its
 timeout, and big's queue (configured by the builder to honour it) drops it unexecuted once past it,
-so big does not spend a burst on rows already answered. Every answer says in THRESHOLD (FP64 [K-1] per row) which thresholds applied.
+so big does not spend a burst on rows already answered. Every answer says in THRESHOLD (FP64 [K-1]
+per row) which thresholds applied.
 
 Degraded mode (on_big_failure="little", opt-in): when stage k fails or times out, the rows it was
 asked about are answered with stage k-1's answer and ROUTE = K + k - 1 (two stages: 2; counted in
@@ -248,7 +249,7 @@ class Escalation:
     adaptive: np.ndarray  # bool [len(pending)]: the row's request sent no thresholds (gears may settle it)
     started: float = 0.0  # when its execute started (the gears' latency clock)
     observed: bool = False  # the gears count it among the escalations waiting for big
-    shed: int = 0  # waiting requests answered early (a step down of the gears, the deadline)
+    early: int = 0  # waiting requests answered before big (a step down of the gears, the deadline)
     deadline: object = None  # the timer of its deadline (gear_deadline_ms)
 
     def leave(self):
@@ -440,6 +441,18 @@ def config_inputs(config):
         InputSpec(i["name"], np.dtype(pb_utils.triton_string_to_numpy(i["data_type"])), tuple(int(d) for d in i["dims"]))
         for i in config["input"]
     )
+
+
+def config_seconds(params, key):
+    """A config parameter in ms (absent: 0), as seconds: a finite number >= 0."""
+    text = params.get(key, "0")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0.0):
+        raise pb_utils.TritonModelException(f"{key} must be a number of ms >= 0 (0: off), got {text!r}")
+    return value / 1000.0
 
 
 def parse_gears(text, threshold):
@@ -855,6 +868,7 @@ class TritonPythonModel:
             path = os.path.join(os.path.dirname(args["model_repository"]), params["little_onnx"])
             self.local = LocalStage(path, int(params.get("little_intra_op_threads", "0")))
         self._init_metrics(args["model_name"])
+        self.deadline_s = 0.0  # with gears: gear_deadline_ms (0: none)
         self.gears = self._init_gears(params, args["model_name"], args["model_instance_name"])
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
         self.held = Held(self.stages[-1], self._infer, int(config["max_batch_size"]) or 1) if self.gears and instances == 1 else None
@@ -954,9 +968,7 @@ class TritonPythonModel:
         metrics.gear.set(0)
         metrics.threshold.set(self.thresholds[0])
         interval_s = float(params.get("gear_interval_ms", "500")) / 1000.0
-        self.deadline_s = float(params.get("gear_deadline_ms", "0")) / 1000.0
-        if not self.deadline_s >= 0.0:  # NaN too
-            raise pb_utils.TritonModelException(f"gear_deadline_ms must be >= 0 (0: no deadline), got {params['gear_deadline_ms']}")
+        self.deadline_s = config_seconds(params, "gear_deadline_ms")
         return Gears(ladder, target_ms / 1000.0, interval_s, metrics, self.counters.add, time.monotonic(),
                      pooled_observations(model_name))
 
@@ -1023,7 +1035,7 @@ class TritonPythonModel:
             model_name=stage.model,
             requested_output_names=outputs,
             inputs=tensors,
-            timeout=int((self.child_timeout_s if queue_s is None else queue_s) * 1e6),
+            timeout=int((self.child_timeout_s if queue_s is None else max(queue_s, 1e-3)) * 1e6),
             # GPU children answer in GPU memory by default, which as_numpy() cannot read.
             preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
         )
@@ -1227,23 +1239,27 @@ class TritonPythonModel:
         the T they report; the gears' budget holds at every gear), so a burst that big has not caught up
         with costs those rows that gear's expected drop instead of the latency target. Rows below the last
         gear keep waiting for big."""
-        escalation.deadline = None
+        if escalation.deadline is not None:
+            escalation.deadline.cancel()  # when called before its timer (a dropped call, a late start)
+            escalation.deadline = None
         if escalation in self._waiting:
             signals = escalation.answers.confidence[escalation.pending]
             self._answer_early(escalation, self.gears.highest_cleared(signals), self.gears.metrics.deadline)
 
-    def _droppable(self, escalation, stage):
-        """Seconds to the escalation's deadline when every row of it still open would be answered at the
-        deadline anyway (adaptive, clearing the last gear; big is the last stage): big's queue may drop
-        the call then instead of big computing it (the builder lets big's queue honour a call's timeout).
-        None otherwise: the call waits as long as child_timeout_ms allows."""
+    def _drop_after_s(self, escalation, stage):
+        """Seconds to the escalation's deadline (<= 0: past it) when every row of it still open would be
+        answered at the deadline anyway (adaptive, clearing the last gear; big is the last stage): big's
+        queue may drop the call then instead of big computing it (the builder lets big's queue honour a
+        call's timeout below the child timeout). None otherwise: the call waits up to child_timeout_ms."""
         if not (self.gears and self.deadline_s) or stage is not self.stages[-1]:
             return None
+        if self.child_timeout_s and self.deadline_s >= self.child_timeout_s:
+            return None  # big's queue would drop it at the child timeout, not at the deadline
         pending = escalation.pending
         answerable = escalation.adaptive & (escalation.answers.confidence[pending] >= self.gears.thresholds[-1])
         if not (answerable | ~escalation.open[pending]).all():
             return None
-        return max(escalation.started + self.deadline_s - time.monotonic(), 0.001)
+        return escalation.started + self.deadline_s - time.monotonic()
 
     def _answer_early(self, escalation, thresholds, metric):
         """Little answers the escalation's open, adaptive pending rows whose ``thresholds`` (per pending
@@ -1261,7 +1277,7 @@ class TritonPythonModel:
         done = escalation.leave()
         for wait in done:
             self._send(wait.sender, answers.response(wait.rows, wait.want_probs))
-        escalation.shed += len(done)
+        escalation.early += len(done)
         self.gears.answered(escalation.started, len(done), time.monotonic())
         if not escalation.waiting:
             self._unobserve(escalation)  # nothing of it waits for big any more
@@ -1281,7 +1297,7 @@ class TritonPythonModel:
             self._unobserve(escalation)
             if escalation.deadline is not None:
                 escalation.deadline.cancel()
-            self.gears.answered(escalation.started, count - escalation.shed, time.monotonic())
+            self.gears.answered(escalation.started, count - escalation.early, time.monotonic())
 
     async def _escalate(self, escalation):
         """Run the later stages, each on the rows the previous one left unsure, answering each
@@ -1295,7 +1311,11 @@ class TritonPythonModel:
                     if answer is None:  # a step down settled every row first
                         return
                 else:
-                    answer = await self._infer(stage, escalation.inputs, want_probs, self._droppable(escalation, stage))
+                    drop_after_s = self._drop_after_s(escalation, stage)
+                    if drop_after_s is not None and drop_after_s <= 0.0:
+                        self._expire(escalation)  # past its deadline before the call: little answers every row
+                        return
+                    answer = await self._infer(stage, escalation.inputs, want_probs, drop_after_s)
             except ChildError as err:
                 if err.dropped:  # none of its rows needed big: the deadline answers them
                     self.counters.add(self.gears.metrics.dropped, len(escalation.pending))
