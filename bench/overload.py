@@ -352,7 +352,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="folder for overload.json and overload.png")
     parser.add_argument("--traces", action="store_true", help="also write every answer (send time, latency, T) of every "
                         "run to traces.json, to see when the gears moved")
-    return parser.parse_args()
+    args = parser.parse_args()
+    # The deadline as the builder resolves it (default 0.9 x the target), once for the repository and the gate.
+    args.gear_deadline_ms = RepositoryOptions(latency_target_ms=args.target_ms, gear_deadline_ms=args.gear_deadline_ms).deadline_ms()
+    return args
 
 
 def main() -> None:
@@ -366,7 +369,7 @@ def main() -> None:
         # target yet: T stays fixed until install_gears gives the gate its target for the measured runs.
         options = RepositoryOptions(threshold=ladder[0], max_queue_size=args.max_queue_size, gate_instances=args.gate_instances,
                                     little_in_gate=args.little_in_gate, gears=ladder_.config_value(),
-                                    gear_deadline_ms=deadline_ms(args))
+                                    gear_deadline_ms=args.gear_deadline_ms)
         repo = build_repository(args.little, args.big, Path(tmp) / "repository", options)
         with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
             with LittleBigClient(server.grpc_url) as client:
@@ -382,7 +385,7 @@ def main() -> None:
             rate0 = capacity_at_target(server.grpc_url, inputs, closed.throughput, args.target_ms, args.capacity_seconds / 2,
                                        args.pause, args.capacity_steps, args.capacity_repeats, ladder[0], lead_in)
             print(f"fixed gate capacity within p99 <= {args.target_ms:.0f} ms: {rate0:.1f} req/s", flush=True)
-            install_gears(server, ladder_.config_value(), args.target_ms, args.gear_interval_ms, deadline_ms(args))
+            install_gears(server, ladder_.config_value(), args.target_ms, args.gear_interval_ms, args.gear_deadline_ms)
             runs = measure(server.grpc_url, inputs, rate0, loads, args.rounds, args.seconds, ladder, drops, args.pause, lead_in)
             metrics = read_samples(server.metrics_url, "littlebig_gear")
     reference = {}  # the fixed T's class of each image (every fixed answer is at the config T)
@@ -392,10 +395,6 @@ def main() -> None:
     rows = summarise(runs, loads, ladder, drops, reference, args.target_ms)
     records = [run_record(r, ladder, drops, reference, args.target_ms) for r in runs]
     report(rows, records, runs, args, ladder_, rate0, closed.throughput, metrics, time.time() - started)
-
-
-def deadline_ms(args: argparse.Namespace) -> float:
-    return RepositoryOptions(latency_target_ms=args.target_ms, gear_deadline_ms=args.gear_deadline_ms).deadline_ms()
 
 
 def install_gears(server: TritonServer, gears: str, target_ms: float, interval_ms: int, deadline_ms: float) -> None:
@@ -424,7 +423,7 @@ def report(rows, records, runs, args, ladder_: Ladder, rate0, closed_loop_rate, 
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "ladder": ladder_.as_dict(), "capacity_req_s": rate0, "closed_loop_img_s": closed_loop_rate, "target_ms": args.target_ms,
-        "gear_interval_ms": args.gear_interval_ms, "gear_deadline_ms": deadline_ms(args), "gate_instances": args.gate_instances, "little_in_gate": args.little_in_gate,
+        "gear_interval_ms": args.gear_interval_ms, "gear_deadline_ms": args.gear_deadline_ms, "gate_instances": args.gate_instances, "little_in_gate": args.little_in_gate,
         "rounds": args.rounds, "seconds_per_run": args.seconds, "max_queue_size": args.max_queue_size,
         "lead_in": dataclasses.asdict(LeadIn(args.lead_in_seconds, args.lead_in_load)),
         "images": args.images, "wall_s": wall_s, "rows": rows, "runs": records,

@@ -704,11 +704,12 @@ class Gears:
     CONFIRM = 2
     FAR_OVER = 2.0
 
-    def __init__(self, ladder, target_s, interval_s, metrics, count, now, seen=None):
+    def __init__(self, ladder, target_s, interval_s, metrics, count, now, seen=None, deadline_s=0.0):
         self.count = count  # Counters.add: counters reach Triton batched, like the gate's own
         self.thresholds = [t for t, _ in ladder]
         self.drops = [d for _, d in ladder]
         self.target_s, self.interval_s = target_s, interval_s
+        self.deadline_s = deadline_s  # gear_deadline_ms: how long an adaptive row waits for big (0: no bound)
         self.metrics = metrics  # GearMetrics
         self.seen = seen if seen is not None else Observations()
         self.gear = 0
@@ -868,7 +869,6 @@ class TritonPythonModel:
             path = os.path.join(os.path.dirname(args["model_repository"]), params["little_onnx"])
             self.local = LocalStage(path, int(params.get("little_intra_op_threads", "0")))
         self._init_metrics(args["model_name"])
-        self.deadline_s = 0.0  # with gears: gear_deadline_ms (0: none)
         self.gears = self._init_gears(params, args["model_name"], args["model_instance_name"])
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
         self.held = Held(self.stages[-1], self._infer, int(config["max_batch_size"]) or 1) if self.gears and instances == 1 else None
@@ -968,9 +968,8 @@ class TritonPythonModel:
         metrics.gear.set(0)
         metrics.threshold.set(self.thresholds[0])
         interval_s = float(params.get("gear_interval_ms", "500")) / 1000.0
-        self.deadline_s = config_seconds(params, "gear_deadline_ms")
         return Gears(ladder, target_ms / 1000.0, interval_s, metrics, self.counters.add, time.monotonic(),
-                     pooled_observations(model_name))
+                     pooled_observations(model_name), config_seconds(params, "gear_deadline_ms"))
 
     def _parse_inputs(self, request):
         tensors, arrays = [], []
@@ -1189,8 +1188,8 @@ class TritonPythonModel:
             self.gears.escalation_started(started)
             self._waiting.add(escalation)
             self._arm_ticker()
-            if self.deadline_s:
-                delay = max(started + self.deadline_s - time.monotonic(), 0.0)
+            if self.gears.deadline_s:
+                delay = max(started + self.gears.deadline_s - time.monotonic(), 0.0)
                 escalation.deadline = asyncio.get_running_loop().call_later(delay, self._expire, escalation)
             later = self._observed(later, escalation, len(escalation.waiting))
         task = asyncio.create_task(later)
@@ -1251,15 +1250,15 @@ class TritonPythonModel:
         answered at the deadline anyway (adaptive, clearing the last gear; big is the last stage): big's
         queue may drop the call then instead of big computing it (the builder lets big's queue honour a
         call's timeout below the child timeout). None otherwise: the call waits up to child_timeout_ms."""
-        if not (self.gears and self.deadline_s) or stage is not self.stages[-1]:
+        if not (self.gears and self.gears.deadline_s) or stage is not self.stages[-1]:
             return None
-        if self.child_timeout_s and self.deadline_s >= self.child_timeout_s:
+        if self.child_timeout_s and self.gears.deadline_s >= self.child_timeout_s:
             return None  # big's queue would drop it at the child timeout, not at the deadline
         pending = escalation.pending
         answerable = escalation.adaptive & (escalation.answers.confidence[pending] >= self.gears.thresholds[-1])
         if not (answerable | ~escalation.open[pending]).all():
             return None
-        return escalation.started + self.deadline_s - time.monotonic()
+        return escalation.started + self.gears.deadline_s - time.monotonic()
 
     def _answer_early(self, escalation, thresholds, metric):
         """Little answers the escalation's open, adaptive pending rows whose ``thresholds`` (per pending
