@@ -45,7 +45,7 @@ VARIANTS = ("fixed", "adaptive")
 # A request unanswered this long counts as failed, so a lost answer (a gate stub that died: the
 # 2.51 python backend does not restart it) stops the run instead of hanging it.
 ANSWER_TIMEOUT_S = 60.0
-OUTPUTS = [grpcaio.InferRequestedOutput(name) for name in ("CLASS", "THRESHOLD")]
+OUTPUTS = [grpcaio.InferRequestedOutput(name) for name in ("CLASS", "THRESHOLD", "ROUTE")]
 
 
 @dataclasses.dataclass
@@ -59,6 +59,7 @@ class Run:
     send_times: list[float]
     images: list[int]  # image index of each answer, in send order
     classes: list[int]  # CLASS of each answer, in send order
+    routes: list[int]  # ROUTE of each answer (0: little, 1: big), in send order
     refused: int  # UNAVAILABLE (queue full or timed out)
     failed: int  # any other error, or no answer within ANSWER_TIMEOUT_S
     round: int = 0
@@ -96,7 +97,7 @@ async def open_loop(url: str, variant: str, inputs, rate: float, seconds: float,
     rng = np.random.default_rng(seed)
     lead = poisson(rng, lead_in_rate, 0.0, lead_in_s)
     arrivals = np.concatenate([lead, poisson(rng, rate, lead_in_s, lead_in_s + seconds)])
-    run = Run(variant, load, rate, seconds, [], [], [], [], [], 0, 0)
+    run = Run(variant, load, rate, seconds, [], [], [], [], [], [], 0, 0)
     parameters = {"threshold": pin} if variant == "fixed" else None
     answered = []
 
@@ -113,7 +114,7 @@ async def open_loop(url: str, variant: str, inputs, rate: float, seconds: float,
             return
         if counted:
             answered.append((sent, (loop.time() - sent) * 1000.0, float(result.as_numpy("THRESHOLD")[0, 0]), index,
-                             int(result.as_numpy("CLASS")[0, 0])))
+                             int(result.as_numpy("CLASS")[0, 0]), int(result.as_numpy("ROUTE")[0, 0])))
 
     start = loop.time()
     tasks = []
@@ -132,6 +133,7 @@ async def open_loop(url: str, variant: str, inputs, rate: float, seconds: float,
     run.thresholds = [a[2] for a in answered]
     run.images = [a[3] for a in answered]
     run.classes = [a[4] for a in answered]
+    run.routes = [a[5] for a in answered]
     return run
 
 
@@ -188,6 +190,17 @@ def late(run: Run, target_ms: float) -> int:
     return int(np.sum(np.asarray(run.latencies_ms) > target_ms))
 
 
+def slowest(run: Run, ladder: list[float], share: float = 0.01) -> dict[str, int]:
+    """Who answered the slowest ``share`` of the run's answers (the ones its p99 is made of): big, little
+    at the config T (the wait was the gate's own queue), or little at a lower gear (a step down or the
+    deadline answered a row that had been waiting for big)."""
+    count = max(1, int(round(share * len(run.latencies_ms))))
+    top = np.argsort(run.latencies_ms)[::-1][:count]
+    kinds = ["big" if run.routes[k] == 1 else "little_at_config_t" if run.thresholds[k] == ladder[0] else "little_at_lower_gear"
+             for k in top]
+    return {kind: kinds.count(kind) for kind in ("big", "little_at_config_t", "little_at_lower_gear")}
+
+
 def met_target(run: Run, target_ms: float) -> bool:
     return run.refused == 0 and run.failed == 0 and run.percentile(99) <= target_ms
 
@@ -221,7 +234,7 @@ def run_record(run: Run, ladder, drops, reference, target_ms) -> dict:
         "met_target": met_target(run, target_ms), "gear_seconds": gear_seconds(run, ladder),
         "expected_drop_pt": expected_drop(run, ladder, drops), "answers": len(run.thresholds),
         "below_config_t": below_config_t(run, ladder), "differ_from_fixed": differ_from_fixed(run, reference),
-        "late": late(run, target_ms),
+        "late": late(run, target_ms), "slowest_1pct": slowest(run, ladder),
     }
 
 
@@ -241,6 +254,7 @@ def summarise(runs: list[Run], loads, ladder, drops, reference: dict[int, int], 
                 "gear_seconds": [statistics.mean(g) for g in zip(*(gear_seconds(r, ladder) for r in mine))],  # sums to the run
                 "expected_drop_pt": statistics.median(expected_drop(r, ladder, drops) for r in mine),
                 "differ_from_fixed": sum(differ_from_fixed(r, reference) for r in mine),
+                "slowest_1pct": {kind: sum(slowest(r, ladder)[kind] for r in mine) for kind in ("big", "little_at_config_t", "little_at_lower_gear")},
             }
         pairs = list(zip(by["adaptive"], by["fixed"]))  # same round, same arrival times
         row["adaptive_vs_fixed_p99"] = statistics.median(a.percentile(99) / f.percentile(99) for a, f in pairs)
@@ -350,7 +364,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lead-in-load", type=float, default=0.5, help="its rate, in multiples of the capacity "
                         "(of the probed rate during the capacity search)")
     parser.add_argument("--out", required=True, help="folder for overload.json and overload.png")
-    parser.add_argument("--traces", action="store_true", help="also write every answer (send time, latency, T) of every "
+    parser.add_argument("--traces", action="store_true", help="also write every answer (send time, latency, T, ROUTE) of every "
                         "run to traces.json, to see when the gears moved")
     args = parser.parse_args()
     # The deadline as the builder resolves it (default 0.9 x the target), once for the repository and the gate.
@@ -433,7 +447,7 @@ def report(rows, records, runs, args, ladder_: Ladder, rate0, closed_loop_rate, 
     if args.traces:
         (out / "traces.json").write_text(json.dumps([
             {"round": r.round + 1, "load": r.load, "variant": r.variant, "send_s": r.send_times, "latency_ms": r.latencies_ms,
-             "threshold": r.thresholds} for r in runs]) + "\n")
+             "threshold": r.thresholds, "route": r.routes} for r in runs]) + "\n")
     plot(rows, ladder, out / "overload.png")
     plot_timeline(runs, args.target_ms, out / "timeline.png")
     for row in rows:
@@ -444,6 +458,9 @@ def report(rows, records, runs, args, ladder_: Ladder, rate0, closed_loop_rate, 
         print(f"{row['load']:.1f}x per round: fixed p99 / target {' '.join(f'{x:.2f}' for x in row['fixed_p99_over_target_per_round'])}; "
               f"adaptive / fixed p99 {' '.join(f'{x:.2f}' for x in row['adaptive_vs_fixed_p99_per_round'])}; answers over the "
               f"target, fixed {' '.join(map(str, row['late_per_round']['fixed']))}, adaptive {' '.join(map(str, row['late_per_round']['adaptive']))}")
+    for row in rows:
+        print(f"{row['load']:.1f}x slowest 1% of answers, all rounds: " + "; ".join(
+            f"{variant} " + ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in row[variant]["slowest_1pct"].items()) for variant in VARIANTS))
     at = next(r for r in rows if r["load"] == 1.2) if any(r["load"] == 1.2 for r in rows) else rows[len(rows) // 2]
     print(f"adaptive/fixed p99 at {at['load']:.1f}x: {at['adaptive_vs_fixed_p99']:.2f}; expected drop: "
           f"{at['adaptive']['expected_drop_pt']:.2f} pt")
