@@ -111,8 +111,31 @@ def find_tritonserver() -> TritonInstall:
     )
 
 
+def _exit_on_sigterm():
+    """Inside a `with TritonServer(...)` block of a script that left SIGTERM alone, SIGTERM raises
+    SystemExit, so the block stops its server: by default Python dies at once, and the tritonserver it
+    started (and its stubs' shared memory) would outlive it. Returns the handler to put back (None: none
+    was replaced: not the main thread, or the program handles SIGTERM itself)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    signal.signal(signal.SIGTERM, _raise_exit)
+    return signal.SIG_DFL
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class TritonServer:
-    """A tritonserver process serving one model repository on loopback."""
+    """A tritonserver process serving one model repository on loopback. As a `with` block in a script's
+    main thread it also stops its server when the script gets SIGTERM (see ``_exit_on_sigterm``)."""
 
     def __init__(
         self,
@@ -306,11 +329,19 @@ class TritonServer:
         return self.start()
 
     def __enter__(self) -> "TritonServer":
-        return self.start()
+        self._sigterm = _exit_on_sigterm()
+        try:
+            return self.start()
+        except BaseException:
+            _restore_sigterm(self._sigterm)
+            raise
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and issubclass(exc_type, Exception):
-            # The log usually sits in a temporary folder that goes with the block: show it while it exists.
-            print(f"littlebig: stopping tritonserver after {exc_type.__name__}; last lines of {self.log_file}:\n"
-                  f"{self.log_tail()}", file=sys.stderr, flush=True)
-        self.stop()
+        try:
+            if exc_type is not None and issubclass(exc_type, Exception):
+                # The log usually sits in a temporary folder that goes with the block: show it while it exists.
+                print(f"littlebig: stopping tritonserver after {exc_type.__name__}; last lines of {self.log_file}:\n"
+                      f"{self.log_tail()}", file=sys.stderr, flush=True)
+            self.stop()
+        finally:
+            _restore_sigterm(self._sigterm)

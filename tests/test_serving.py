@@ -191,6 +191,48 @@ def test_launcher_stops_the_server_and_reports_missing_repository(repository, tm
         TritonServer(tmp_path / "absent")
 
 
+SCRIPT_WITH_A_SERVER = """
+import sys, time
+from littlebig.server import TritonServer
+with TritonServer(sys.argv[1], log_file=sys.argv[2]) as server:
+    print(server.process.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_script_killed_with_sigterm_stops_its_server(repository, tmp_path):
+    """SIGTERM to a script inside `with TritonServer(...)` stops the server it started instead of leaving
+    it running (Python's default for SIGTERM is to die without running any `finally`)."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = subprocess.Popen([sys.executable, "-c", SCRIPT_WITH_A_SERVER, str(repository), str(tmp_path / "log.txt")],
+                              stdout=subprocess.PIPE, text=True)
+    server_pid = None
+    try:
+        server_pid = int(script.stdout.readline())
+        script.send_signal(signal.SIGTERM)
+        code = script.wait(timeout=120)
+        time.sleep(0.5)
+        try:
+            os.kill(server_pid, 0)  # the script's own child: gone means the script stopped it
+            outlived = True
+        except ProcessLookupError:
+            outlived = False
+        assert not outlived, f"tritonserver {server_pid} outlived the script"
+        assert code == 128 + signal.SIGTERM
+    finally:
+        if script.poll() is None:
+            script.kill()
+        if server_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server_pid, signal.SIGKILL)  # a test that failed leaves no server behind
+
+
 def test_row_whose_confidence_equals_t_stays_with_little(server, offline):
     """Eq. 4 answers with little when its max prob >= T: equality is not escalated."""
     images = offline.images[:BATCH]
