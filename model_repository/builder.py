@@ -191,8 +191,8 @@ class RepositoryOptions:
         if self.child_timeout_ms < 0:
             raise RepositoryError(f"child timeout must be >= 0 ms (0: none), got {self.child_timeout_ms}")
         for name in ("latency_target_ms", "max_queue_size", "queue_timeout_ms"):
-            if getattr(self, name) < 0:
-                raise RepositoryError(f"{name.replace('_', ' ')} must be >= 0 (0: none), got {getattr(self, name)}")
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise RepositoryError(f"{name.replace('_', ' ')} must be a finite number >= 0 (0: none), got {getattr(self, name)}")
         if self.gear_interval_ms < 1:
             raise RepositoryError(f"gear interval must be >= 1 ms, got {self.gear_interval_ms}")
         if self.gear_deadline_ms is not None and not (math.isfinite(self.gear_deadline_ms) and self.gear_deadline_ms >= 0):

@@ -97,6 +97,8 @@ def test_repository_refuses_a_deadline_it_cannot_keep(pair, tmp_path):
     for options, match in (
         (RepositoryOptions(threshold=0.5, gears=ladder, latency_target_ms=100, gear_deadline_ms=float("inf")), "number of ms"),
         (RepositoryOptions(threshold=0.5, gear_deadline_ms=50), "ladder"),
+        (RepositoryOptions(threshold=0.5, gears=ladder, latency_target_ms=float("nan")), "latency target ms must be a finite"),
+        (RepositoryOptions(threshold=0.5, gears=ladder, latency_target_ms=float("inf")), "latency target ms must be a finite"),
         (RepositoryOptions(threshold=0.5, gears=ladder, latency_target_ms=100, gear_deadline_ms=500, child_timeout_ms=400),
          "below the child timeout"),
     ):
@@ -405,6 +407,24 @@ def test_rows_held_for_big_never_reach_it_after_a_step_down(held_server, offline
     assert gear_metric(server.metrics_url, "littlebig_gear_settled_rows_total") - settled_before == len(middle)
     time.sleep(1.5)  # big finishes whatever it was sent (fast again now) before its count is read
     assert big_rows(server.grpc_url) - computed_before == 1  # low's row only
+
+
+def test_gate_refuses_gear_timings_it_cannot_use_and_keeps_serving(gear_server, offline):
+    """A reload with a latency target, interval or deadline that is not a usable number of ms fails with
+    the parameter's name (it would have turned the gears off, or never moved them), and the gate already
+    loaded keeps serving."""
+    server = gear_server.server
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        config = client.get_model_config("littlebig", as_json=True)["config"]
+        for key, value in (("latency_target_ms", "-5"), ("latency_target_ms", "nan"), ("gear_interval_ms", "0"),
+                           ("gear_interval_ms", "soon"), ("gear_deadline_ms", "inf")):
+            bad = json.loads(json.dumps(config))
+            bad["parameters"][key] = {"string_value": value}
+            with pytest.raises(Exception, match=key):
+                client.load_model("littlebig", config=json.dumps(bad), headers=server.admin_headers())
+    with LittleBigClient(server.grpc_url) as client:
+        out = client.infer(offline.images[:4], outputs=["CLASS"])
+    assert len(out["CLASS"]) == 4
 
 
 def test_full_queue_is_refused_with_unavailable(gear_server, offline):

@@ -443,9 +443,9 @@ def config_inputs(config):
     )
 
 
-def config_seconds(params, key):
-    """A config parameter in ms (absent: 0), as seconds: a finite number >= 0."""
-    text = params.get(key, "0")
+def config_seconds(params, key, default="0"):
+    """A config parameter in ms (absent: ``default``), as seconds: a finite number >= 0."""
+    text = params.get(key, default)
     try:
         value = float(text)
     except ValueError:
@@ -928,8 +928,8 @@ class TritonPythonModel:
 
     def _init_gears(self, params, model_name, instance):
         """Gears when the config has a ladder and a latency target; None (T stays fixed) otherwise."""
-        target_ms = float(params.get("latency_target_ms", "0"))
-        if not params.get("gears") or target_ms <= 0:
+        target_s = config_seconds(params, "latency_target_ms")
+        if not params.get("gears") or not target_s:
             return None
         if len(self.stages) != 2:
             raise pb_utils.TritonModelException(f"gears apply to two-stage cascades; this one has {len(self.stages)} stages")
@@ -967,8 +967,10 @@ class TritonPythonModel:
         )
         metrics.gear.set(0)
         metrics.threshold.set(self.thresholds[0])
-        interval_s = float(params.get("gear_interval_ms", "500")) / 1000.0
-        return Gears(ladder, target_ms / 1000.0, interval_s, metrics, self.counters.add, time.monotonic(),
+        interval_s = config_seconds(params, "gear_interval_ms", "500")
+        if not interval_s:
+            raise pb_utils.TritonModelException("gear_interval_ms must be a number of ms > 0 with gears, got 0")
+        return Gears(ladder, target_s, interval_s, metrics, self.counters.add, time.monotonic(),
                      pooled_observations(model_name), config_seconds(params, "gear_deadline_ms"))
 
     def _parse_inputs(self, request):
