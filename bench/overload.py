@@ -42,6 +42,7 @@ from littlebig.server import TritonServer
 from peers import closed_loop, image_inputs  # bench/peers.py, beside this script
 
 VARIANTS = ("fixed", "adaptive")
+SLOWEST = ("big", "little_at_config_t", "little_at_lower_gear")  # who gave an answer, for slowest()
 # A request unanswered this long counts as failed, so a lost answer (a gate stub that died: the
 # 2.51 python backend does not restart it) stops the run instead of hanging it.
 ANSWER_TIMEOUT_S = 60.0
@@ -198,7 +199,7 @@ def slowest(run: Run, ladder: list[float], share: float = 0.01) -> dict[str, int
     top = np.argsort(run.latencies_ms)[::-1][:count]
     kinds = ["big" if run.routes[k] == 1 else "little_at_config_t" if run.thresholds[k] == ladder[0] else "little_at_lower_gear"
              for k in top]
-    return {kind: kinds.count(kind) for kind in ("big", "little_at_config_t", "little_at_lower_gear")}
+    return {kind: kinds.count(kind) for kind in SLOWEST}
 
 
 def met_target(run: Run, target_ms: float) -> bool:
@@ -244,6 +245,7 @@ def summarise(runs: list[Run], loads, ladder, drops, reference: dict[int, int], 
         row = {"load": load}
         by = {v: [r for r in runs if r.load == load and r.variant == v] for v in VARIANTS}
         for variant, mine in by.items():
+            slowest_runs = [slowest(r, ladder) for r in mine]
             row[variant] = {
                 "rate": mine[0].rate,
                 "p50_ms": statistics.median(r.percentile(50) for r in mine),
@@ -254,7 +256,7 @@ def summarise(runs: list[Run], loads, ladder, drops, reference: dict[int, int], 
                 "gear_seconds": [statistics.mean(g) for g in zip(*(gear_seconds(r, ladder) for r in mine))],  # sums to the run
                 "expected_drop_pt": statistics.median(expected_drop(r, ladder, drops) for r in mine),
                 "differ_from_fixed": sum(differ_from_fixed(r, reference) for r in mine),
-                "slowest_1pct": {kind: sum(slowest(r, ladder)[kind] for r in mine) for kind in ("big", "little_at_config_t", "little_at_lower_gear")},
+                "slowest_1pct": {kind: sum(counts[kind] for counts in slowest_runs) for kind in SLOWEST},
             }
         pairs = list(zip(by["adaptive"], by["fixed"]))  # same round, same arrival times
         row["adaptive_vs_fixed_p99"] = statistics.median(a.percentile(99) / f.percentile(99) for a, f in pairs)

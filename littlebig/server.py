@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -116,8 +117,6 @@ def _exit_on_sigterm():
     SystemExit, so the block stops its server: by default Python dies at once, and the tritonserver it
     started (and its stubs' shared memory) would outlive it. Returns the handler to put back (None: none
     was replaced: not the main thread, or the program handles SIGTERM itself)."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return None
     signal.signal(signal.SIGTERM, _raise_exit)

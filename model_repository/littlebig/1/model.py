@@ -969,7 +969,7 @@ class TritonPythonModel:
         metrics.threshold.set(self.thresholds[0])
         interval_s = config_seconds(params, "gear_interval_ms", "500")
         if not interval_s:
-            raise pb_utils.TritonModelException("gear_interval_ms must be a number of ms > 0 with gears, got 0")
+            raise pb_utils.TritonModelException(f"gear_interval_ms must be a number of ms > 0 with gears, got {params['gear_interval_ms']!r}")
         return Gears(ladder, target_s, interval_s, metrics, self.counters.add, time.monotonic(),
                      pooled_observations(model_name), config_seconds(params, "gear_deadline_ms"))
 
