@@ -12,6 +12,8 @@ gate's answers in those rounds came from a lower gear (the promise: the fixed T'
 target is met). Every answer's THRESHOLD output says which gear answered it, so the client
 counts the time in each gear and the expected accuracy drop (the gears' calibrated drops, per answer).
 Both gates have Triton's bounded queue: what they cannot take is refused (UNAVAILABLE) and counted.
+With --floor a third variant pins the ladder's last T: the p99 a gate in the last gear from the first
+second would have, the floor for any controller moving along this ladder.
 
     .venv/bin/python bench/overload.py --little runs/lite/little.onnx --big runs/lite/big.onnx \\
         --report runs/lite/calib/report.json --data /work/shared/data/imagenet-sample --out bench/results/overload
@@ -42,6 +44,10 @@ from littlebig.server import TritonServer
 from peers import closed_loop, image_inputs  # bench/peers.py, beside this script
 
 VARIANTS = ("fixed", "adaptive")
+# --floor adds a third variant whose requests pin the ladder's last T: what the gate does when every row is
+# answered in the last gear from the first second, the lowest p99 any schedule along the ladder can reach.
+FLOOR = "last_gear"
+STYLE = {"fixed": ("o-", "tab:blue"), "adaptive": ("s-", "tab:green"), FLOOR: ("^-", "tab:orange")}  # marker, colour
 SLOWEST = ("big", "little_at_config_t", "little_at_lower_gear")  # who gave an answer, for slowest()
 # A request unanswered this long counts as failed, so a lost answer (a gate stub that died: the
 # 2.51 python backend does not restart it) stops the run instead of hanging it.
@@ -89,17 +95,17 @@ def poisson(rng, rate: float, start: float, end: float) -> np.ndarray:
     return arrivals[arrivals < end]
 
 
-async def open_loop(url: str, variant: str, inputs, rate: float, seconds: float, load: float, seed: int, pin: float,
-                    lead_in_rate: float = 0.0, lead_in_s: float = 0.0) -> Run:
+async def open_loop(url: str, variant: str, inputs, rate: float, seconds: float, load: float, seed: int,
+                    pin: float | None, lead_in_rate: float = 0.0, lead_in_s: float = 0.0) -> Run:
     """Poisson arrivals at ``lead_in_rate`` for ``lead_in_s`` (not counted), then at ``rate`` for ``seconds``;
-    waits for every answer (bounded by ANSWER_TIMEOUT_S)."""
+    waits for every answer (bounded by ANSWER_TIMEOUT_S). ``pin``: the T every request pins (None: adapted)."""
     client = grpcaio.InferenceServerClient(url)
     loop = asyncio.get_running_loop()
     rng = np.random.default_rng(seed)
     lead = poisson(rng, lead_in_rate, 0.0, lead_in_s)
     arrivals = np.concatenate([lead, poisson(rng, rate, lead_in_s, lead_in_s + seconds)])
     run = Run(variant, load, rate, seconds, [], [], [], [], [], [], 0, 0)
-    parameters = {"threshold": pin} if variant == "fixed" else None
+    parameters = {"threshold": pin} if pin is not None else None
     answered = []
 
     async def one(k: int, sent: float, counted: bool) -> None:
@@ -202,19 +208,35 @@ def slowest(run: Run, ladder: list[float], share: float = 0.01) -> dict[str, int
     return {kind: kinds.count(kind) for kind in SLOWEST}
 
 
+def must_act_by(run: Run, ratio: float = 0.5) -> float:
+    """Seconds into the run by which more than 1% of its answers had been slower than ``ratio`` x its own
+    p99. A gate that answers like this one until then (an adaptive gate in gear 0 does: same arrivals,
+    same answers) cannot end with a p99 below ``ratio`` x this run's, whatever it does afterwards: the
+    latest moment a controller could have acted, and the evidence it would have had (that many seconds
+    of arrivals)."""
+    latencies, sent = np.asarray(run.latencies_ms), np.asarray(run.send_times)
+    slow = np.sort(sent[latencies > ratio * run.percentile(99)])
+    allowed = len(latencies) // 100  # a p99 may have this many answers above it
+    return float(slow[allowed]) if len(slow) > allowed else run.seconds
+
+
 def met_target(run: Run, target_ms: float) -> bool:
     return run.refused == 0 and run.failed == 0 and run.percentile(99) <= target_ms
 
 
-def measure(url, inputs, rate0, loads, rounds, seconds, ladder, drops, pause, lead_in: LeadIn) -> list[Run]:
+def variant_pin(variant: str, ladder: list[float]) -> float | None:
+    return {"fixed": ladder[0], FLOOR: ladder[-1]}.get(variant)
+
+
+def measure(url, inputs, rate0, loads, rounds, seconds, ladder, drops, pause, lead_in: LeadIn, variants) -> list[Run]:
     runs = []
-    progress = tqdm(total=rounds * len(loads) * 2, desc="overload runs", unit="run")
+    progress = tqdm(total=rounds * len(loads) * len(variants), desc="overload runs", unit="run")
     for r in range(rounds):
         for i, load in enumerate(loads):
-            order = ("fixed", "adaptive") if (r + i) % 2 == 0 else ("adaptive", "fixed")
-            for variant in order:
-                run = asyncio.run(open_loop(url, variant, inputs, rate0 * load, seconds, load, 1000 * r + i, ladder[0],
-                                            rate0 * lead_in.load, lead_in.seconds))
+            shift = (r + i) % len(variants)  # each variant goes first in turn
+            for variant in variants[shift:] + variants[:shift]:
+                run = asyncio.run(open_loop(url, variant, inputs, rate0 * load, seconds, load, 1000 * r + i,
+                                            variant_pin(variant, ladder), rate0 * lead_in.load, lead_in.seconds))
                 run.round = r
                 runs.append(run)
                 progress.update(1)
@@ -243,7 +265,7 @@ def summarise(runs: list[Run], loads, ladder, drops, reference: dict[int, int], 
     rows = []
     for load in loads:
         row = {"load": load}
-        by = {v: [r for r in runs if r.load == load and r.variant == v] for v in VARIANTS}
+        by = {v: [r for r in runs if r.load == load and r.variant == v] for v in variants_in(runs)}
         for variant, mine in by.items():
             slowest_runs = [slowest(r, ladder) for r in mine]
             row[variant] = {
@@ -261,9 +283,13 @@ def summarise(runs: list[Run], loads, ladder, drops, reference: dict[int, int], 
         pairs = list(zip(by["adaptive"], by["fixed"]))  # same round, same arrival times
         row["adaptive_vs_fixed_p99"] = statistics.median(a.percentile(99) / f.percentile(99) for a, f in pairs)
         row["adaptive_vs_fixed_p99_per_round"] = [a.percentile(99) / f.percentile(99) for a, f in pairs]
+        if FLOOR in by:
+            floor = [lg.percentile(99) / f.percentile(99) for lg, f in zip(by[FLOOR], by["fixed"])]
+            row[f"{FLOOR}_vs_fixed_p99"], row[f"{FLOOR}_vs_fixed_p99_per_round"] = statistics.median(floor), floor
         # A gate that keeps the target and does not move while it is met ends near the target, so the ratio
         # can reach 0.5 only in rounds where the fixed gate's p99 is at least twice the target.
         row["fixed_p99_over_target_per_round"] = [f.percentile(99) / target_ms for _, f in pairs]
+        row["must_act_by_s_per_round"] = [must_act_by(f) for _, f in pairs]
         # p99 of a short run is mostly its worst burst, which both gates meet in gear 0 (the same arrivals);
         # how many answers were late tells what the gears took off after it.
         row["late_per_round"] = {"fixed": [late(f, target_ms) for _, f in pairs], "adaptive": [late(a, target_ms) for a, _ in pairs]}
@@ -277,6 +303,10 @@ def summarise(runs: list[Run], loads, ladder, drops, reference: dict[int, int], 
     return rows
 
 
+def variants_in(runs: list[Run]) -> list[str]:
+    return [v for v in VARIANTS + (FLOOR,) if any(r.variant == v for r in runs)]
+
+
 def plot(rows: list[dict], ladder: list[float], path: Path) -> None:
     import matplotlib
 
@@ -285,9 +315,11 @@ def plot(rows: list[dict], ladder: list[float], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     loads = [r["load"] for r in rows]
-    for variant, style in (("fixed", "o-"), ("adaptive", "s-")):
-        left.plot(loads, [r[variant]["p99_ms"] for r in rows], style, label=f"{variant} p99")
-        left.plot(loads, [r[variant]["p50_ms"] for r in rows], style, alpha=0.4, label=f"{variant} p50")
+    for variant, (marker, colour) in STYLE.items():
+        if variant not in rows[0]:
+            continue
+        left.plot(loads, [r[variant]["p99_ms"] for r in rows], marker, color=colour, label=f"{variant} p99")
+        left.plot(loads, [r[variant]["p50_ms"] for r in rows], marker, color=colour, alpha=0.4, label=f"{variant} p50")
     left.set_yscale("log")
     left.set_xlabel("offered load (x the fixed gate's capacity)")
     left.set_ylabel("latency (ms)")
@@ -321,8 +353,8 @@ def plot_timeline(runs: list[Run], target_ms: float, path: Path) -> None:
             seconds = np.arange(int(np.ceil(run.seconds)))
             p99 = [np.percentile(latency[(sent >= t) & (sent < t + 1)], 99) if np.any((sent >= t) & (sent < t + 1)) else np.nan
                    for t in seconds]
-            style = {"fixed": ("o-", "tab:blue"), "adaptive": ("s-", "tab:green")}[run.variant]
-            ax.plot(seconds + 0.5, p99, style[0], color=style[1], ms=3, label=f"{run.variant} p99 per second")
+            marker, colour = STYLE[run.variant]
+            ax.plot(seconds + 0.5, p99, marker, color=colour, ms=3, label=f"{run.variant} p99 per second")
             if run.variant == "adaptive":
                 twin = ax.twinx()
                 twin.step(sent, run.thresholds, where="post", color="grey", alpha=0.5, lw=1)
@@ -366,6 +398,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lead-in-load", type=float, default=0.5, help="its rate, in multiples of the capacity "
                         "(of the probed rate during the capacity search)")
     parser.add_argument("--out", required=True, help="folder for overload.json and overload.png")
+    parser.add_argument("--floor", action="store_true", help="also run every request pinned at the ladder's last T "
+                        f"(variant {FLOOR}): the lowest p99 any gear schedule reaches, beside fixed and adaptive")
     parser.add_argument("--traces", action="store_true", help="also write every answer (send time, latency, T, ROUTE) of every "
                         "run to traces.json, to see when the gears moved")
     args = parser.parse_args()
@@ -402,7 +436,9 @@ def main() -> None:
                                        args.pause, args.capacity_steps, args.capacity_repeats, ladder[0], lead_in)
             print(f"fixed gate capacity within p99 <= {args.target_ms:.0f} ms: {rate0:.1f} req/s", flush=True)
             install_gears(server, ladder_.config_value(), args.target_ms, args.gear_interval_ms, args.gear_deadline_ms)
-            runs = measure(server.grpc_url, inputs, rate0, loads, args.rounds, args.seconds, ladder, drops, args.pause, lead_in)
+            variants = VARIANTS + ((FLOOR,) if args.floor else ())
+            runs = measure(server.grpc_url, inputs, rate0, loads, args.rounds, args.seconds, ladder, drops, args.pause, lead_in,
+                           variants)
             metrics = read_samples(server.metrics_url, "littlebig_gear")
     reference = {}  # the fixed T's class of each image (every fixed answer is at the config T)
     for run in runs:
@@ -428,10 +464,11 @@ def install_gears(server: TritonServer, gears: str, target_ms: float, interval_m
 
 def report(rows, records, runs, args, ladder_: Ladder, rate0, closed_loop_rate, metrics, wall_s) -> None:
     ladder = [g.threshold for g in ladder_.gears]
+    variants = variants_in(runs)
     print(f"{'load':>5} {'variant':>9} {'p50 ms':>8} {'p99 ms':>8} {'img/s':>6} {'refused':>7}  seconds per gear "
           f"({', '.join(f'T={t:.3f}' for t in ladder)})  expected drop  answers != fixed")
     for row in rows:
-        for variant in VARIANTS:
+        for variant in variants:
             v = row[variant]
             print(f"{row['load']:5.1f} {variant:>9} {v['p50_ms']:8.0f} {v['p99_ms']:8.0f} {v['throughput']:6.1f} {v['refused']:7.0f}  "
                   f"{' '.join(f'{s:5.1f}' for s in v['gear_seconds']):<28} {v['expected_drop_pt']:6.2f} pt  {v['differ_from_fixed']}")
@@ -462,7 +499,15 @@ def report(rows, records, runs, args, ladder_: Ladder, rate0, closed_loop_rate, 
               f"target, fixed {' '.join(map(str, row['late_per_round']['fixed']))}, adaptive {' '.join(map(str, row['late_per_round']['adaptive']))}")
     for row in rows:
         print(f"{row['load']:.1f}x slowest 1% of answers, all rounds: " + "; ".join(
-            f"{variant} " + ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in row[variant]["slowest_1pct"].items()) for variant in VARIANTS))
+            f"{variant} " + ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in row[variant]["slowest_1pct"].items()) for variant in variants))
+    for row in rows:
+        print(f"{row['load']:.1f}x: for a p99 half the fixed gate's, a gate answering like it must act within "
+              f"{' '.join(f'{x:.1f}' for x in row['must_act_by_s_per_round'])} s of the run's start (per round)")
+    for row in rows:
+        if FLOOR in row:
+            print(f"{row['load']:.1f}x the last gear pinned / fixed p99 per round "
+                  f"{' '.join(f'{x:.2f}' for x in row[f'{FLOOR}_vs_fixed_p99_per_round'])} (median {row[f'{FLOOR}_vs_fixed_p99']:.2f}): "
+                  f"the lowest any schedule along the ladder reaches, at {row[FLOOR]['expected_drop_pt']:.2f} pt")
     at = next(r for r in rows if r["load"] == 1.2) if any(r["load"] == 1.2 for r in rows) else rows[len(rows) // 2]
     print(f"adaptive/fixed p99 at {at['load']:.1f}x: {at['adaptive_vs_fixed_p99']:.2f}; expected drop: "
           f"{at['adaptive']['expected_drop_pt']:.2f} pt")
