@@ -94,22 +94,8 @@ def bench(
     t = original if threshold is None else threshold
     try:
         log(f"benchmarking on {len(images)} images, T={t:.6f}, concurrency {concurrencies}")
-        # Rounds outside, concurrencies inside: this machine's speed drifts over minutes, so every
-        # round measures big, little and the gate back to back at every level, ratios are taken
-        # within a round, and the report gives medians over rounds.
-        runs = {c: {"big": [], "little": [], "gate": [], "share": []} for c in concurrencies}
-        for r in range(rounds):
-            for c in concurrencies:
-                tag = f"c{c}_r{r}"
-                runs[c]["big"].append(run_perf_analyzer(big_model, url, input_data, shape, c, out / f"big_{tag}.csv", measurement_ms=measurement_ms))
-                runs[c]["little"].append(run_perf_analyzer(little_model, url, input_data, shape, c, out / f"little_{tag}.csv", measurement_ms=measurement_ms))
-                before = gate_rows(metrics_url)
-                runs[c]["gate"].append(run_gate(url, input_data, shape, c, out / f"gate_{tag}.csv", measurement_ms, f"{little_model},{big_model}"))
-                after = gate_rows(metrics_url)
-                routed_big, routed_little = after["big"] - before["big"], after["little"] - before["little"]
-                runs[c]["share"].append(routed_big / max(1.0, routed_big + routed_little))
-                log(f"round {r + 1}/{rounds} c={c}: big {runs[c]['big'][-1].throughput:.1f}/s, little "
-                    f"{runs[c]['little'][-1].throughput:.1f}/s, gate {runs[c]['gate'][-1].throughput:.1f}/s")
+        runs = measure_rounds(url, (little_model, big_model), input_data, shape, concurrencies, rounds,
+                              measurement_ms, metrics_url, out, log)
         rows = [summarise(c, runs[c]) for c in concurrencies]
         for row in rows:
             log(format_row(row))
@@ -129,12 +115,7 @@ def bench(
         "macs_little": info.macs_little,
         "macs_big": info.macs_big,
         "big_peak_concurrency": c,
-        "at_big_peak": {
-            "ideal_speedup": peak["ideal_speedup"],
-            "achieved_fraction": peak["achieved_fraction"],
-            "gate_vs_little": peak["gate_vs_little"],
-            "escalation": peak["escalation"],
-        },
+        "at_big_peak": {key: peak[key] for key in ("ideal_speedup", "achieved_fraction", "gate_vs_little", "escalation")},
         "latency": latency,
         "gate_cost": {
             "own_ms_per_execution": [dataclasses.asdict(cost) for cost in costs],
@@ -144,6 +125,35 @@ def bench(
     }
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_bench(out, rows)
+    log_summary(peak, latency, costs, added, log)
+    return report
+
+
+def measure_rounds(url: str, models: tuple[str, str], input_data: Path, shape: tuple[int, ...], concurrencies: list[int],
+                   rounds: int, measurement_ms: int, metrics_url: str, out: Path, log) -> dict:
+    """perf_analyzer runs of big, little and the gate at every concurrency, and the gate's escalation share.
+    Rounds outside, concurrencies inside: this machine's speed drifts over minutes, so every round measures
+    big, little and the gate back to back at every level, ratios are taken within a round, and the report
+    gives medians over rounds."""
+    little_model, big_model = models
+    runs = {c: {"big": [], "little": [], "gate": [], "share": []} for c in concurrencies}
+    for r in range(rounds):
+        for c in concurrencies:
+            tag = f"c{c}_r{r}"
+            runs[c]["big"].append(run_perf_analyzer(big_model, url, input_data, shape, c, out / f"big_{tag}.csv", measurement_ms=measurement_ms))
+            runs[c]["little"].append(run_perf_analyzer(little_model, url, input_data, shape, c, out / f"little_{tag}.csv", measurement_ms=measurement_ms))
+            before = gate_rows(metrics_url)
+            runs[c]["gate"].append(run_gate(url, input_data, shape, c, out / f"gate_{tag}.csv", measurement_ms, f"{little_model},{big_model}"))
+            after = gate_rows(metrics_url)
+            routed_big, routed_little = after["big"] - before["big"], after["little"] - before["little"]
+            runs[c]["share"].append(routed_big / max(1.0, routed_big + routed_little))
+            log(f"round {r + 1}/{rounds} c={c}: big {runs[c]['big'][-1].throughput:.1f}/s, little "
+                f"{runs[c]['little'][-1].throughput:.1f}/s, gate {runs[c]['gate'][-1].throughput:.1f}/s")
+    return runs
+
+
+def log_summary(peak: dict, latency: dict, costs: list, added: dict, log) -> None:
+    c = peak["concurrency"]
     log(
         f"at big's peak (concurrency {c}): p={peak['escalation']:.3f}, S*={peak['ideal_speedup']:.2f}, "
         f"achieved {peak['achieved_speedup']:.2f}x = {peak['achieved_fraction']:.1%} of S*, gate/little {peak['gate_vs_little']:.2f}"
@@ -158,7 +168,6 @@ def bench(
     log(f"latency the gate adds to little alone at concurrency 1, T=0: {added['excess_ms']:+.2f} ms "
         f"(median of {added['rounds']} alternating rounds; p50 {added['gate_little_answered_p50_ms']:.1f} vs "
         f"{added['little_alone_p50_ms']:.1f} ms)")
-    return report
 
 
 def format_row(row: dict) -> str:
