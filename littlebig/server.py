@@ -18,6 +18,7 @@ import dataclasses
 import importlib.util
 import os
 import shutil
+import secrets
 import signal
 import socket
 import subprocess
@@ -38,6 +39,12 @@ DEFAULT_BACKEND_CONFIG = (
     "python,shm-default-byte-size=33554432",
     "python,shm-growth-byte-size=16777216",
 )
+
+
+# The python backend's default region prefix, with a token per server added (shm_prefix) so that a
+# server's own regions can be found and removed after it was killed.
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "triton_python_backend_shm_region_"
 
 
 class ServerError(RuntimeError):
@@ -177,6 +184,9 @@ class TritonServer:
         self.extra_args = tuple(extra_args)
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen | None = None
+        # Triton unlinks a stub's shared-memory region (32 MiB and up) when it unloads the instance, so a
+        # killed server or stub leaves its regions in /dev/shm for good; a prefix of its own finds them.
+        self.shm_prefix = f"{SHM_PREFIX}littlebig_{secrets.token_hex(6)}_"
 
     @property
     def http_url(self) -> str:
@@ -216,6 +226,7 @@ class TritonServer:
         if install.backend_dir is not None:
             cmd.append(f"--backend-directory={install.backend_dir}")
         cmd += [f"--backend-config={c}" for c in DEFAULT_BACKEND_CONFIG]
+        cmd.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
         if self.explicit_model_control:
             # Explicit control lets calibration reload the gate with a new threshold (repository API);
             # every model in the repository is still loaded at start.
@@ -278,6 +289,8 @@ class TritonServer:
             if drain and self.explicit_model_control:
                 self.drain()
             self._shutdown(self.exit_timeout_s + 15 if timeout_s is None else timeout_s)
+        if self.process is not None:
+            self.remove_shared_memory()
         if self.admin_key is not None:
             admin.forget([self.http_url, self.grpc_url], self.admin_key)
 
@@ -325,7 +338,18 @@ class TritonServer:
             except ProcessLookupError:
                 pass
             self.process.wait()
+            self.remove_shared_memory()
         return self.start()
+
+    def remove_shared_memory(self) -> list[Path]:
+        """Unlink the python backend regions this server left behind (none after a clean shutdown); only
+        once its process is gone: its stubs were in its process group, which a kill takes down too."""
+        if self.process is not None and self.process.poll() is None:
+            raise ServerError("remove_shared_memory: the server is still running")
+        left = sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
+        for path in left:
+            path.unlink(missing_ok=True)
+        return left
 
     def __enter__(self) -> "TritonServer":
         self._sigterm = _exit_on_sigterm()

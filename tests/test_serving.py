@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 
 from littlebig.client.infer import LittleBigClient
 from littlebig.client.metrics import read_samples, sample_sum
-from littlebig.server import ServerError, TritonServer
+from littlebig.server import SHM_DIR, ServerError, TritonServer
 
 BATCH = 16
 
@@ -194,6 +194,31 @@ def test_launcher_stops_the_server_and_reports_missing_repository(repository, tm
     assert "after RuntimeError" in err and "Started GRPCInferenceService" in err
     with pytest.raises(ServerError, match="does not exist"):
         TritonServer(tmp_path / "absent")
+
+
+def test_a_killed_server_leaves_no_shared_memory_behind(repository, server, tmp_path):
+    """Triton frees a stub's shared memory (32 MiB per python-backend instance) when it unloads the
+    instance; a killed server never does, so its regions stayed in /dev/shm for good (12 per test run).
+    restart() and stop() remove the killed server's own regions, and no other server's."""
+    mine = TritonServer(repository, log_file=tmp_path / "log.txt").start()
+    try:
+        first = sorted(SHM_DIR.glob(f"{mine.shm_prefix}*"))
+        assert first, f"no python backend region named {mine.shm_prefix}*"
+        kill_group(mine)
+        assert all(path.exists() for path in first)  # what a kill leaves
+        mine.restart()
+        assert mine.is_ready() and not any(path.exists() for path in first)
+        second = sorted(SHM_DIR.glob(f"{mine.shm_prefix}*"))
+        kill_group(mine)
+    finally:
+        mine.stop()
+    assert second and not any(path.exists() for path in second)
+    assert list(SHM_DIR.glob(f"{server.shm_prefix}*")), "the session server's regions went too"
+
+
+def kill_group(server: TritonServer) -> None:
+    os.killpg(server.process.pid, signal.SIGKILL)  # the server and its stubs, as a crash or OOM kill would
+    server.process.wait()
 
 
 SCRIPT_WITH_A_SERVER = """
