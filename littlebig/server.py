@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import shutil
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -184,8 +184,8 @@ class TritonServer:
         self.extra_args = tuple(extra_args)
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen | None = None
-        # Triton unlinks a stub's shared-memory region (32 MiB and up) when it unloads the instance, so a
-        # killed server or stub leaves its regions in /dev/shm for good; a prefix of its own finds them.
+        # Triton unlinks a stub's shared-memory region (32 MiB and up) when it unloads the instance (a
+        # reload too), so only a killed server leaves its regions in /dev/shm; a prefix of its own finds them.
         self.shm_prefix = f"{SHM_PREFIX}littlebig_{secrets.token_hex(6)}_"
 
     @property
@@ -341,15 +341,13 @@ class TritonServer:
             self.remove_shared_memory()
         return self.start()
 
-    def remove_shared_memory(self) -> list[Path]:
+    def remove_shared_memory(self) -> None:
         """Unlink the python backend regions this server left behind (none after a clean shutdown); only
         once its process is gone: its stubs were in its process group, which a kill takes down too."""
         if self.process is not None and self.process.poll() is None:
             raise ServerError("remove_shared_memory: the server is still running")
-        left = sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
-        for path in left:
+        for path in SHM_DIR.glob(f"{self.shm_prefix}*"):
             path.unlink(missing_ok=True)
-        return left
 
     def __enter__(self) -> "TritonServer":
         self._sigterm = _exit_on_sigterm()
