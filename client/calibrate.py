@@ -163,11 +163,7 @@ def calibrate(
 
     evaluation = None
     if eval_data is not None:
-        eval_collected, eval_images = collect_cached(url, image_set(eval_data, eval_labels_csv), out / "evaluation.npz", **kwargs)
-        log(f"evaluation set: {len(eval_images)} images ({describe_set(eval_images)})")
-        eval_outcomes = outcomes_of(eval_collected)
-        check_labels_fit(eval_outcomes, eval_collected.little.shape[1], eval_images.mapping)
-        evaluation = th.evaluate_at(eval_outcomes, report["threshold"])
+        evaluation = _evaluate(url, image_set(eval_data, eval_labels_csv), out / "evaluation.npz", report["threshold"], kwargs)
         report["eval"] = evaluation
 
     text = table(s, outcomes, choice.index)
@@ -183,6 +179,15 @@ def calibrate(
     log(text)
     log(describe(report))
     return report
+
+
+def _evaluate(url: str, image_set, cache: Path, threshold: float, kwargs: dict) -> dict:
+    """The chosen T on a second labelled set: what calibration promises on images it did not see."""
+    collected, images = collect_cached(url, image_set, cache, **kwargs)
+    kwargs["log"](f"evaluation set: {len(images)} images ({describe_set(images)})")
+    outcomes = outcomes_of(collected)
+    check_labels_fit(outcomes, collected.little.shape[1], images.mapping)
+    return th.evaluate_at(outcomes, threshold)
 
 
 def _two_stage_extras(collected: Collected, criterion: Criterion, ensemble_weights, out: Path) -> dict:
