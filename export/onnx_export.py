@@ -129,6 +129,30 @@ def parity_check(wrapper: ServingWrapper, path: Path, images: np.ndarray, batch_
     }
 
 
+def _write_graph(wrapper: torch.nn.Module, example: torch.Tensor, out: Path) -> onnx.ModelProto:
+    """The serving graph at ``out`` (dynamic batch axis, checked); returns it for the metadata to be added."""
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated in favour of the dynamo one, but it is the one
+        # that exports every timm/torchvision classifier with a dynamic batch axis reliably.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            WithTop1(wrapper).eval(),  # export restores the mode it found: train mode would leak into the parity check
+            (example,),
+            str(out),
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+            do_constant_folding=True,
+        )
+    model = onnx.load(str(out))
+    model.ir_version = ONNX_IR_VERSION
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return model
+
+
 def export_onnx(
     loaded: LoadedModel,
     out: str | Path,
@@ -150,27 +174,7 @@ def export_onnx(
     macs = count_macs(loaded.module, loaded.info.resolution)
     log(f"{loaded.info.spec}: {macs / 1e9:.3f} GMACs per image at {loaded.info.resolution}px")
 
-    example = torch.from_numpy(parity_images[:2])
-    with warnings.catch_warnings():
-        # The TorchScript-based exporter is deprecated in favour of the dynamo one, but it is the one
-        # that exports every timm/torchvision classifier with a dynamic batch axis reliably.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            WithTop1(wrapper).eval(),  # export restores the mode it found: train mode would leak into the parity check
-            (example,),
-            str(out),
-            dynamo=False,
-            opset_version=ONNX_OPSET,
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
-            do_constant_folding=True,
-        )
-    model = onnx.load(str(out))
-    model.ir_version = ONNX_IR_VERSION
-    onnx.checker.check_model(model)
-    onnx.save(model, str(out))
-
+    model = _write_graph(wrapper, torch.from_numpy(parity_images[:2]), out)
     parity = parity_check(wrapper, out, parity_images)
     result = ExportResult(out, loaded.info, wire_size, macs, parity)
     log(
