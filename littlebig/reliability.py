@@ -82,9 +82,14 @@ class Load:
         return self
 
     def stop(self) -> list[Outcome]:
+        """Stops the clients and returns every outcome; raises if a client did not come back."""
         self._stop.set()
         for thread in self._threads:
             thread.join(self.timeout_s + 10)
+        stuck = sum(thread.is_alive() for thread in self._threads)
+        if stuck:
+            raise RuntimeError(f"{stuck} of {len(self._threads)} load clients did not come back within "
+                               f"{self.timeout_s + 10:.0f} s of stop (a request neither answered nor timed out)")
         return self.outcomes
 
     def _client(self, seed: int) -> None:

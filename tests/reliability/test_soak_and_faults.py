@@ -35,7 +35,7 @@ def supervised(repository, offline, tmp_path_factory):
         finally:
             outcomes = load.stop()
             supervisor.stop()
-            # Every client thread came back: no request was left unanswered.
+            # No request was left unanswered: stop() raised if a client did not come back, and none timed out.
             assert all(o.done - o.sent < load.timeout_s for o in outcomes)
 
 
@@ -85,6 +85,6 @@ def test_fault_under_load_is_restored(supervised, fault):
     assert result.wrong == 0
     if recovery is not None:
         assert supervisor.recoveries[recovery] > before.get(recovery, 0)
-    # Correct again: the latest second of answers has no failure.
-    latest = [o for o in load.outcomes if o.sent > time.monotonic() - 1.0]
+    # Correct again: the answers of the latest second (32 clients answer many) have no failure.
+    latest = [o for o in load.outcomes if o.done > time.monotonic() - 1.0]
     assert latest and all(o.status == "ok" for o in latest)
