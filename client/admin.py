@@ -24,7 +24,7 @@ GRPC_HEADER = f"triton-grpc-protocol-{HEADER}"
 # Read-only APIs (health, metadata, inference, model-config, statistics) stay open; these can load
 # code, map memory or write files on the server.
 RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 
 def keys_file() -> Path:

@@ -124,7 +124,7 @@ def calibrate(
     eval_data: str | Path | None = None,
     eval_labels_csv: str | Path | None = None,
     apply: bool = False,
-    accuracy_budget: float = gear_ladder.DEFAULT_ACCURACY_BUDGET,
+    accuracy_budget: float | None = None,
     repository: str | Path | None = None,
     batch_size: int = 16,
     concurrency: int = 4,
@@ -139,6 +139,7 @@ def calibrate(
     gate's) or another gating signal: calibrate_stages (joint thresholds); both add the signal comparison
     and, with ``ensemble_weights``, the ensemble sweep."""
     criterion.validate()
+    _check_options(eval_data, eval_labels_csv, apply, repository)
     for folder in (data, eval_data):
         if folder is not None and not Path(folder).is_dir():  # before asking the server anything
             raise FileNotFoundError(f"data folder {folder} does not exist")
@@ -153,12 +154,16 @@ def calibrate(
     collected, images = collect_cached(url, image_set(data, labels_csv), out / "calibration.npz", **kwargs)
     log(f"calibration set: {len(images)} images ({describe_set(images)})")
     if len(collected.stages) > 2 or signal not in (None, "max_softmax"):
+        if accuracy_budget is not None:
+            raise CalibrationError("an accuracy budget sets the gears, and gears apply to two-stage cascades gated on "
+                                   "max_softmax: leave out --accuracy-budget here")
         eval_images = image_set(eval_data, eval_labels_csv) if eval_data else None
         return _calibrate_stages(url, collected, images, criterion, out, kwargs=kwargs, eval_images=eval_images, signal=signal,
                                  ensemble_weights=ensemble_weights, apply=apply, repository=repository, log=log)
     s, outcomes, choice = analyse(collected, criterion)
     check_labels_fit(outcomes, collected.little.shape[1], images.mapping)
-    report = build_report(s, outcomes, choice, criterion, images.mapping, accuracy_budget)
+    budget = gear_ladder.DEFAULT_ACCURACY_BUDGET if accuracy_budget is None else accuracy_budget
+    report = build_report(s, outcomes, choice, criterion, images.mapping, budget)
     report.update(_two_stage_extras(collected, criterion, ensemble_weights, out))
 
     evaluation = None
@@ -179,6 +184,14 @@ def calibrate(
     log(text)
     log(describe(report))
     return report
+
+
+def _check_options(eval_data, eval_labels_csv, apply: bool, repository) -> None:
+    """Options that would do nothing in this combination are refused rather than ignored."""
+    if eval_labels_csv is not None and eval_data is None:
+        raise CalibrationError("an evaluation labels CSV (--eval-labels-csv) needs the evaluation images (--eval-data)")
+    if repository is not None and not apply:
+        raise CalibrationError(f"T is written into the repository {repository} only when it is applied: add --apply")
 
 
 def _evaluate(url: str, image_set, cache: Path, threshold: float, kwargs: dict) -> dict:

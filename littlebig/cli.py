@@ -88,8 +88,11 @@ def _gears(report_path: str | None):
     path = path / "report.json" if path.is_dir() else path
     if not path.is_file():
         raise UsageError(f"--gears: {path} does not exist (give the report.json of `littlebig calibrate`, or its folder)")
-    report = json.loads(path.read_text())
-    if "gears" not in report:
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"--gears: {path} is not a calibration report (not JSON: {err})") from None
+    if not isinstance(report, dict) or "gears" not in report:
         raise UsageError(f"--gears: {path} holds no gears (calibrate with labelled images writes them)")
     ladder = Ladder.from_dict(report["gears"])
     return ladder.config_value(), ladder.gears[0].threshold
@@ -179,6 +182,8 @@ def _check_ports_free(host: str, ports: dict[str, int]) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
             try:
                 sock.bind((host, port))
+            except socket.gaierror:
+                raise UsageError(f"--host {host} is not an address of this machine (unknown host)") from None
             except OSError as err:
                 raise UsageError(
                     f"port {port} on {host} ({option}) is not free ({err.strerror}): is another "
@@ -191,10 +196,7 @@ def cmd_serve(args) -> None:
     from littlebig.client import admin
     from littlebig.server import TritonServer
 
-    _check_ports_free(
-        args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
-    )
-    server = TritonServer(
+    server = TritonServer(  # checks the repository and the host; starts nothing yet
         args.repo,
         host=args.host,
         http_port=args.http_port,
@@ -203,6 +205,9 @@ def cmd_serve(args) -> None:
         log_file=args.log_file,
         admin_key=args.admin_key or os.environ.get(admin.KEY_ENV) or None,
         allow_remote=args.allow_remote,
+    )
+    _check_ports_free(
+        args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
     )
     print(f"starting tritonserver on {args.repo} (log {server.log_file}) ...", flush=True)
     with server:
@@ -276,6 +281,15 @@ def cmd_demo(args) -> None:
     from littlebig.model_repository.builder import RepositoryOptions, build_repository
     from littlebig.server import TritonServer
 
+    if args.data:  # before minutes of export
+        paths = list_images(args.data)
+        if not paths:
+            raise UsageError(f"no images found under {args.data}")
+        names, images = [p.name for p in paths], paths
+    else:
+        photos = sample_photos()
+        names, images = list(photos), list(photos.values())
+
     work = Path(args.workdir)
     wire = args.wire_size
     onnx_files = {}
@@ -292,15 +306,6 @@ def cmd_demo(args) -> None:
         onnx_files["little"], onnx_files["big"], work / "repository", RepositoryOptions(runtime="python", threshold=args.threshold)
     )
     print(f"[demo] model repository {repo} (threshold T={args.threshold})")
-
-    if args.data:
-        paths = list_images(args.data)
-        if not paths:
-            raise UsageError(f"no images found under {args.data}")
-        names, images = [p.name for p in paths], paths
-    else:
-        photos = sample_photos()
-        names, images = list(photos), list(photos.values())
 
     with TritonServer(repo, log_file=work / "tritonserver.log") as server:
         print(f"[demo] tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, log {server.log_file}")
@@ -427,7 +432,7 @@ def cmd_bench(args) -> None:
         args.url,
         args.data,
         args.out,
-        concurrencies=[int(c) for c in args.concurrency.split(",")],
+        concurrencies=args.concurrency,
         metrics_url=args.metrics_url or f"http://{host}:8002/metrics",
         n_images=args.images,
         threshold=args.threshold,
@@ -478,6 +483,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
     return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    try:
+        return [positive_int(part) for part in text.split(",")]
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1 (e.g. 1,4,16), got {text!r}") from None
 
 
 def server_address(text: str) -> str:
@@ -626,7 +645,7 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
     p.add_argument("--log-file", help="server log (default: a new temporary file)")
     p.add_argument("--no-supervise", action="store_true", help="no watchdog (canaries, restore of dead models/server)")
-    p.add_argument("--canary-interval", type=float, default=1.0, help="seconds between the watchdog's canary rounds")
+    p.add_argument("--canary-interval", type=positive_float, default=1.0, help="seconds between the watchdog's canary rounds")
     p.set_defaults(func=cmd_serve)
 
 
@@ -663,9 +682,9 @@ def _add_calibrate_command(sub) -> None:
     p.add_argument("--min-agreement", type=float, help="label-free: cheapest T agreeing with big on this share")
     p.add_argument("--eval-data", help="second labelled set to check the chosen T on")
     p.add_argument("--eval-labels-csv", help="CSV of file,label for --eval-data")
-    p.add_argument("--accuracy-budget", type=float, default=0.01,
+    p.add_argument("--accuracy-budget", type=float,
                    help="gears: the ladder goes down from the chosen T to the lowest T within this accuracy drop of "
-                   "it (0.01 = 1 point, measured on the calibration images)")
+                   "it (default 0.01 = 1 point, measured on the calibration images; two-stage max_softmax only)")
     p.add_argument("--apply", action="store_true", help="switch the running server to the chosen T and its gears, and "
                    "write them to the repository")
     p.add_argument("--repo", help="with --apply, also write T into this repository folder (so a restart keeps it)")
@@ -712,11 +731,11 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--url", default="127.0.0.1:8001", help="server gRPC address")
     p.add_argument("--metrics-url", help="server metrics URL (default http://HOST:8002/metrics)")
     p.add_argument("--data", required=True, help="folder of real images (sent in the wire format)")
-    p.add_argument("--images", type=int, default=64, help="how many images perf_analyzer cycles through")
-    p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated concurrency levels")
+    p.add_argument("--images", type=positive_int, default=64, help="how many images perf_analyzer cycles through")
+    p.add_argument("--concurrency", type=positive_int_list, default="1,4,16,32", help="comma-separated concurrency levels")
     p.add_argument("--threshold", type=float, help="run the gate at this T (switched live, restored after)")
-    p.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer measurement window")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved runs per model and concurrency (medians reported)")
+    p.add_argument("--measurement-ms", type=positive_int, default=3000, help="perf_analyzer measurement window")
+    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved runs per model and concurrency (medians reported)")
     p.add_argument("--out", required=True, help="folder for bench.json, the table and bench.png")
     p.set_defaults(func=cmd_bench)
 
@@ -778,7 +797,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # Checks every subcommand gets for these options, so that commands added later get them too: a bad
 # value is refused by the parser, with a message, instead of failing deep inside. Option name ->
-# (the plain type it is declared with, the check); bench's --concurrency is a list, left alone.
+# (the plain type it is declared with, the check); bench's --concurrency is a list (positive_int_list).
 CHECKED_OPTIONS = {
     "url": (None, server_address),
     "threshold": (float, probability),

@@ -163,6 +163,9 @@ class TritonServer:
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
             raise ServerError(f"model repository {self.repository} does not exist")
+        if ":" in host:  # the URLs below and the CLI's port check are IPv4 (HOST:PORT, AF_INET)
+            raise ServerError(f"host {host} is an IPv6 address, which littlebig does not serve on: use 127.0.0.1 "
+                              "(loopback) or an IPv4 address")
         if host not in admin.LOOPBACK_HOSTS and not allow_remote:
             raise ServerError(
                 f"binding {host} exposes the server beyond this machine; pass --allow-remote "
@@ -360,7 +363,8 @@ class TritonServer:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is not None and issubclass(exc_type, Exception):
-                # The log usually sits in a temporary folder that goes with the block: show it while it exists.
+                # The log usually sits in a temporary folder the caller never looks at (kept, for reading
+                # after the server is gone): show its tail where the failure is reported.
                 print(f"littlebig: stopping tritonserver after {exc_type.__name__}; last lines of {self.log_file}:\n"
                       f"{self.log_tail()}", file=sys.stderr, flush=True)
             self.stop()

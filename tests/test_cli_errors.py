@@ -80,9 +80,26 @@ def test_classify_http_uses_the_http_default_port(photo):
     (["classify", "--url", "localhost", "x.jpg"], "argument --url: expected HOST:PORT"),
     (["threshold", "2"], "argument value: must be in [0, 1]"),
     (["repo", "--little", "a.onnx", "--big", "b.onnx", "--out", "r", "--threshold", "-0.1"], "argument --threshold: must be in [0, 1]"),
+    (["bench", "--data", "d", "--out", "o", "--rounds", "0"], "argument --rounds: must be a whole number >= 1, got 0"),
+    (["bench", "--data", "d", "--out", "o", "--concurrency", "1,a"],
+     "argument --concurrency: expected comma-separated whole numbers >= 1 (e.g. 1,4,16), got '1,a'"),
+    (["serve", "--repo", "r", "--canary-interval", "0"], "argument --canary-interval: must be a number > 0, got 0"),
 ])
 def test_bad_values_are_refused_before_anything_runs(args, message):
     assert_message(run_cli(*args), message)
+
+
+def test_options_that_would_do_nothing_or_cannot_work_are_refused(nothing_on, photo, tmp_path):
+    """Found by the command before it exports, starts or asks anything."""
+    assert_message(run_cli("serve", "--repo", tmp_path, "--host", "::1"), "host ::1 is an IPv6 address")
+    calibrate = ["calibrate", "--url", nothing_on, "--data", photo.parent, "--out", tmp_path / "c"]
+    assert_message(run_cli(*calibrate, "--repo", tmp_path), f"T is written into the repository {tmp_path} only when it "
+                   "is applied: add --apply")
+    assert_message(run_cli(*calibrate, "--eval-labels-csv", tmp_path / "e.csv"),
+                   "an evaluation labels CSV (--eval-labels-csv) needs the evaluation images (--eval-data)")
+    result = run_cli("demo", "--workdir", tmp_path / "demo", "--data", tmp_path / "missing")
+    assert_message(result, str(tmp_path / "missing"))
+    assert "exporting" not in result.stdout and not (tmp_path / "demo").exists()
 
 
 def test_classify_files_that_are_not_images(tmp_path):
@@ -193,6 +210,10 @@ def test_repo_mistakes(pair, tmp_path):
     assert "warning: little" in swapped.stderr and "Were --little and --big swapped?" in swapped.stderr
     right = run_cli("repo", "--little", pair.little, "--big", pair.big, "--out", tmp_path / "r")
     assert right.returncode == 0 and "warning" not in right.stderr, right.stderr
+    broken = tmp_path / "report.json"
+    broken.write_text("{not json")
+    assert_message(run_cli("repo", "--little", pair.little, "--big", pair.big, "--out", tmp_path / "g", "--gears", broken),
+                   f"--gears: {broken} is not a calibration report (not JSON")
 
 
 def test_version_debug_and_python_m():
