@@ -39,6 +39,13 @@ class Collected:
     def little(self) -> np.ndarray:
         return self.stages[0]
 
+    def holds(self, images: ImageSet) -> bool:
+        """Whether these are the probabilities of exactly ``images``, with the same labels (a cache check)."""
+        same_labels = (self.labels is None) == (images.labels is None) and (
+            images.labels is None or np.array_equal(self.labels, images.labels)
+        )
+        return self.paths == [str(p) for p in images.paths] and same_labels
+
     @property
     def big(self) -> np.ndarray:
         return self.stages[-1]
@@ -189,11 +196,8 @@ def collect_cached(
     if cache.is_file() and not refresh:
         cached = Collected.load(cache)
         images = load_images(cached.model_labels)
-        same_labels = (cached.labels is None) == (images.labels is None) and (
-            images.labels is None or np.array_equal(cached.labels, images.labels)
-        )
         same_models = models is None or cached.models == tuple(models)
-        if cached.paths == [str(p) for p in images.paths] and same_labels and same_models:
+        if cached.holds(images) and same_models:
             log(f"using cached probabilities {cache} (--recollect to ask the server again)")
             return cached, images
     with LittleBigClient(url) as client:

@@ -93,9 +93,12 @@ def load_image_set(
     if labels_csv is not None:
         return _from_csv(folder, labels_csv, class_list, mapping)
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if subfolders and paths:
+        raise ValueError(f"{folder} has both class folders ({subfolders[0].name}, ...) and {len(paths)} images directly "
+                         f"inside it ({paths[0].name}, ...), which belong to no class: move them into a class folder or away")
     if subfolders:
         return _from_subfolders(subfolders, class_list, mapping)
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise ValueError(f"no images found in {folder}")
     prefixes = [path.name.split("_")[0] for path in paths]

@@ -83,7 +83,7 @@ def pairs(
     if cache.is_file() and not refresh:
         cached = Collected.load(cache)
         wanted = set(served_names(candidates)) | {BIG_MODEL}
-        if cached.paths == [str(p) for p in images.paths] and set(cached.models) == wanted:
+        if cached.holds(images) and set(cached.models) == wanted:
             log(f"using cached probabilities {cache} (--recollect to serve and ask again)")
             collected = cached
     if collected is None:

@@ -56,6 +56,10 @@ def test_imagefolder_with_wnid_folders_maps_through_the_model_labels(tmp_path):
     # Without any class list the folder position is all there is, and the set says so.
     assert list(load_image_set(tmp_path).labels) == [0, 1, 2]
     assert "folder position" in load_image_set(tmp_path).mapping
+    # An image beside the class folders belongs to no class: refused by name, not skipped.
+    photo(tmp_path / "stray.png")
+    with pytest.raises(ValueError, match="class folders .* 1 images directly inside it \\(stray.png"):
+        load_image_set(tmp_path)
 
 
 def test_wnid_prefixed_files_and_free_names(tmp_path):
