@@ -53,8 +53,9 @@ class FailoverReport:
     end_time: float
     outcomes: list[Outcome]
     restarted_inferences: int  # inferences the restarted replica served (its own statistics)
-    first_request_after_ready_s: float | None  # from the access log: when nginx sent it traffic again
+    first_request_after_ready_s: float | None  # from the proxy's log: when it sent the replica traffic again
     retried_requests: int  # access-log lines whose request went to more than one replica
+    proxy: str  # the balancer's name (nginx, haproxy), for the report
 
     def phase_of(self, t: float) -> str:
         return "before" if t < self.kill_time else "down" if t < self.ready_time else "after"
@@ -149,7 +150,8 @@ def kill_and_restart(balancer: Balancer, replicas: list[ServeReplica], images: n
         load.join()
     end_time = time.time()
     first, retried = balancer.traffic(victim.ports, ready_time)
-    return FailoverReport(concurrency, pid, kill_time, ready_time, end_time, outcomes, _inference_count(victim), first, retried)
+    return FailoverReport(concurrency, pid, kill_time, ready_time, end_time, outcomes, _inference_count(victim), first, retried,
+                          proxy=balancer.name)
 
 
 def format_report(report: FailoverReport) -> str:
@@ -163,8 +165,8 @@ def format_report(report: FailoverReport) -> str:
                          f"{f.p50_ms:>7.1f} {f.p99_ms:>7.1f}")
             lines += [f"{'':<17}{n} x {kind}" for kind, n in f.error_kinds.items()]
     first = "never" if report.first_request_after_ready_s is None else f"{report.first_request_after_ready_s:.2f} s after it was ready"
-    lines.append(f"restarted replica: first request from nginx {first}; it served {report.restarted_inferences} inferences")
-    lines.append(f"requests nginx retried on the other replica: {report.retried_requests}")
+    lines.append(f"restarted replica: first request from {report.proxy} {first}; it served {report.restarted_inferences} inferences")
+    lines.append(f"requests {report.proxy} retried on the other replica: {report.retried_requests}")
     return "\n".join(lines)
 
 

@@ -51,14 +51,3 @@ def train(module: nn.Module, data: TensorSet, task: str, options: TrainOptions, 
                 progress.update()
                 progress.set_postfix(loss=f"{loss.item():.3f}")
     return module.eval()
-
-
-def predict_probs(module: nn.Module, data: TensorSet, task: str, batch_size: int = 256) -> np.ndarray:
-    """PyTorch probabilities (softmax or sigmoid) of every row."""
-    inputs = [torch.from_numpy(array) for array in data.inputs.values()]
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            logits = module.eval()(*(t[start : start + batch_size] for t in inputs)).float()
-            out.append((torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, 1)).numpy())
-    return np.concatenate(out)
