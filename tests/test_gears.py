@@ -516,7 +516,7 @@ def test_controller_down_on_a_confirmed_miss_up_after_calm_intervals_and_home_af
         t += 0.5
         started = gears.start(t)
         gears.little_answered(t)
-        gears.adapted(rows)
+        gears.adapted(rows, gears.threshold)
         gears.answered(started - latency, rows, t)
         return gears.threshold
 

@@ -315,6 +315,40 @@ TritonPythonModel.execute = _slow_execute
     return repo
 
 
+def test_a_broken_answer_from_big_fails_its_request_with_internal_and_the_gate_serves_on(pair, offline, tmp_path):
+    """Big answers without CONFIDENCE (a broken model, not a failed call): the gate's own code fails on
+    it in the background, and the escalated request still gets an answer, INTERNAL, counted as the
+    gate's error; a request little answers is unaffected, and so is the next one."""
+    from littlebig.model_repository.builder import RepositoryOptions, build_repository
+
+    repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(gate_instances=1))
+    big_model = repo / "big" / "1" / "model.py"
+    big_model.write_text(big_model.read_text() + """
+
+_execute = TritonPythonModel.execute
+
+
+def _without_confidence(self, requests):
+    return [pb_utils.InferenceResponse(output_tensors=[t for t in r.output_tensors() if t.name() != "CONFIDENCE"])
+            for r in _execute(self, requests)]
+
+
+TritonPythonModel.execute = _without_confidence
+""")
+    with TritonServer(repo, log_file=tmp_path / "log.txt") as running:
+        requests = Arrivals(running.grpc_url)
+        requests.send("escalated", offline.images[:2], 1.0)
+        requests.send("little", offline.images[:2], 0.0)
+        answers = {name: (result, error) for name, _, result, error in requests.collect(2)}
+        error = answers["escalated"][1]
+        assert error is not None and error.status() == "StatusCode.INTERNAL" and "the gate failed" in error.message(), error
+        assert answers["little"][1] is None and not answers["little"][0].as_numpy("ROUTE").any()
+        with LittleBigClient(running.grpc_url) as client:
+            assert not client.infer(offline.images[:2], threshold=0.0)["ROUTE"].any()
+        samples = read_samples(running.metrics_url, "littlebig_errors", settle=True)
+        assert sample_sum(samples, "littlebig_errors_total", cause="gate") == 1
+
+
 @pytest.fixture(scope="module")
 def slow_big_server(pair, tmp_path_factory):
     """One gate instance in front of a big that takes 2 s per call."""

@@ -756,10 +756,12 @@ class Gears:
         if count:
             self.seen.answered(now - started, count, now)
 
-    def adapted(self, rows):
-        """``rows`` were answered at this gear's T (not pinned): the expected accuracy they gave up."""
-        if self.gear:
-            self.count(self.metrics.cost, rows * self.drops[self.gear])
+    def adapted(self, rows, threshold):
+        """``rows`` were answered at gear T ``threshold`` (not pinned; the gear may have moved while little
+        ran): the expected accuracy they gave up."""
+        drop = self.drops[self.thresholds.index(threshold)]
+        if drop:
+            self.count(self.metrics.cost, rows * drop)
 
     def reanswered(self, old_thresholds, new_thresholds):
         """Rows escalated at ``old_thresholds`` and now answered by little at ``new_thresholds`` (gears'
@@ -899,7 +901,7 @@ class TritonPythonModel:
                 ("littlebig_threshold", "Threshold in force (config value; requests may override it); "
                  "cascades of more than two stages label it by stage", gauge),
                 ("littlebig_errors_total", "Error answers by cause: request (client mistake, INVALID_ARG), "
-                 "or the stage that failed or timed out (UNAVAILABLE)", counter),
+                 "the stage that failed or timed out (UNAVAILABLE), or gate (its own failure, INTERNAL)", counter),
                 ("littlebig_fallback_rows_total", "Rows answered by the previous stage because a stage failed "
                  "(on_big_failure=little, ROUTE = K + k)", counter),
                 ("littlebig_in_gate_seconds_total", "Seconds spent running a stage inside the gate's process "
@@ -919,7 +921,7 @@ class TritonPythonModel:
         else:
             for stage, threshold in zip(self.stages, self.thresholds):
                 metric("littlebig_threshold", stage=stage.role).set(threshold)
-        causes = ["request"] + [stage.role for stage in self.stages]
+        causes = ["request", "gate"] + [stage.role for stage in self.stages]
         self.metric_errors = {cause: metric("littlebig_errors_total", cause=cause) for cause in causes}
         self.metric_fallback = metric("littlebig_fallback_rows_total")
         self.metric_in_gate_seconds = metric("littlebig_in_gate_seconds_total", stage=self.stages[0].role)
@@ -1098,16 +1100,27 @@ class TritonPythonModel:
     def _send(self, sender, response):
         # A non-decoupled model may send one final response per request through the request's
         # sender instead of returning it; it leaves at once, so it does not wait for later stages.
-        sender.send(self._count(response), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        try:
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as err:  # noqa: BLE001 - that request is lost; the others sent with it still leave
+            pb_utils.Logger.log_error(f"littlebig: sending a response failed: {err!r}")
+            self.counters.add(self.metric_errors["gate"])
+            self.counters.add(self.metric_error)
+            return
+        self._count(response)
 
     def _error(self, err):
-        """The error answer for a RequestError (INVALID_ARG) or a ChildError (UNAVAILABLE)."""
+        """The error answer for a RequestError (INVALID_ARG), a ChildError (UNAVAILABLE), or the gate's
+        own failure (INTERNAL)."""
+        message = str(err)
         if isinstance(err, RequestError):
             cause, code = "request", pb_utils.TritonError.INVALID_ARG
-        else:
+        elif isinstance(err, ChildError):
             cause, code = err.stage.role, pb_utils.TritonError.UNAVAILABLE
+        else:
+            cause, code, message = "gate", pb_utils.TritonError.INTERNAL, f"the gate failed: {err!r}"
         self.counters.add(self.metric_errors[cause])
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), code))
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
     def _accept(self, requests, thresholds):
         """Parse every request (``thresholds``: for those that send none of their own): (accepted ones,
@@ -1131,7 +1144,8 @@ class TritonPythonModel:
     async def execute(self, requests):
         gears = self.gears
         started = self._gears_start() if gears else None
-        accepted, responses = self._accept(requests, gears.in_force if gears else self.thresholds)
+        applied = gears.in_force if gears else self.thresholds  # a tick may move the gear while little runs
+        accepted, responses = self._accept(requests, applied)
         if not accepted:
             return [self._count(r) for r in responses]
 
@@ -1152,7 +1166,7 @@ class TritonPythonModel:
             return [self._count(r) for r in responses]
         if gears:
             gears.little_answered(time.monotonic())
-            gears.adapted(sum(n for n, (_, a) in zip(counts, accepted) if not a.pinned))
+            gears.adapted(sum(n for n, (_, a) in zip(counts, accepted) if not a.pinned), applied[0])
 
         route = np.zeros(len(answer.confidence), dtype=np.int32)
         answers = Answers(answer.label, answer.confidence, route, answer.probs if keep_probs else None, self.task == "multilabel",
@@ -1180,6 +1194,8 @@ class TritonPythonModel:
         # once execute returns.
         adaptive = np.repeat([not a.pinned for _, a in accepted], counts)[pending]
         self._launch(Escalation([x[pending] for x in arrays], pending, thresholds[pending], waiting, unsure, answers, adaptive), started)
+        if gears and gears.threshold < applied[0]:
+            self._shed(gears.threshold)  # stepped down while little ran: this batch's rows too
         return None
 
     def _launch(self, escalation, started):
@@ -1302,7 +1318,17 @@ class TritonPythonModel:
 
     async def _escalate(self, escalation):
         """Run the later stages, each on the rows the previous one left unsure, answering each
-        waiting request as soon as all its rows are settled."""
+        waiting request as soon as all its rows are settled. Whatever fails (not a stage: the gate's
+        own code, a send), every request still waiting gets an answer: nothing awaits this task."""
+        try:
+            await self._run_stages(escalation)
+        except Exception as err:  # noqa: BLE001 - answered below, logged, counted (cause gate)
+            pb_utils.Logger.log_error(f"littlebig: escalation failed: {err!r}")
+            failed, escalation.waiting = escalation.waiting, []
+            for wait in failed:
+                self._send(wait.sender, self._error(err))
+
+    async def _run_stages(self, escalation):
         answers = escalation.answers
         for stage in self.stages[1:]:
             want_probs = self.ensemble or any(wait.want_probs for wait in escalation.waiting)
@@ -1324,13 +1350,7 @@ class TritonPythonModel:
                 for wait in escalation.waiting:
                     self._send(wait.sender, self._fallback(wait, answers, escalation.open, stage, err))
                 return
-            try:
-                responses = self._settle(stage, answer, escalation, answers)
-            except Exception as err:  # noqa: BLE001 - whatever fails, every waiting request gets an answer
-                failure = pb_utils.TritonError(f"escalation to '{stage.model}' failed: {err!r}")
-                responses = [(wait, pb_utils.InferenceResponse(error=failure)) for wait in escalation.waiting]
-                escalation.waiting = []
-            for wait, response in responses:
+            for wait, response in self._settle(stage, answer, escalation, answers):
                 self._send(wait.sender, response)
             if not escalation.waiting:
                 return
@@ -1349,9 +1369,14 @@ class TritonPythonModel:
         self.counters.add(self.metric_rows[stage.index], int((still & ~unsure).sum()))
         self.counters.add(self.metric_macs, len(pending) * stage.macs)
         done = escalation.leave()
+        try:
+            responses = [(wait, answers.response(wait.rows, wait.want_probs)) for wait in done]
+        except Exception:
+            escalation.waiting = done + escalation.waiting  # still owed an answer (an error, by _escalate)
+            raise
         if escalation.waiting:  # copies only what the next stage needs
             escalation.narrow(unsure)
-        return [(wait, answers.response(wait.rows, wait.want_probs)) for wait in done]
+        return responses
 
     def _fallback(self, wait, answers, open_rows, stage, err):
         """A stage failed: an error, or (on_big_failure=little) the previous stage's answer on the
