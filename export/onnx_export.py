@@ -7,6 +7,7 @@ server needs no preprocessing code and both models of a pair take the same bytes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import warnings
@@ -18,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from littlebig.contract import CLASS, CONFIDENCE, IMAGE, PROBS
+
 from .macs import count_macs
 from .metadata import METADATA_PREFIX
 from .specs import ExportError, LoadedModel, ModelInfo
@@ -26,10 +29,10 @@ from .specs import ExportError, LoadedModel, ModelInfo
 # opset <= 21; IR 8 with opset 17 loads there and in every newer onnxruntime.
 ONNX_OPSET = 17
 ONNX_IR_VERSION = 8
-INPUT_NAME = "IMAGE"
-OUTPUT_NAME = "PROBS"
+INPUT_NAME = IMAGE
+OUTPUT_NAME = PROBS
 # In-graph top-1 beside PROBS: the gate reads two numbers per row instead of C probabilities.
-TOP_CLASS_NAME, TOP_PROB_NAME = "CLASS", "CONFIDENCE"
+TOP_CLASS_NAME, TOP_PROB_NAME = CLASS, CONFIDENCE
 OUTPUT_NAMES = (OUTPUT_NAME, TOP_CLASS_NAME, TOP_PROB_NAME)
 PARITY_MAX_ABS_DIFF = 1e-4
 
@@ -129,6 +132,18 @@ def parity_check(wrapper: ServingWrapper, path: Path, images: np.ndarray, batch_
     }
 
 
+@contextlib.contextmanager
+def replaced_on_success(out: Path):
+    """A path beside ``out`` to write the new file to; it replaces ``out`` only if the block succeeds (a
+    failed export leaves no half-written file, and a previous good export in place)."""
+    partial = out.with_name(out.name + ".partial")
+    try:
+        yield partial
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def _write_graph(wrapper: torch.nn.Module, example: torch.Tensor, out: Path) -> onnx.ModelProto:
     """The serving graph at ``out`` (dynamic batch axis, checked); returns it for the metadata to be added."""
     with warnings.catch_warnings():
@@ -174,18 +189,17 @@ def export_onnx(
     macs = count_macs(loaded.module, loaded.info.resolution)
     log(f"{loaded.info.spec}: {macs / 1e9:.3f} GMACs per image at {loaded.info.resolution}px")
 
-    model = _write_graph(wrapper, torch.from_numpy(parity_images[:2]), out)
-    parity = parity_check(wrapper, out, parity_images)
-    result = ExportResult(out, loaded.info, wire_size, macs, parity)
-    log(
-        f"parity vs PyTorch on {parity['images']} images: argmax agreement "
-        f"{parity['argmax_agreement']:.1%}, max |dprob| {parity['max_abs_diff']:.2e} (limit {PARITY_MAX_ABS_DIFF:.0e})"
-    )
-    if parity["argmax_agreement"] < 1.0 or parity["max_abs_diff"] > PARITY_MAX_ABS_DIFF or parity["top1_outputs_consistent"] is False:
-        out.unlink()
-        raise ExportError(f"ONNX export of {loaded.info.spec} disagrees with PyTorch: {parity}")
-
-    onnx.helper.set_model_props(model, {METADATA_PREFIX + k: v for k, v in result.metadata().items()})
-    onnx.save(model, str(out))
+    with replaced_on_success(out) as partial:
+        model = _write_graph(wrapper, torch.from_numpy(parity_images[:2]), partial)
+        parity = parity_check(wrapper, partial, parity_images)
+        result = ExportResult(out, loaded.info, wire_size, macs, parity)
+        log(
+            f"parity vs PyTorch on {parity['images']} images: argmax agreement "
+            f"{parity['argmax_agreement']:.1%}, max |dprob| {parity['max_abs_diff']:.2e} (limit {PARITY_MAX_ABS_DIFF:.0e})"
+        )
+        if parity["argmax_agreement"] < 1.0 or parity["max_abs_diff"] > PARITY_MAX_ABS_DIFF or parity["top1_outputs_consistent"] is False:
+            raise ExportError(f"ONNX export of {loaded.info.spec} disagrees with PyTorch: {parity}")
+        onnx.helper.set_model_props(model, {METADATA_PREFIX + k: v for k, v in result.metadata().items()})
+        onnx.save(model, str(partial))
     out.with_suffix(".json").write_text(json.dumps(result.metadata() | {"parity": parity}, indent=2) + "\n")
     return result

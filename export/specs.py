@@ -314,6 +314,8 @@ def load_model(
         raise ExportError("--weights and --random-init exclude each other")
     if weights and not Path(weights).is_file():
         raise ExportError(f"weights file {weights} does not exist")
+    if num_classes is not None and num_classes < 1:
+        raise ExportError(f"a classifier needs at least one class, got --num-classes {num_classes}")
     loaded = LOADERS[family](name, spec, str(weights) if weights else None, random_init, num_classes)
     if weights:
         _load_weights(loaded.module, weights, allow_pickle)

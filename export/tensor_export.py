@@ -26,7 +26,7 @@ from littlebig.client.labels import ClassLabels
 
 from .metadata import METADATA_PREFIX
 from .onnx_export import (
-    ONNX_IR_VERSION, ONNX_OPSET, OUTPUT_NAME, OUTPUT_NAMES, PARITY_MAX_ABS_DIFF, ort_session,
+    ONNX_IR_VERSION, ONNX_OPSET, OUTPUT_NAME, OUTPUT_NAMES, PARITY_MAX_ABS_DIFF, ort_session, replaced_on_success,
 )
 from .specs import ExportError
 
@@ -109,6 +109,7 @@ def tensor_parity(head: ClassifierHead, path: Path, inputs: dict[str, np.ndarray
         "max_abs_diff": float(np.abs(t - o).max()),
         "max_abs_diff_limit": PARITY_MAX_ABS_DIFF,
         "top1_outputs_consistent": top1_agrees if head.task == "multiclass" else None,
+        "classes": int(o.shape[1]),  # the graph's PROBS width
     }
 
 
@@ -161,15 +162,26 @@ def export_tensor_model(model: TensorModel, out: str | Path, parity_inputs: dict
     head = ClassifierHead(model.module, model.task).eval()
     example = tuple(torch.from_numpy(array) for array in parity_inputs.values())
     macs = count_tensor_macs(model.module, example)
-    graph = _write_graph(head, parity_inputs, out)
-    onnx.save(graph, str(out))
-    parity = tensor_parity(head, out, parity_inputs)
-    log(f"{model.spec}: {macs:,} MACs per row; parity vs PyTorch on {parity['rows']} rows: decisions agree "
-        f"{parity['decision_agreement']:.1%}, max |dprob| {parity['max_abs_diff']:.2e} (limit {PARITY_MAX_ABS_DIFF:.0e})")
-    if _parity_failed(parity):
-        out.unlink()
-        raise ExportError(f"ONNX export of {model.spec} disagrees with PyTorch: {parity}")
-    metadata = model.extra_metadata | {
+    with replaced_on_success(out) as partial:
+        graph = _write_graph(head, parity_inputs, partial)
+        onnx.save(graph, str(partial))
+        parity = tensor_parity(head, partial, parity_inputs)
+        log(f"{model.spec}: {macs:,} MACs per row; parity vs PyTorch on {parity['rows']} rows: decisions agree "
+            f"{parity['decision_agreement']:.1%}, max |dprob| {parity['max_abs_diff']:.2e} (limit {PARITY_MAX_ABS_DIFF:.0e})")
+        if _parity_failed(parity):
+            raise ExportError(f"ONNX export of {model.spec} disagrees with PyTorch: {parity}")
+        if parity["classes"] != len(model.labels):
+            raise ExportError(f"{model.spec} answers {parity['classes']} classes but has {len(model.labels)} labels")
+        metadata = _metadata(model, parity_inputs, macs, parity)
+        onnx.helper.set_model_props(graph, {METADATA_PREFIX + k: v for k, v in metadata.items()})
+        onnx.save(graph, str(partial))
+    out.with_suffix(".json").write_text(json.dumps({k: v for k, v in metadata.items() if k not in model.extra_metadata}
+                                                   | {"parity": parity}, indent=2) + "\n")
+    return metadata
+
+
+def _metadata(model: TensorModel, parity_inputs: dict[str, np.ndarray], macs: int, parity: dict) -> dict[str, str]:
+    return model.extra_metadata | {
         "spec": model.spec,
         "weights": "trained-here",
         "task": model.task,
@@ -179,9 +191,4 @@ def export_tensor_model(model: TensorModel, out: str | Path, parity_inputs: dict
         "macs": str(macs),
         "parity": json.dumps(parity),
     }
-    onnx.helper.set_model_props(graph, {METADATA_PREFIX + k: v for k, v in metadata.items()})
-    onnx.save(graph, str(out))
-    out.with_suffix(".json").write_text(json.dumps({k: v for k, v in metadata.items() if k not in model.extra_metadata}
-                                                   | {"parity": parity}, indent=2) + "\n")
-    return metadata
 

@@ -131,3 +131,21 @@ def test_wrong_parity_image_shape_is_refused(tmp_path):
     loaded = load_model("timm:resnet10t", random_init=True, num_classes=3, resolution=32)
     with pytest.raises(ExportError, match="parity images must be uint8"):
         export_onnx(loaded, tmp_path / "m.onnx", wire_size=32, parity_images=wire_images(2))
+
+
+def test_a_failed_export_keeps_the_previous_file_and_leaves_no_partial_one(tmp_path):
+    from littlebig.export.onnx_export import replaced_on_success
+    from littlebig.export.specs import ExportError, load_model
+
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"previous export")
+    with pytest.raises(ExportError, match="parity"):
+        with replaced_on_success(out) as partial:
+            partial.write_bytes(b"half written")
+            raise ExportError("parity failed")
+    assert out.read_bytes() == b"previous export" and not partial.exists()
+    with replaced_on_success(out) as partial:
+        partial.write_bytes(b"new export")
+    assert out.read_bytes() == b"new export" and not partial.exists()
+    with pytest.raises(ExportError, match="at least one class, got --num-classes 0"):
+        load_model("timm:resnet10t", random_init=True, num_classes=0)
