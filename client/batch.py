@@ -26,6 +26,8 @@ from typing import Callable
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from littlebig.contract import IMAGE, PROBS
+
 from .images import list_images, to_wire_batch
 from .infer import GATE_MODEL, LittleBigClient
 from .labels import ClassLabels
@@ -208,10 +210,10 @@ async def infer_files(url: str, model: str, folder: Path, files: list[str], sett
         async with gate:
             # Decoding is CPU work: off the event loop, so requests keep flowing.
             batch = await loop.run_in_executor(None, _wire, folder, chunk, settings)
-            image = grpcaio.InferInput("IMAGE", list(batch.shape), "UINT8")
+            image = grpcaio.InferInput(IMAGE, list(batch.shape), "UINT8")
             image.set_data_from_numpy(batch)
-            result = await client.infer(model, [image], outputs=[grpcaio.InferRequestedOutput("PROBS")])
-            on_chunk(chunk, result.as_numpy("PROBS"))
+            result = await client.infer(model, [image], outputs=[grpcaio.InferRequestedOutput(PROBS)])
+            on_chunk(chunk, result.as_numpy(PROBS))
 
     try:
         await asyncio.gather(*(run_chunk(files[s : s + batch_size]) for s in range(0, len(files), batch_size)))

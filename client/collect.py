@@ -17,7 +17,7 @@ from .datasets import ImageSet
 from .images import to_wire_batch
 from .infer import GateInfo, LittleBigClient
 from .labels import ClassLabels
-from littlebig.contract import served_stages
+from littlebig.contract import IMAGE, PROBS, STAGE_MACS, served_stages
 
 
 @dataclasses.dataclass
@@ -103,13 +103,13 @@ async def _collect(url: str, images: ImageSet, models: tuple[str, ...], wire: "W
             paths = images.paths[start : start + batch_size]
             # Decoding and resizing are CPU work: off the event loop, so requests keep flowing.
             batch = await loop.run_in_executor(None, to_wire_batch, paths, wire.size, wire.crop_pct)
-            image = grpcaio.InferInput("IMAGE", list(batch.shape), "UINT8")
+            image = grpcaio.InferInput(IMAGE, list(batch.shape), "UINT8")
             image.set_data_from_numpy(batch)
             answers = await asyncio.gather(
-                *(client.infer(m, [image], outputs=[grpcaio.InferRequestedOutput("PROBS")]) for m in models)
+                *(client.infer(m, [image], outputs=[grpcaio.InferRequestedOutput(PROBS)]) for m in models)
             )
             for model, answer in zip(models, answers):
-                results[model][start] = answer.as_numpy("PROBS")
+                results[model][start] = answer.as_numpy(PROBS)
             progress(len(paths))
 
     try:
@@ -147,9 +147,9 @@ def served_macs(url: str, models: tuple[str, ...]) -> list[int]:
     with LittleBigClient(url) as client:
         for model in models:
             params = client.model_config(model).get("parameters", {})
-            if "macs" not in params:
-                raise ValueError(f"served model {model!r} states no `macs` parameter: build the repository with `littlebig repo`")
-            macs.append(int(params["macs"]["string_value"]))
+            if STAGE_MACS not in params:
+                raise ValueError(f"served model {model!r} states no `{STAGE_MACS}` parameter: build the repository with `littlebig repo`")
+            macs.append(int(params[STAGE_MACS]["string_value"]))
     return macs
 
 

@@ -17,6 +17,7 @@ import urllib.request
 import numpy as np
 
 from littlebig.balancer import Balancer, ServeReplica
+from littlebig.contract import CLASS, IMAGE
 
 from .infer import GATE_MODEL
 
@@ -91,12 +92,12 @@ async def _client_loop(protocol: str, url: str, images: np.ndarray, expected: np
         while not stop.is_set():
             row = index % len(images)
             index += concurrency
-            image = tc.InferInput("IMAGE", [1, *images.shape[1:]], "UINT8")
+            image = tc.InferInput(IMAGE, [1, *images.shape[1:]], "UINT8")
             image.set_data_from_numpy(images[row : row + 1])
             sent, t0 = time.time(), time.perf_counter()
             try:
-                result = await client.infer(GATE_MODEL, [image], outputs=[tc.InferRequestedOutput("CLASS")])
-                correct = int(result.as_numpy("CLASS")[0, 0]) == int(expected[row])
+                result = await client.infer(GATE_MODEL, [image], outputs=[tc.InferRequestedOutput(CLASS)])
+                correct = int(result.as_numpy(CLASS)[0, 0]) == int(expected[row])
                 out.append(Outcome(protocol, sent, (time.perf_counter() - t0) * 1e3, None, correct))
             except Exception as err:  # noqa: BLE001 - every failure a client sees is what is measured
                 out.append(Outcome(protocol, sent, (time.perf_counter() - t0) * 1e3, _error_kind(err), False))
@@ -175,5 +176,5 @@ def expected_classes(url: str, images: np.ndarray) -> np.ndarray:
     from .infer import LittleBigClient
 
     with LittleBigClient(url) as client:
-        return np.asarray([int(client.infer(images[i : i + 1])["CLASS"][0, 0]) for i in range(len(images))])
+        return np.asarray([int(client.infer(images[i : i + 1])[CLASS][0, 0]) for i in range(len(images))])
 

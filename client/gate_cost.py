@@ -20,6 +20,8 @@ import dataclasses
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from littlebig.contract import CLASS, IMAGE
+
 from .infer import GATE_MODEL
 from .metrics import read_samples, sample_sum
 
@@ -57,9 +59,9 @@ def measure_gate_cost(
     gate's littlebig_in_gate_seconds_total from ``metrics_url``, when little runs inside it)."""
     rows = np.resize(images, (batch_size, *images.shape[1:]))
     with grpcclient.InferenceServerClient(url) as client:
-        tensor = grpcclient.InferInput("IMAGE", list(rows.shape), "UINT8")
+        tensor = grpcclient.InferInput(IMAGE, list(rows.shape), "UINT8")
         tensor.set_data_from_numpy(rows)
-        outputs = [grpcclient.InferRequestedOutput("CLASS")]
+        outputs = [grpcclient.InferRequestedOutput(CLASS)]
         for _ in range(warmup):
             client.infer(gate_model, [tensor], outputs=outputs, parameters={"threshold": 0.0})
         in_gate_before = _in_gate_seconds(metrics_url, gate_model)

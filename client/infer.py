@@ -10,7 +10,7 @@ import numpy as np
 from .images import ImageLike, to_wire_batch
 from .labels import ClassLabels
 
-from littlebig.contract import GATE_MODEL, Route  # noqa: F401 - GATE_MODEL is re-exported for the client modules
+from littlebig.contract import CLASS, CONFIDENCE, GATE_MODEL, IMAGE, PROBS, ROUTE, Route  # noqa: F401 - GATE_MODEL is re-exported for the client modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +105,10 @@ class LittleBigClient:
             # Triton itself refuses a zero-row tensor with "input byte size mismatch"; say what it means.
             raise ValueError("empty batch: send at least one image")
         tc = self._tc
-        image = tc.InferInput("IMAGE", list(batch.shape), _triton_dtype(batch.dtype))
+        image = tc.InferInput(IMAGE, list(batch.shape), _triton_dtype(batch.dtype))
         image.set_data_from_numpy(batch)
         if outputs is None:
-            outputs = ["CLASS", "CONFIDENCE", "ROUTE"] + (["PROBS"] if return_probs else [])
+            outputs = [CLASS, CONFIDENCE, ROUTE] + ([PROBS] if return_probs else [])
         requested = [tc.InferRequestedOutput(name) for name in outputs]
         parameters = None if threshold is None else {"threshold": threshold}
         result = self.client.infer(model or self.model, [image], outputs=requested, parameters=parameters)
@@ -132,13 +132,13 @@ class LittleBigClient:
         predictions = []
         for start in range(0, len(wire), batch_size):
             out = self.infer(wire[start : start + batch_size], threshold=threshold, return_probs=return_probs)
-            for row in range(len(out["CLASS"])):
+            for row in range(len(out[CLASS])):
                 predictions.append(
                     Prediction(
-                        class_index=int(out["CLASS"][row, 0]),
-                        confidence=float(out["CONFIDENCE"][row, 0]),
-                        route=int(out["ROUTE"][row, 0]),
-                        probs=out["PROBS"][row] if return_probs else None,
+                        class_index=int(out[CLASS][row, 0]),
+                        confidence=float(out[CONFIDENCE][row, 0]),
+                        route=int(out[ROUTE][row, 0]),
+                        probs=out[PROBS][row] if return_probs else None,
                     )
                 )
         return predictions

@@ -21,11 +21,11 @@ import math
 
 import numpy as np
 
+from littlebig.contract import MULTILABEL_CUT  # a label is answered when its sigmoid probability is >= this (the gate's LABELS)
 from littlebig.signals import signal as gating_signal
 
 from .thresholds import drop_upper_bound
 
-MULTILABEL_CUT = 0.5  # a label is answered when its sigmoid probability is >= this (the gate's LABELS)
 MAX_POINTS = 2_000_000  # threshold combinations evaluated at most (memory ~ MAX_POINTS x 8 floats)
 # Columns summed over the rows each stage answers: the metric's parts, then agreement with the reference,
 # then (accuracy only) rows lost and gained against the reference.

@@ -7,6 +7,8 @@ import statistics
 
 import numpy as np
 
+from littlebig.contract import IMAGE, PROBS, ROUTE
+
 from .infer import GATE_MODEL
 from .perf import BenchmarkError
 
@@ -27,11 +29,11 @@ def route_latencies(
         client = grpcaio.InferenceServerClient(url)
         try:
             metadata = await client.get_model_metadata(model)
-            has_route = any(o.name == "ROUTE" for o in metadata.outputs)
-            output = grpcaio.InferRequestedOutput("ROUTE" if has_route else "PROBS")
+            has_route = any(o.name == ROUTE for o in metadata.outputs)
+            output = grpcaio.InferRequestedOutput(ROUTE if has_route else PROBS)
             inputs = []
             for img in images:
-                tensor = grpcaio.InferInput("IMAGE", [1, *img.shape], "UINT8")
+                tensor = grpcaio.InferInput(IMAGE, [1, *img.shape], "UINT8")
                 tensor.set_data_from_numpy(img[None])
                 inputs.append(tensor)
             by_route: dict[int, list[float]] = {}
@@ -45,7 +47,7 @@ def route_latencies(
                     start = loop.time()
                     result = await client.infer(model, [inputs[i % len(inputs)]], outputs=[output])
                     latency = (loop.time() - start) * 1000.0
-                    route = int(result.as_numpy("ROUTE")[0, 0]) if has_route else -1
+                    route = int(result.as_numpy(ROUTE)[0, 0]) if has_route else -1
                     if start >= recording:
                         by_route.setdefault(route, []).append(latency)
                     i += concurrency

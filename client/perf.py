@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from littlebig.contract import IMAGE
+
 from .infer import GATE_MODEL
 
 
@@ -44,7 +46,7 @@ def perf_analyzer_command() -> tuple[str, dict[str, str]]:
 
 def write_input_data(images: np.ndarray, path: Path) -> Path:
     """perf_analyzer --input-data JSON: one entry per image (used round-robin), raw bytes in base64."""
-    entries = [{"IMAGE": {"b64": base64.b64encode(np.ascontiguousarray(img).tobytes()).decode()}} for img in images]
+    entries = [{IMAGE: {"b64": base64.b64encode(np.ascontiguousarray(img).tobytes()).decode()}} for img in images]
     path.write_text(json.dumps({"data": entries}))
     return path
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from littlebig import __version__
+from littlebig.contract import PROBS, parse_threshold
 from littlebig.errors import Endpoint, UsageError, describe
 
 GRPC_URL, HTTP_URL = "127.0.0.1:8001", "127.0.0.1:8000"
@@ -135,8 +136,8 @@ def _stage_files(args) -> list[str]:
 
 
 def _parse_thresholds(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(","))
+    try:  # each by the gate's own rule (the count is checked against the models later)
+        return tuple(parse_threshold(part, "T1,T2,...") for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1] (T1,T2,...), got {text!r}") from None
 
@@ -325,7 +326,7 @@ def _little_confidence(client, wire, little_model: str, batch_size: int = 16):
     import numpy as np
 
     chunks = [
-        client.infer(wire[start : start + batch_size], model=little_model, outputs=["PROBS"])["PROBS"]
+        client.infer(wire[start : start + batch_size], model=little_model, outputs=[PROBS])[PROBS]
         for start in range(0, len(wire), batch_size)
     ]
     return np.concatenate(chunks).max(axis=1)
@@ -803,6 +804,7 @@ CHECKED_OPTIONS = {
     "threshold": (float, probability),
     "batch_size": (int, positive_int),
     "concurrency": (int, positive_int),
+    "num_classes": (int, positive_int),
 }
 
 

@@ -38,7 +38,6 @@ GATE_OUTPUTS = (CLASS, CONFIDENCE, ROUTE, PROBS, THRESHOLD)
 # Multi-label models (export metadata task=multilabel): the gate answers LABELS (multi-hot at
 # p >= 0.5, INT32 [C]) instead of CLASS.
 LABELS = "LABELS"
-MULTILABEL_GATE_OUTPUTS = (LABELS, CONFIDENCE, ROUTE, PROBS, THRESHOLD)
 TASKS = ("multiclass", "multilabel")
 MULTILABEL_CUT = 0.5
 
@@ -61,7 +60,8 @@ class Route(enum.IntEnum):
         return {Route.LITTLE: "little", Route.BIG: "big", Route.LITTLE_FALLBACK: "little (big failed)"}[self]
 
 
-# The gate's config parameters (all string values in config.pbtxt), written by the repository builder.
+# The gate's config parameters (all string values in config.pbtxt), written by the repository builder
+# (all but metrics_interval_ms, which only a hand-edited config sets; the gate's default is below).
 CONFIG_PARAMETERS = (
     "little_model", "big_model", "threshold", "ensemble_weight", "macs_little", "macs_big", "wire_size",
     "crop_pct", "num_classes", "children_top1", "labels", "on_big_failure", "child_timeout_ms",
@@ -81,6 +81,12 @@ METRICS_INTERVAL_MS = 100
 # and how long an adaptive row waits for big before little answers it at a lower gear (ms, 0: no bound).
 GEARS, LATENCY_TARGET_MS, GEAR_INTERVAL_MS = "gears", "latency_target_ms", "gear_interval_ms"
 GEAR_DEADLINE_MS = "gear_deadline_ms"
+# The python-backend onnxruntime runtime's config parameters (model_repository/python_runtime/1/model.py,
+# as self-contained as the gate): its ONNX file in the version folder, onnxruntime's intra-op threads,
+# and the nice value its stub takes.
+RUNTIME_PARAMETERS = ("onnx_file", "intra_op_threads", "nice")
+# Every stage model's config (any runtime) states its MACs per image, for the clients' cost figures.
+STAGE_MACS = "macs"
 # Request parameters the gate accepts; any other is refused.
 REQUEST_PARAMETERS = ("threshold", "thresholds", "on_big_failure")
 ON_BIG_FAILURE = ("fail", "little")
@@ -88,7 +94,7 @@ ON_BIG_FAILURE = ("fail", "little")
 
 def parse_threshold(value, where: str) -> float:
     """T as a float in [0, 1]: numbers and numeric strings; booleans, NaN and anything else refused
-    with a ValueError naming ``where`` (the gate's rule, so the client can check before sending)."""
+    with a ValueError naming ``where`` (the gate's rule; the CLI checks --threshold/--thresholds with it)."""
     if isinstance(value, bool):
         raise ValueError(f"threshold ({where}) must be a number in [0, 1], got {value!r}")
     try:

@@ -21,7 +21,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from littlebig.contract import GATE_MODEL
+from littlebig.contract import CLASS, CONFIDENCE, GATE_MODEL, IMAGE, PROBS, ROUTE
 
 CONFIDENCE_ATOL = 2e-6  # same ONNX, same onnxruntime; batch composition may differ by float noise
 
@@ -39,18 +39,18 @@ class Expected:
         from littlebig.export import ort_session
 
         repository = Path(repository)
-        probs = [ort_session(repository / m / "1" / "model.onnx").run(["PROBS"], {"IMAGE": images})[0] for m in ("little", "big")]
+        probs = [ort_session(repository / m / "1" / "model.onnx").run([PROBS], {IMAGE: images})[0] for m in ("little", "big")]
         return cls(images, *probs)
 
     def check(self, rows: np.ndarray, threshold: float, out: dict[str, np.ndarray]) -> str | None:
         """None if the served answer for ``rows`` at ``threshold`` is the cascade's (Eq. 4), else why not."""
         route = (self.little[rows].max(1).astype(np.float64) < threshold).astype(np.int32)
         probs = np.where(route[:, None] == 1, self.big[rows], self.little[rows])
-        if not np.array_equal(out["ROUTE"][:, 0], route):
+        if not np.array_equal(out[ROUTE][:, 0], route):
             return f"route {out['ROUTE'][:, 0].tolist()} != {route.tolist()}"
-        if not np.array_equal(out["CLASS"][:, 0], probs.argmax(1)):
+        if not np.array_equal(out[CLASS][:, 0], probs.argmax(1)):
             return f"class {out['CLASS'][:, 0].tolist()} != {probs.argmax(1).tolist()}"
-        if not np.allclose(out["CONFIDENCE"][:, 0], probs.max(1), rtol=0, atol=CONFIDENCE_ATOL):
+        if not np.allclose(out[CONFIDENCE][:, 0], probs.max(1), rtol=0, atol=CONFIDENCE_ATOL):
             return "confidence differs"
         return None
 
@@ -102,9 +102,9 @@ class Load:
                 self._record(self._one(client, rows, rng.choice(self.thresholds)))
 
     def _one(self, client, rows: np.ndarray, threshold: float) -> Outcome:
-        image = grpcclient.InferInput("IMAGE", [len(rows), *self.expected.images.shape[1:]], "UINT8")
+        image = grpcclient.InferInput(IMAGE, [len(rows), *self.expected.images.shape[1:]], "UINT8")
         image.set_data_from_numpy(self.expected.images[rows])
-        outputs = [grpcclient.InferRequestedOutput(n) for n in ("CLASS", "CONFIDENCE", "ROUTE")]
+        outputs = [grpcclient.InferRequestedOutput(n) for n in (CLASS, CONFIDENCE, ROUTE)]
         escalated = bool((self.expected.little[rows].max(1) < threshold).any())
         sent = time.monotonic()
         try:
@@ -112,7 +112,7 @@ class Load:
                                   client_timeout=self.timeout_s)
         except InferenceServerException as err:
             return Outcome(sent, time.monotonic(), "error", f"{err.status()} {err.message()}", escalated)
-        wrong = self.expected.check(rows, threshold, {k: result.as_numpy(k) for k in ("CLASS", "CONFIDENCE", "ROUTE")})
+        wrong = self.expected.check(rows, threshold, {k: result.as_numpy(k) for k in (CLASS, CONFIDENCE, ROUTE)})
         return Outcome(sent, time.monotonic(), "wrong" if wrong else "ok", wrong or "", escalated)
 
     def _record(self, outcome: Outcome) -> None:

@@ -21,7 +21,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig.client.labels import ClassLabels
 from littlebig.contract import (
-    BIG_MODEL, GATE_MODEL, GEAR_DEADLINE_MS, GEAR_INTERVAL_MS, GEARS, LABELS, LATENCY_TARGET_MS, LITTLE_MODEL, TASKS, THRESHOLD, stage_models,
+    BIG_MODEL, CLASS, CONFIDENCE, GATE_MODEL, GEAR_DEADLINE_MS, GEAR_INTERVAL_MS, GEARS, LABELS, LATENCY_TARGET_MS, LITTLE_MODEL,
+    ON_BIG_FAILURE, PROBS, ROUTE, STAGE_MACS, TASKS, THRESHOLD, served_stages, stage_models,
 )
 from littlebig.export.metadata import graph_inputs, output_names, read_metadata
 from littlebig.signals import DEFAULT_SIGNAL, MULTICLASS_SIGNALS, MULTILABEL_SIGNALS
@@ -102,7 +103,7 @@ class ModelFacts:
         if task not in TASKS:
             raise RepositoryError(f"{path}: metadata task must be one of {', '.join(TASKS)}, got {task!r}")
         labels = ClassLabels.from_json(meta["labels"]) if "labels" in meta else None
-        top1 = {"CLASS", "CONFIDENCE"} <= set(output_names(path))
+        top1 = {CLASS, CONFIDENCE} <= set(output_names(path))
         wire_size = int(meta["wire_size"]) if "wire_size" in meta else None
         return cls(
             path, wire_size, int(meta["num_classes"]), int(meta["macs"]), float(meta.get("crop_pct", 0.875)),
@@ -181,8 +182,8 @@ class RepositoryOptions:
                 raise RepositoryError(f"{name.replace('_', ' ')} must be >= 1")
         if not 0 <= self.big_nice <= 19:
             raise RepositoryError(f"big nice must be in 0..19, got {self.big_nice}")
-        if self.on_big_failure not in ("fail", "little"):
-            raise RepositoryError(f"on_big_failure must be 'fail' or 'little', got {self.on_big_failure!r}")
+        if self.on_big_failure not in ON_BIG_FAILURE:
+            raise RepositoryError(f"on_big_failure must be one of {', '.join(ON_BIG_FAILURE)}, got {self.on_big_failure!r}")
         if self.little_in_gate and self.runtime != "python":
             raise RepositoryError(
                 f"--little-in-gate runs little with onnxruntime inside the gate and needs --runtime python; with "
@@ -190,6 +191,9 @@ class RepositoryOptions:
             )
         if self.child_timeout_ms < 0:
             raise RepositoryError(f"child timeout must be >= 0 ms (0: none), got {self.child_timeout_ms}")
+        for name in ("gate_queue_delay_us", "little_queue_delay_us", "big_queue_delay_us"):
+            if getattr(self, name) < 0:
+                raise RepositoryError(f"{name.replace('_', ' ')} must be >= 0 (0: no wait), got {getattr(self, name)}")
         for name in ("latency_target_ms", "max_queue_size", "queue_timeout_ms"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise RepositoryError(f"{name.replace('_', ' ')} must be a finite number >= 0 (0: none), got {getattr(self, name)}")
@@ -230,14 +234,14 @@ def _parameters(config: mc.ModelConfig, values: dict[str, object]) -> None:
 
 
 def _probs_output(num_classes: int, labels: ClassLabels | None) -> mc.ModelOutput:
-    output = _tensor(mc.ModelOutput, "PROBS", mc.TYPE_FP32, [num_classes])
+    output = _tensor(mc.ModelOutput, PROBS, mc.TYPE_FP32, [num_classes])
     if labels is not None:
         output.label_filename = LABEL_FILE  # Triton's classification extension answers score:index:label
     return output
 
 
 def _top1_outputs() -> list[mc.ModelOutput]:
-    return [_tensor(mc.ModelOutput, "CLASS", mc.TYPE_INT64, [1]), _tensor(mc.ModelOutput, "CONFIDENCE", mc.TYPE_FP32, [1])]
+    return [_tensor(mc.ModelOutput, CLASS, mc.TYPE_INT64, [1]), _tensor(mc.ModelOutput, CONFIDENCE, mc.TYPE_FP32, [1])]
 
 
 def classifier_config(
@@ -264,7 +268,7 @@ def classifier_config(
         config.platform = "tensorrt_plan"
         config.default_model_filename = "model.plan"
         group.kind = mc.ModelInstanceGroup.KIND_GPU
-    _parameters(config, {"macs": facts.macs})
+    _parameters(config, {STAGE_MACS: facts.macs})
     return config
 
 
@@ -294,7 +298,7 @@ def _gate_outputs(first: ModelFacts, labels: ClassLabels | None) -> list[mc.Mode
         answer = [_tensor(mc.ModelOutput, LABELS, mc.TYPE_INT32, [first.num_classes]), _top1_outputs()[1]]
     else:
         answer = _top1_outputs()
-    return answer + [_tensor(mc.ModelOutput, "ROUTE", mc.TYPE_INT32, [1]), _probs_output(first.num_classes, labels)]
+    return answer + [_tensor(mc.ModelOutput, ROUTE, mc.TYPE_INT32, [1]), _probs_output(first.num_classes, labels)]
 
 
 def gate_config(*stages: ModelFacts, options: RepositoryOptions, labels: ClassLabels | None = None) -> mc.ModelConfig:
@@ -414,13 +418,25 @@ def check_pair(little: ModelFacts, big: ModelFacts, roles: tuple[str, str] = (LI
         raise RepositoryError(
             f"class counts differ: {first} {little.path} has {little.num_classes}, {second} {big.path} has {big.num_classes}"
         )
-    if little.labels is not None and big.labels is not None and little.labels != big.labels:
-        pairs = zip(little.labels.ids or little.labels.names, big.labels.ids or big.labels.names)
-        index = next((i for i, (a, b) in enumerate(pairs) if a != b), 0)
+    if little.labels is not None and big.labels is not None:
+        _check_same_labels(little, big, first, second)
+
+
+def _check_same_labels(little: ModelFacts, big: ModelFacts, first: str, second: str) -> None:
+    """Same class names in the same order, and the same ids where both models state ids."""
+    pairs = list(zip(little.labels.names, big.labels.names))
+    if little.labels.ids is not None and big.labels.ids is not None:
+        pairs = list(zip(little.labels.ids, big.labels.ids))
+    index = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+    if index is not None:
         raise RepositoryError(
-            f"class labels differ: class {index} is {little.labels.names[index]!r} in {first} {little.path} and "
-            f"{big.labels.names[index]!r} in {second} {big.path}; both models must predict the same classes in the same order"
+            f"class labels differ: class {index} is {_label(little.labels, index)} in {first} {little.path} and "
+            f"{_label(big.labels, index)} in {second} {big.path}; both models must predict the same classes in the same order"
         )
+
+
+def _label(labels: ClassLabels, index: int) -> str:
+    return repr(labels.names[index]) + (f" ({labels.ids[index]})" if labels.ids is not None else "")
 
 
 def _write_model(model_dir: Path, config: mc.ModelConfig, labels: ClassLabels | None) -> None:
@@ -459,6 +475,16 @@ def _write_stage(model_dir: Path, config: mc.ModelConfig, facts: ModelFacts, opt
             shutil.copyfile(_template("python_runtime"), model_dir / "1" / "model.py")
 
 
+def _check_plans(plans: list[str | Path | None] | None, runtime: str) -> None:
+    """Before anything is written: plans go with the tensorrt runtime only, and must exist."""
+    given = [Path(plan) for plan in plans or () if plan]
+    if given and runtime != "tensorrt":
+        raise RepositoryError(f"TensorRT plans ({given[0]}) are served only with --runtime tensorrt, not {runtime}")
+    for plan in given:
+        if not plan.is_file():
+            raise RepositoryError(f"TensorRT plan {plan} does not exist")
+
+
 def _remove_stale_stages(out: Path, names: tuple[str, ...]) -> None:
     """A repository rebuilt with fewer stages must not keep serving the old middle stages."""
     for path in out.glob("stage*"):
@@ -478,6 +504,7 @@ def build_cascade(
     options.validate()
     if len(onnx_files) < 2:
         raise RepositoryError(f"a cascade needs at least two models, got {len(onnx_files)}")
+    _check_plans(plans, options.runtime)
     stages = [ModelFacts.from_onnx(path) for path in onnx_files]
     names = stage_models(len(stages))
     for k in range(len(stages) - 1):
@@ -534,7 +561,7 @@ def set_thresholds(repository: str | Path, thresholds: tuple[float, ...]) -> mc.
             raise RepositoryError(f"threshold must be in [0, 1], got {value}")
     path = _gate_config_path(repository)
     config = read_config(path)
-    stages = config.parameters["stage_models"].string_value.split(",") if "stage_models" in config.parameters else ["little", "big"]
+    stages = served_stages({key: value.string_value for key, value in config.parameters.items()})
     if len(thresholds) != len(stages) - 1:
         raise RepositoryError(
             f"{path} serves {len(stages)} stages ({', '.join(stages)}): give {len(stages) - 1} thresholds, got {len(thresholds)}"

@@ -130,6 +130,23 @@ def test_builder_writes_only_contract_parameters_and_outputs(pair, tmp_path):
     assert {m.name for m in repo.iterdir()} >= {contract.GATE_MODEL, contract.LITTLE_MODEL, contract.BIG_MODEL}
 
 
+RUNTIME_FILE = GATE_FILE.parent.parent.parent / "python_runtime" / "1" / "model.py"
+
+
+def test_runtime_parameters_agree(pair, tmp_path):
+    """What the builder writes into a python-runtime stage's config is what the runtime reads."""
+    runtime = ast.parse(RUNTIME_FILE.read_text())
+    read = {
+        node.args[0].value for node in ast.walk(runtime)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "params.get" and isinstance(node.args[0], ast.Constant)
+    }
+    assert read == set(contract.RUNTIME_PARAMETERS)
+    repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(runtime="python"))
+    for stage in (contract.LITTLE_MODEL, contract.BIG_MODEL):
+        written = set(read_config(repo / stage / "config.pbtxt").parameters)
+        assert written == {*contract.RUNTIME_PARAMETERS, contract.STAGE_MACS}, stage
+
+
 @pytest.mark.parametrize("value", [0, 1, 0.5, "0.25", " 1 ", "1e-3", True, False, None, "abc", "", 1.5, -0.1, math.nan, math.inf, "nan", [0.5]])
 def test_threshold_rule_agrees(value):
     """The gate's parse_threshold, run from its own source, accepts and refuses what the contract does."""

@@ -116,11 +116,39 @@ def test_files_without_littlebig_metadata_are_refused(pair, tmp_path):
         (RepositoryOptions(threshold=1.5), "threshold"),
         (RepositoryOptions(max_batch_size=0), "max batch size"),
         (RepositoryOptions(ensemble_weight=-0.1), "ensemble weight"),
+        (RepositoryOptions(big_queue_delay_us=-1), "big queue delay us must be >= 0"),
     ],
 )
 def test_bad_options_are_refused(pair, tmp_path, options, message):
     with pytest.raises(RepositoryError, match=message):
         build_repository(pair.little, pair.big, tmp_path / "repo", options)
+
+
+def test_plans_are_checked_before_anything_is_written(pair, tmp_path):
+    plan = tmp_path / "little.plan"
+    plan.write_bytes(b"plan")
+    with pytest.raises(RepositoryError, match="served only with --runtime tensorrt, not python"):
+        build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(runtime="python"), little_plan=plan)
+    with pytest.raises(RepositoryError, match="TensorRT plan .*missing.plan does not exist"):
+        build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(runtime="tensorrt"),
+                         little_plan=plan, big_plan=tmp_path / "missing.plan")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_pair_with_different_labels_names_the_first_class_that_differs(pair):
+    import dataclasses
+
+    from littlebig.client.labels import ClassLabels
+    from littlebig.model_repository.builder import ModelFacts, check_pair
+
+    little, big = ModelFacts.from_onnx(pair.little), ModelFacts.from_onnx(pair.big)
+    names = tuple(f"class{i}" for i in range(NUM_CLASSES))
+    named = dataclasses.replace(little, labels=ClassLabels(names))
+    with_ids = dataclasses.replace(big, labels=ClassLabels(names, tuple(f"n{i}" for i in range(NUM_CLASSES))))
+    check_pair(named, with_ids, ("little", "big"))  # the same classes; only one states ids
+    swapped = dataclasses.replace(big, labels=ClassLabels(("class1", "class0", *names[2:])))
+    with pytest.raises(RepositoryError, match="class 0 is 'class0' in little .* and 'class1' in big"):
+        check_pair(named, swapped, ("little", "big"))
 
 
 def test_set_threshold_rewrites_only_the_gate_threshold(pair, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from littlebig.contract import PROBS
 from littlebig.export.onnx_export import ort_session
 from littlebig.signals import signal as gating_signal
 
@@ -20,7 +21,7 @@ def stage_probs(paths: list[Path], data: TensorSet, batch_size: int = 256) -> li
     for path in paths:
         session = ort_session(path)
         chunks = [
-            session.run(["PROBS"], {name: array[start : start + batch_size] for name, array in data.inputs.items()})[0]
+            session.run([PROBS], {name: array[start : start + batch_size] for name, array in data.inputs.items()})[0]
             for start in range(0, len(data), batch_size)
         ]
         out.append(np.concatenate(chunks))
