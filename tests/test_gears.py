@@ -10,6 +10,7 @@ import dataclasses
 import json
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -494,8 +495,6 @@ class Recorder:
 
 def gate_gears(ladder, target_s=0.1, interval_s=0.5, seen=None):
     """The gate's Gears class, run from the gate file's own source with stand-in metrics."""
-    import types
-
     counts = {}
     metrics = types.SimpleNamespace(gear=Recorder(), threshold=Recorder(), seconds=[f"s{k}" for k in range(len(ladder))], cost="cost")
 
@@ -575,6 +574,12 @@ def test_pooled_observations_are_shared_by_the_instances(tmp_path):
     assert c.slot == b.slot and c.oldest() is None
     a.close()  # a closed slot is free too
     assert list(c.window(9.0)) == [] and pooled(path).slot == a.slot
+    # What a closed instance still records (a call to big ending after finalize) stays out of the pool.
+    a.answered(0.3, 2, 11.0)
+    a.escalation_started(10.9)
+    assert list(c.window(9.0)) == [] and c.oldest() is None
+    with a.shared(types.SimpleNamespace()):
+        pass  # a tick after finalize: decides alone, no lock to take
 
 
 def test_instances_deciding_from_pooled_observations_move_together(tmp_path):

@@ -590,6 +590,9 @@ class PooledObservations(Observations):
         last decision of any instance left (none yet: this instance's), written back after."""
         import fcntl
 
+        if self.lock is None:  # closed: a tick after finalize decides alone
+            yield
+            return
         fcntl.flock(self.lock, fcntl.LOCK_EX)
         try:
             state = self.board[0]
@@ -604,8 +607,11 @@ class PooledObservations(Observations):
             fcntl.flock(self.lock, fcntl.LOCK_UN)
 
     def close(self):
-        """Free the slot; the last instance to leave removes the file."""
+        """Free the slot; the last instance to leave removes the file. A call to big may still end after
+        finalize (its requests answered early): its bookkeeping then writes to a private copy, not to a
+        slot the next instance may already have claimed."""
         os.close(self.lock)
+        self.lock = None
         fd = self._open_locked(self.path)
         try:
             self.mine[: self.HEADER] = (0, math.inf, -math.inf, 0)
@@ -613,6 +619,8 @@ class PooledObservations(Observations):
                 os.unlink(self.path)
         finally:
             self._unlock(fd)
+        self.mine = self.mine.copy()
+        self.ring = self.mine[self.HEADER :].reshape(self.RING, 3)
 
     @staticmethod
     def _unlock(fd):
