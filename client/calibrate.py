@@ -20,6 +20,9 @@ from .report import plot_confidence_histogram, plot_curves, table, write_json
 CHANCE_P_VALUE = 1e-3
 
 
+_NO_GEARS = "an accuracy budget sets the gears, and gears apply to two-stage cascades gated on max_softmax"
+
+
 class CalibrationError(ValueError):
     """Calibration cannot give a trustworthy answer on this data; the message says why and what to do."""
 
@@ -140,6 +143,8 @@ def calibrate(
     and, with ``ensemble_weights``, the ensemble sweep."""
     criterion.validate()
     _check_options(eval_data, eval_labels_csv, apply, repository)
+    if accuracy_budget is not None and signal not in (None, "max_softmax"):
+        raise CalibrationError(f"{_NO_GEARS}, not {signal}: leave out --accuracy-budget here")
     for folder in (data, eval_data):
         if folder is not None and not Path(folder).is_dir():  # before asking the server anything
             raise FileNotFoundError(f"data folder {folder} does not exist")
@@ -154,9 +159,8 @@ def calibrate(
     collected, images = collect_cached(url, image_set(data, labels_csv), out / "calibration.npz", **kwargs)
     log(f"calibration set: {len(images)} images ({describe_set(images)})")
     if len(collected.stages) > 2 or signal not in (None, "max_softmax"):
-        if accuracy_budget is not None:
-            raise CalibrationError("an accuracy budget sets the gears, and gears apply to two-stage cascades gated on "
-                                   "max_softmax: leave out --accuracy-budget here")
+        if accuracy_budget is not None:  # known only now: the served stages are counted by collecting
+            raise CalibrationError(f"{_NO_GEARS}, not {len(collected.stages)} stages: leave out --accuracy-budget here")
         eval_images = image_set(eval_data, eval_labels_csv) if eval_data else None
         return _calibrate_stages(url, collected, images, criterion, out, kwargs=kwargs, eval_images=eval_images, signal=signal,
                                  ensemble_weights=ensemble_weights, apply=apply, repository=repository, log=log)

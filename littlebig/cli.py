@@ -178,13 +178,15 @@ def _wait_forever(server, supervisor=None) -> None:
 
 def _check_ports_free(host: str, ports: dict[str, int]) -> None:
     """Fail before starting: a server whose ports are taken would look ready (the other one answers)."""
+    try:  # the host's own address family (TritonServer then says which hosts it serves on)
+        family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror:
+        raise UsageError(f"--host {host} is not an address of this machine (unknown host)") from None
     for option, port in ports.items():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
             try:
                 sock.bind((host, port))
-            except socket.gaierror:
-                raise UsageError(f"--host {host} is not an address of this machine (unknown host)") from None
             except OSError as err:
                 raise UsageError(
                     f"port {port} on {host} ({option}) is not free ({err.strerror}): is another "
@@ -197,7 +199,10 @@ def cmd_serve(args) -> None:
     from littlebig.client import admin
     from littlebig.server import TritonServer
 
-    server = TritonServer(  # checks the repository and the host; starts nothing yet
+    _check_ports_free(
+        args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+    )
+    server = TritonServer(
         args.repo,
         host=args.host,
         http_port=args.http_port,
@@ -206,9 +211,6 @@ def cmd_serve(args) -> None:
         log_file=args.log_file,
         admin_key=args.admin_key or os.environ.get(admin.KEY_ENV) or None,
         allow_remote=args.allow_remote,
-    )
-    _check_ports_free(
-        args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
     )
     print(f"starting tritonserver on {args.repo} (log {server.log_file}) ...", flush=True)
     with server:

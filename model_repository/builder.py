@@ -424,10 +424,13 @@ def check_pair(little: ModelFacts, big: ModelFacts, roles: tuple[str, str] = (LI
 
 def _check_same_labels(little: ModelFacts, big: ModelFacts, first: str, second: str) -> None:
     """Same class names in the same order, and the same ids where both models state ids."""
-    pairs = list(zip(little.labels.names, big.labels.names))
-    if little.labels.ids is not None and big.labels.ids is not None:
-        pairs = list(zip(little.labels.ids, big.labels.ids))
-    index = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+    a, b = little.labels, big.labels
+    both_ids = a.ids is not None and b.ids is not None
+
+    def same(i):
+        return i < min(len(a.names), len(b.names)) and a.names[i] == b.names[i] and not (both_ids and a.ids[i] != b.ids[i])
+
+    index = next((i for i in range(max(len(a.names), len(b.names))) if not same(i)), None)
     if index is not None:
         raise RepositoryError(
             f"class labels differ: class {index} is {_label(little.labels, index)} in {first} {little.path} and "
@@ -436,6 +439,8 @@ def _check_same_labels(little: ModelFacts, big: ModelFacts, first: str, second: 
 
 
 def _label(labels: ClassLabels, index: int) -> str:
+    if index >= len(labels.names):
+        return "missing"
     return repr(labels.names[index]) + (f" ({labels.ids[index]})" if labels.ids is not None else "")
 
 
@@ -509,7 +514,9 @@ def build_cascade(
     names = stage_models(len(stages))
     for k in range(len(stages) - 1):
         check_pair(stages[k], stages[k + 1], (names[k], names[k + 1]))
-    labels = next((stage.labels for stage in stages if stage.labels is not None), None)
+    # The stages agree on names (check_pair); the gate serves the labels that also state ids, if any do.
+    stated = [stage.labels for stage in stages if stage.labels is not None]
+    labels = next((s for s in stated if s.ids is not None), stated[0] if stated else None)
     gate = gate_config(*stages, options=options, labels=labels)  # checks thresholds and signal first
     out = Path(out)
     plans = plans or [None] * len(stages)
@@ -561,7 +568,10 @@ def set_thresholds(repository: str | Path, thresholds: tuple[float, ...]) -> mc.
             raise RepositoryError(f"threshold must be in [0, 1], got {value}")
     path = _gate_config_path(repository)
     config = read_config(path)
-    stages = served_stages({key: value.string_value for key, value in config.parameters.items()})
+    try:
+        stages = served_stages({key: value.string_value for key, value in config.parameters.items()})
+    except KeyError as missing:
+        raise RepositoryError(f"{path} names no stages ({missing} missing): not a littlebig gate config") from None
     if len(thresholds) != len(stages) - 1:
         raise RepositoryError(
             f"{path} serves {len(stages)} stages ({', '.join(stages)}): give {len(stages) - 1} thresholds, got {len(thresholds)}"

@@ -149,6 +149,10 @@ def test_pair_with_different_labels_names_the_first_class_that_differs(pair):
     swapped = dataclasses.replace(big, labels=ClassLabels(("class1", "class0", *names[2:])))
     with pytest.raises(RepositoryError, match="class 0 is 'class0' in little .* and 'class1' in big"):
         check_pair(named, swapped, ("little", "big"))
+    ids = tuple(f"n{i}" for i in range(NUM_CLASSES))
+    renamed = dataclasses.replace(big, labels=ClassLabels(("other", *names[1:]), ids))  # same ids, another name
+    with pytest.raises(RepositoryError, match="class 0 is 'class0' \\(n0\\) in little .* and 'other' \\(n0\\) in big"):
+        check_pair(dataclasses.replace(with_ids, path=little.path), renamed, ("little", "big"))
 
 
 def test_set_threshold_rewrites_only_the_gate_threshold(pair, tmp_path):

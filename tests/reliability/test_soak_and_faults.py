@@ -33,8 +33,10 @@ def supervised(repository, offline, tmp_path_factory):
         try:
             yield server, supervisor, load
         finally:
-            outcomes = load.stop()
-            supervisor.stop()
+            try:
+                outcomes = load.stop()
+            finally:
+                supervisor.stop()  # before the server stops, or it would restart it
             # No request was left unanswered: stop() raised if a client did not come back, and none timed out.
             assert all(o.done - o.sent < load.timeout_s for o in outcomes)
 

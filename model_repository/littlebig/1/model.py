@@ -590,10 +590,11 @@ class PooledObservations(Observations):
         last decision of any instance left (none yet: this instance's), written back after."""
         import fcntl
 
-        if self.lock is None:  # closed: a tick after finalize decides alone
+        lock = self.lock  # close() (finalize, another thread) may set it to None meanwhile
+        if lock is None:  # closed: a tick after finalize decides alone
             yield
             return
-        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             state = self.board[0]
             if state[0]:
@@ -604,7 +605,8 @@ class PooledObservations(Observations):
             state[1 : 1 + len(self.STATE)] = [getattr(gears, name) for name in self.STATE]
             state[0] = 1.0
         finally:
-            fcntl.flock(self.lock, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):  # closed meanwhile: closing released the lock
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def close(self):
         """Free the slot; the last instance to leave removes the file. A call to big may still end after
@@ -1112,7 +1114,8 @@ class TritonPythonModel:
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as err:  # noqa: BLE001 - that request is lost; the others sent with it still leave
             pb_utils.Logger.log_error(f"littlebig: sending a response failed: {err!r}")
-            self.counters.add(self.metric_errors["gate"])
+            if not response.has_error():  # an error answer was counted by its cause already
+                self.counters.add(self.metric_errors["gate"])
             self.counters.add(self.metric_error)
             return
         self._count(response)
@@ -1299,9 +1302,9 @@ class TritonPythonModel:
         escalation.open[rows] = False
         self.counters.add(self.metric_rows[0], len(rows))
         self.counters.add(metric, len(rows))
-        done = escalation.leave()
-        for wait in done:
-            self._send(wait.sender, answers.response(wait.rows, wait.want_probs))
+        done = self._responses(escalation, answers)
+        for wait, response in done:
+            self._send(wait.sender, response)
         escalation.early += len(done)
         self.gears.answered(escalation.started, len(done), time.monotonic())
         if not escalation.waiting:
@@ -1339,6 +1342,8 @@ class TritonPythonModel:
     async def _run_stages(self, escalation):
         answers = escalation.answers
         for stage in self.stages[1:]:
+            if not escalation.waiting:
+                return  # every request answered (by the previous stage, or early by a step down): no call
             want_probs = self.ensemble or any(wait.want_probs for wait in escalation.waiting)
             try:
                 if self.held is not None and stage is self.held.stage:
@@ -1355,13 +1360,12 @@ class TritonPythonModel:
                 if err.dropped:  # none of its rows needed big: the deadline answers them
                     self.counters.add(self.gears.metrics.dropped, len(escalation.pending))
                     self._expire(escalation)
-                for wait in escalation.waiting:
-                    self._send(wait.sender, self._fallback(wait, answers, escalation.open, stage, err))
+                while escalation.waiting:  # each leaves once its answer is built (if one fails, _escalate answers the rest)
+                    response = self._fallback(escalation.waiting[0], answers, escalation.open, stage, err)
+                    self._send(escalation.waiting.pop(0).sender, response)
                 return
             for wait, response in self._settle(stage, answer, escalation, answers):
                 self._send(wait.sender, response)
-            if not escalation.waiting:
-                return
 
     def _settle(self, stage, answer, escalation, answers):
         """Record a stage's answer on the pending rows still open (a step down of the gears may have
@@ -1376,15 +1380,21 @@ class TritonPythonModel:
         escalation.open[pending[still & ~unsure]] = False
         self.counters.add(self.metric_rows[stage.index], int((still & ~unsure).sum()))
         self.counters.add(self.metric_macs, len(pending) * stage.macs)
-        done = escalation.leave()
-        try:
-            responses = [(wait, answers.response(wait.rows, wait.want_probs)) for wait in done]
-        except Exception:
-            escalation.waiting = done + escalation.waiting  # still owed an answer (an error, by _escalate)
-            raise
+        responses = self._responses(escalation, answers)
         if escalation.waiting:  # copies only what the next stage needs
             escalation.narrow(unsure)
         return responses
+
+    @staticmethod
+    def _responses(escalation, answers):
+        """(wait, response) of the waiting requests whose rows are all settled, which leave the escalation;
+        if building one fails they all stay, still owed an answer."""
+        done = escalation.leave()
+        try:
+            return [(wait, answers.response(wait.rows, wait.want_probs)) for wait in done]
+        except Exception:
+            escalation.waiting = done + escalation.waiting
+            raise
 
     def _fallback(self, wait, answers, open_rows, stage, err):
         """A stage failed: an error, or (on_big_failure=little) the previous stage's answer on the
