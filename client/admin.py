@@ -25,6 +25,12 @@ GRPC_HEADER = f"triton-grpc-protocol-{HEADER}"
 # code, map memory or write files on the server.
 RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+# A server bound to every address is reached on this machine through loopback: its key is stored there.
+WILDCARD_HOSTS = ("0.0.0.0",)
+
+
+class AdminKeyError(RuntimeError):
+    """The key store cannot be read or written."""
 
 
 def keys_file() -> Path:
@@ -37,28 +43,53 @@ def new_key() -> str:
 
 
 def normalize(address: str) -> str:
-    """'http://localhost:8000/' -> '127.0.0.1:8000' so one server has one spelling."""
+    """'http://localhost:8000/' -> '127.0.0.1:8000' (so is '0.0.0.0:8000') so one server has one spelling."""
     address = address.split("://", 1)[-1].rstrip("/").lower()
     host, _, port = address.rpartition(":")
-    return f"{'127.0.0.1' if host == 'localhost' else host}:{port}"
+    return f"{'127.0.0.1' if host in ('localhost', *WILDCARD_HOSTS) else host}:{port}"
+
+
+def _read_keys(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    try:
+        keys = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdminKeyError(f"cannot read the admin key store {path} ({err}); if it is damaged, delete it "
+                            f"and restart the servers it named (they get new keys)") from None
+    if not isinstance(keys, dict):
+        raise AdminKeyError(f"the admin key store {path} is not a JSON object of address -> key; delete it "
+                            "and restart the servers it named (they get new keys)")
+    return keys
 
 
 @contextlib.contextmanager
 def _locked_keys() -> Iterator[dict[str, str]]:
     """The stored keys, locked against concurrent writers; changes are written back atomically."""
     path = keys_file()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(path.with_suffix(".lock"), "a") as lock:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = open(path.with_suffix(".lock"), "a")
+    except OSError as err:
+        raise AdminKeyError(f"cannot use the admin key store in {path.parent}: {err}") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        keys = json.loads(path.read_text()) if path.is_file() else {}
+        keys = _read_keys(path)
         before = dict(keys)
         yield keys
         if keys != before:
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as out:
-                json.dump(keys, out, indent=1, sort_keys=True)
-            os.replace(tmp, path)
+            _write_keys(path, keys)
+
+
+def _write_keys(path: Path, keys: dict[str, str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(keys, out, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise AdminKeyError(f"cannot write the admin key store {path}: {err}") from None
 
 
 def remember(addresses: Iterable[str], key: str) -> Path:
@@ -78,10 +109,7 @@ def forget(addresses: Iterable[str], key: str) -> None:
 def find_key(address: str) -> str | None:
     if os.environ.get(KEY_ENV):
         return os.environ[KEY_ENV]
-    path = keys_file()
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get(normalize(address))
+    return _read_keys(keys_file()).get(normalize(address))
 
 
 def admin_headers(address: str, protocol: str = "grpc") -> dict[str, str]:

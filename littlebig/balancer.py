@@ -207,15 +207,24 @@ class ServeReplica:
             pass
         self.process.wait(timeout=60)  # `littlebig serve` notices and exits
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 120.0) -> None:
+        """SIGTERM: serve drains and stops its tritonserver (up to ~75 s: drain, then Triton's exit
+        timeout + 15 s). Past ``timeout_s``, both are killed: serve's tritonserver runs in its own
+        session, and killing serve alone would leave it running."""
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)  # serve stops tritonserver in order
+        self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=60)
+            self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            servers = []
+            with contextlib.suppress(psutil.NoSuchProcess):
+                servers = [c.pid for c in psutil.Process(self.process.pid).children() if "tritonserver" in c.name()]
             self.process.kill()
             self.process.wait()
+            for pid in servers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
 
 
 class Balancer:

@@ -173,7 +173,7 @@ def _wait_forever(server, supervisor=None) -> None:
     except KeyboardInterrupt:
         if supervisor is not None:
             supervisor.stop()
-        print("draining and stopping tritonserver ...", flush=True)
+        print("draining and stopping tritonserver ... (Ctrl-C again kills it at once)", flush=True)
 
 
 def _check_ports_free(host: str, ports: dict[str, int]) -> None:
@@ -502,12 +502,20 @@ def positive_int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1 (e.g. 1,4,16), got {text!r}") from None
 
 
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a whole number from 1 to 65535, got {text}")
+    return value
+
+
 def server_address(text: str) -> str:
     """HOST:PORT, also when given as a URL (http://HOST:PORT/)."""
     address = text.split("://", 1)[-1].rstrip("/")
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. {GRPC_URL}), got {text!r}")
+    port_number(port)
     return address
 
 
@@ -807,6 +815,9 @@ CHECKED_OPTIONS = {
     "batch_size": (int, positive_int),
     "concurrency": (int, positive_int),
     "num_classes": (int, positive_int),
+    "http_port": (int, port_number),
+    "grpc_port": (int, port_number),
+    "metrics_port": (int, port_number),
 }
 
 

@@ -69,6 +69,8 @@ class Load:
 
     def __init__(self, url: str, expected: Expected, thresholds: list[float], concurrency: int = 32,
                  max_rows: int = 4, timeout_s: float = 120.0, seed: int = 0):
+        if len(expected.images) <= max_rows:
+            raise ValueError(f"Load needs more than max_rows={max_rows} images, got {len(expected.images)}")
         self.url, self.expected, self.thresholds = url, expected, thresholds
         self.max_rows, self.timeout_s = max_rows, timeout_s
         self.outcomes: list[Outcome] = []
@@ -112,7 +114,12 @@ class Load:
                                   client_timeout=self.timeout_s)
         except InferenceServerException as err:
             return Outcome(sent, time.monotonic(), "error", f"{err.status()} {err.message()}", escalated)
-        wrong = self.expected.check(rows, threshold, {k: result.as_numpy(k) for k in (CLASS, CONFIDENCE, ROUTE)})
+        except Exception as err:  # noqa: BLE001 - recorded as a failure: a client thread must not end unseen
+            return Outcome(sent, time.monotonic(), "error", f"{type(err).__name__}: {err}", escalated)
+        try:
+            wrong = self.expected.check(rows, threshold, {k: result.as_numpy(k) for k in (CLASS, CONFIDENCE, ROUTE)})
+        except Exception as err:  # noqa: BLE001 - a missing or malformed output is a wrong answer
+            wrong = f"answer not readable: {type(err).__name__}: {err}"
         return Outcome(sent, time.monotonic(), "wrong" if wrong else "ok", wrong or "", escalated)
 
     def _record(self, outcome: Outcome) -> None:
@@ -165,6 +172,9 @@ def stub_pid(server_pid: int, instance: str) -> int:
 
 
 def pause(pid: int, seconds: float) -> None:
+    """SIGSTOP ``pid`` for ``seconds``; it is continued even when the wait is interrupted."""
     os.kill(pid, signal.SIGSTOP)
-    time.sleep(seconds)
-    os.kill(pid, signal.SIGCONT)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)

@@ -187,6 +187,9 @@ class TritonServer:
         self.extra_args = tuple(extra_args)
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen | None = None
+        # start/stop/restart one at a time: the supervisor's restart must not race a stop.
+        self._lifecycle = threading.RLock()
+        self._stopping = False
         # Triton unlinks a stub's shared-memory region (32 MiB and up) when it unloads the instance (a
         # reload too), so only a killed server leaves its regions in /dev/shm; a prefix of its own finds them.
         self.shm_prefix = f"{SHM_PREFIX}littlebig_{secrets.token_hex(6)}_"
@@ -237,24 +240,29 @@ class TritonServer:
         return cmd + list(self.extra_args)
 
     def start(self) -> "TritonServer":
+        with self._lifecycle:
+            self._stopping = False
+            return self._start()
+
+    def _start(self) -> "TritonServer":
         install = find_tritonserver()
         env = {**os.environ, **install.env}
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        # A restart (by the supervisor) appends to the log of the run that died.
-        with open(self.log_file, "ab" if self.process is not None else "wb") as log:
-            self.process = subprocess.Popen(
-                self.command(install),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it in order
-            )
-        if self.admin_key is not None:
+        if self.admin_key is not None:  # first: a key store that fails must leave no server running
             admin.remember([self.http_url, self.grpc_url], self.admin_key)
         try:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            # A restart (by the supervisor) appends to the log of the run that died.
+            with open(self.log_file, "ab" if self.process is not None else "wb") as log:
+                self.process = subprocess.Popen(
+                    self.command(install),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it in order
+                )
             self.wait_ready()
         except BaseException:
-            self.stop()
+            self._terminate(timeout_s=None, drain=False)
             raise
         return self
 
@@ -287,15 +295,38 @@ class TritonServer:
             return ""
 
     def stop(self, timeout_s: float | None = None, drain: bool = True) -> None:
-        """Drain (see ``drain``), then Triton's own shutdown (SIGINT), then SIGKILL after ``timeout_s``."""
-        if self.process is not None and self.process.poll() is None:
-            if drain and self.explicit_model_control:
-                self.drain()
-            self._shutdown(self.exit_timeout_s + 15 if timeout_s is None else timeout_s)
-        if self.process is not None:
-            self.remove_shared_memory()
-        if self.admin_key is not None:
-            admin.forget([self.http_url, self.grpc_url], self.admin_key)
+        """Drain (see ``drain``), then Triton's own shutdown (SIGINT), then SIGKILL after ``timeout_s``.
+        Once begun, no ``restart`` (the supervisor's) brings it back."""
+        with self._lifecycle:
+            self._stopping = True
+            self._terminate(timeout_s, drain)
+
+    def _terminate(self, timeout_s: float | None, drain: bool) -> None:
+        try:
+            if self.process is not None and self.process.poll() is None:
+                if drain and self.explicit_model_control:
+                    self.drain()
+                self._shutdown(self.exit_timeout_s + 15 if timeout_s is None else timeout_s)
+        except BaseException:
+            # Interrupted (a second Ctrl-C, SIGTERM) or failed: the server runs in its own session,
+            # so nothing else would stop it. Kill it rather than leave it behind.
+            self._kill()
+            raise
+        finally:
+            if self.process is not None and self.process.poll() is not None:
+                self.remove_shared_memory()
+            if self.admin_key is not None:
+                admin.forget([self.http_url, self.grpc_url], self.admin_key)
+
+    def _kill(self) -> None:
+        """SIGKILL the server's process group (its stubs too) and reap it."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
 
     def _shutdown(self, timeout_s: float) -> None:
         # SIGINT is Triton's graceful shutdown: it stops accepting, waits for in-flight requests
@@ -304,8 +335,7 @@ class TritonServer:
         try:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            self._kill()
 
     def drain(self, gate: str = GATE_MODEL) -> bool:
         """Unload the gate and wait until it is gone, with little and big still serving.
@@ -334,15 +364,14 @@ class TritonServer:
 
     def restart(self) -> "TritonServer":
         """Start again on the same ports after the process died (its group is killed first: a
-        stalled or orphaned stub must not keep the ports or shared memory)."""
-        if self.process is not None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait()
-            self.remove_shared_memory()
-        return self.start()
+        stalled or orphaned stub must not keep the ports or shared memory). Refused once ``stop`` began."""
+        with self._lifecycle:
+            if self._stopping:
+                raise ServerError("not restarting tritonserver: it is being stopped")
+            if self.process is not None:
+                self._kill()
+                self.remove_shared_memory()
+            return self._start()
 
     def remove_shared_memory(self) -> None:
         """Unlink the python backend regions this server left behind (none after a clean shutdown); only

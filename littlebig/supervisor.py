@@ -123,7 +123,7 @@ class Supervisor(threading.Thread):
             for model in (*_stage_names(params), GATE_MODEL):
                 config = client.get_model_config(model)
                 groups = config.get("instance_group", []) if config.get("backend") == "python" else []
-                models[model] = [f"{model}_{g}_{i}" for g, group in enumerate(groups) for i in range(int(group.get("count", 1)))]
+                models[model] = _instance_names(model, groups)
         return models
 
     def _client(self) -> httpclient.InferenceServerClient:
@@ -148,9 +148,8 @@ class Supervisor(threading.Thread):
 
     def _recover(self, target: str, action: str, restore: Callable[[], None], reason: str) -> None:
         state = self._backoff[target]
-        now = time.monotonic()
-        if now < state.not_before:
-            return
+        if self._stopping.is_set() or time.monotonic() < state.not_before:
+            return  # (the server itself refuses a restart once its stop began)
         self.log(f"littlebig supervisor: {target} unhealthy ({reason}); {action} (attempt {state.restores + 1})")
         started = time.monotonic()
         try:
@@ -194,6 +193,11 @@ class Supervisor(threading.Thread):
         tmp = self.options.metrics_file.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
         tmp.replace(self.options.metrics_file)
+
+
+def _instance_names(model: str, groups: list[dict]) -> list[str]:
+    """Triton's instance names: "<group name>_<i>", a group's name defaulting to "<model>_<group index>"."""
+    return [f"{group.get('name') or f'{model}_{g}'}_{i}" for g, group in enumerate(groups) for i in range(int(group.get("count", 1)))]
 
 
 def stub_processes(server_pid: int) -> dict[str, int]:

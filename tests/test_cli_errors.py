@@ -251,3 +251,10 @@ def test_demo_summary_explains_a_costly_run(capsys):
     assert "not ImageNet-like" in out and "on ImageNet photos calibration gave T=0.36, p=0.128" in out
     _print_demo_summary(answers[3:], info, sample_set=True)
     assert "not ImageNet-like" not in capsys.readouterr().out
+
+
+def test_ports_out_of_range_are_refused_by_the_parser(tmp_path):
+    assert_message(run_cli("serve", "--repo", tmp_path, "--http-port", "70000"),
+                   "--http-port: a port is a whole number from 1 to 65535, got 70000")
+    assert_message(run_cli("threshold", "--url", "127.0.0.1:70000"),
+                   "--url: a port is a whole number from 1 to 65535, got 70000")

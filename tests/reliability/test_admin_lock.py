@@ -74,3 +74,19 @@ def test_only_loopback_unless_asked(repository):
         TritonServer(repository, host="0.0.0.0")
     with pytest.raises(ServerError, match="locked"):
         TritonServer(repository, host="0.0.0.0", allow_remote=True, lock_admin=False)
+
+
+def test_a_wildcard_bind_stores_its_key_where_local_admin_commands_look():
+    assert admin.normalize("0.0.0.0:8001") == admin.normalize("http://localhost:8001/") == "127.0.0.1:8001"
+
+
+def test_a_damaged_key_store_is_named_and_no_server_is_left_running(repository, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    admin.keys_file().parent.mkdir(parents=True)
+    admin.keys_file().write_text("{not json")
+    server = TritonServer(repository, log_file=tmp_path / "log.txt")
+    with pytest.raises(admin.AdminKeyError, match=f"cannot read the admin key store {admin.keys_file()}"):
+        server.start()
+    assert server.process is None  # refused before tritonserver was started
+    with pytest.raises(admin.AdminKeyError, match="delete it"):
+        admin.find_key(server.grpc_url)

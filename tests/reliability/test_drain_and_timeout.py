@@ -4,17 +4,19 @@ mode, little answers) instead of holding the request."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from littlebig.server import TritonServer, free_port
+from littlebig.server import ServerError, TritonServer, free_port
 
 from ..test_serving import SLOW_BIG_SECONDS, Arrivals, slow_big_repository
 
@@ -68,3 +70,35 @@ def test_a_child_slower_than_the_timeout_fails_the_call_or_falls_back(pair, offl
     np.testing.assert_array_equal(degraded.as_numpy("ROUTE")[:, 0], 2)
     np.testing.assert_array_equal(degraded.as_numpy("CLASS")[:, 0], offline.little[:4].argmax(1))
     np.testing.assert_array_equal(little_only.as_numpy("CLASS")[:, 0], offline.little[:4].argmax(1))
+
+
+def test_an_interrupted_stop_kills_the_server_and_no_restart_follows(pair, tmp_path, monkeypatch):
+    """A second Ctrl-C (or SIGTERM) during the drain must not leave tritonserver running (it is in its
+    own session: nothing else would stop it), and once a stop began the supervisor cannot bring it back.
+    little's instance group is named here, so the supervisor's stub names follow Triton's naming."""
+    from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config, write_config
+    from littlebig.supervisor import Supervisor, stub_processes
+
+    repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(gate_instances=1))
+    config = read_config(repo / "little" / "config.pbtxt")
+    config.instance_group[0].name = "pool"
+    write_config(repo / "little", config)
+    server = TritonServer(repo, log_file=tmp_path / "log.txt").start()
+    try:
+        names = Supervisor(server)._models()["little"]
+        assert names and names[0].startswith("pool_"), names
+        assert set(names) <= set(stub_processes(server.process.pid)), (names, stub_processes(server.process.pid))
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(server, "drain", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            server.stop()
+        assert server.process.poll() is not None
+        assert not list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
+        with pytest.raises(ServerError, match="being stopped"):
+            server.restart()
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            os.killpg(server.process.pid, signal.SIGKILL)
