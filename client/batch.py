@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from littlebig.contract import IMAGE, PROBS
+from littlebig.contract import IMAGE, PROBS, served_stages
 
 from .images import list_images, to_wire_batch
 from .infer import GATE_MODEL, LittleBigClient
@@ -127,6 +127,19 @@ def restore(client, settings: JobSettings, headers=None) -> None:
             set_loaded(client, model, True, config=config, headers=headers)
 
 
+def _check_supported(params: dict[str, str]) -> None:
+    """batch reproduces a two-stage, max-softmax, multi-class gate with w = 1; refuse any other (its
+    answers would differ from the gate's)."""
+    stages = served_stages(params)
+    if len(stages) != 2:
+        raise BatchError(f"the gate serves {len(stages)} stages ({', '.join(stages)}); batch supports two (little, big)")
+    for key, supported in (("signal", "max_softmax"), ("task", "multiclass"), ("ensemble_weight", "1")):
+        value = params.get(key, supported)
+        if value != supported and not (key == "ensemble_weight" and float(value) == 1.0):
+            raise BatchError(f"the gate's {key} is {value!r}; batch supports only {supported!r} (its answers "
+                             "would differ from the gate's)")
+
+
 def settings_from_server(url: str, data: Path, threshold: float | None, headers: dict[str, str] | None, gate: str = GATE_MODEL) -> JobSettings:
     with LittleBigClient(url, model=gate) as gate_client:
         if not gate_client.client.is_model_ready(gate):
@@ -134,9 +147,7 @@ def settings_from_server(url: str, data: Path, threshold: float | None, headers:
         info = gate_client.gate_info()
         config = gate_client.model_config()
         loaded = loaded_models(gate_client.client, headers)
-    weight = float(config.get("parameters", {}).get("ensemble_weight", {}).get("string_value", "1"))
-    if weight != 1.0:
-        raise BatchError(f"the gate blends little and big (ensemble_weight {weight}); batch supports only w = 1")
+    _check_supported({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise BatchError(f"threshold must be in [0, 1], got {threshold}")
     return JobSettings(
@@ -177,14 +188,19 @@ class PartialResults:
         if threshold is not None and threshold != settings.threshold:
             raise BatchError(f"{path} holds a job at T={settings.threshold}, not {threshold}; remove it to start over")
         answers = {route: {} for route in ROUTES}
+        kept = len(lines)
         for number, line in enumerate(lines[1:], start=2):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 if number == len(lines):
-                    break  # the last line was cut by the interruption; that chunk is asked again
+                    kept -= 1  # the last line was cut by the interruption; that chunk is asked again
+                    break
                 raise BatchError(f"{path} line {number} is not JSON; remove the file to start over") from None
             answers[row["route"]][row["file"]] = Answer(int(row["class"]), float(row["confidence"]))
+        if kept < len(lines) or not path.read_bytes().endswith(b"\n"):
+            # New rows are appended: first drop the cut line and end the last whole one.
+            path.write_text("\n".join(lines[:kept]) + "\n")
         return cls(path, settings, answers)
 
     def add(self, route: str, files: list[str], probs: np.ndarray) -> None:

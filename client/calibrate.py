@@ -242,7 +242,7 @@ def _calibrate_stages(url, collected, images, criterion, out, *, kwargs, eval_im
 def apply_stage_choice(url: str, thresholds: list[float], signal: str, repository: str | Path | None) -> dict:
     """Switch the running K-stage gate to ``thresholds`` and, side by side, write them into the repository
     given; refused when the gate gates on another signal than the one calibrated."""
-    from littlebig.model_repository.builder import set_thresholds
+    from littlebig.model_repository.builder import set_threshold, set_thresholds
 
     from .control import switch_thresholds
 
@@ -255,7 +255,10 @@ def apply_stage_choice(url: str, thresholds: list[float], signal: str, repositor
     switch_thresholds(url, thresholds)
     written = None
     if repository is not None:
-        set_thresholds(repository, tuple(thresholds))
+        if len(thresholds) == 1:  # set_threshold also drops a ladder of gears whose top was the old T
+            set_threshold(repository, thresholds[0])
+        else:
+            set_thresholds(repository, tuple(thresholds))
         written = str(Path(repository) / "littlebig" / "config.pbtxt")
     return {"thresholds": thresholds, "config": written}
 

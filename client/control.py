@@ -33,6 +33,10 @@ def switch_threshold(url: str, threshold: float, *, gears: str | None = None, mo
     with grpcclient.InferenceServerClient(url) as client:
         config = client.get_model_config(model, as_json=True)["config"]
         parameters = config.setdefault("parameters", {})
+        stages = served_stages({k: v["string_value"] for k, v in parameters.items()})
+        if len(stages) != 2:
+            raise ValueError(f"the gate serves {len(stages)} stages ({', '.join(stages)}): it takes "
+                             f"{len(stages) - 1} thresholds, not one (calibrate --apply, or switch_thresholds)")
         parameters["threshold"] = {"string_value": repr(float(threshold))}
         set_gears(parameters, threshold, gears)
         _reload(client, url, model, config, f"threshold {threshold}")

@@ -46,8 +46,13 @@ def load_image(image: ImageLike) -> Image.Image:
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as err:
+        if type(err).__name__ == "UnidentifiedImageError":
+            raise  # named by the CLI ("not an image Pillow can read")
+        raise ValueError(f"cannot read image {path}: {err}") from None
 
 
 def to_wire(image: ImageLike, size: int, crop_pct: float = 0.875) -> np.ndarray:
@@ -64,7 +69,9 @@ def to_wire(image: ImageLike, size: int, crop_pct: float = 0.875) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def to_wire_batch(images: Sequence[ImageLike], size: int, crop_pct: float = 0.875) -> np.ndarray:
+def to_wire_batch(images: Sequence[ImageLike], size: int | None, crop_pct: float = 0.875) -> np.ndarray:
+    if size is None:
+        raise ValueError("the served models take no images (their gate states no wire_size): send their own inputs")
     if len(images) == 0:
         return np.zeros((0, size, size, 3), np.uint8)
     return np.stack([to_wire(img, size, crop_pct) for img in images])

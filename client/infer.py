@@ -29,7 +29,7 @@ class Prediction:
 class GateInfo:
     """What the served gate says about itself (its config parameters)."""
 
-    wire_size: int
+    wire_size: int | None  # None: the gate's models take no images (text, features)
     crop_pct: float
     num_classes: int
     threshold: float
@@ -79,7 +79,7 @@ class LittleBigClient:
         # K-stage gates write `thresholds` ("T1,T2,..."); two-stage ones `threshold`.
         thresholds = tuple(float(t) for t in params["thresholds"].split(",")) if params.get("thresholds") else (float(params["threshold"]),)
         return GateInfo(
-            wire_size=int(params["wire_size"]),
+            wire_size=int(params["wire_size"]) if "wire_size" in params else None,
             crop_pct=float(params["crop_pct"]),
             num_classes=int(params["num_classes"]),
             threshold=thresholds[0],
@@ -126,6 +126,9 @@ class LittleBigClient:
         """Paths, PIL images or uint8 arrays -> one Prediction each, sent in batches of ``batch_size``."""
         if isinstance(images, np.ndarray) and images.ndim == 4:
             wire = images
+        elif isinstance(images, np.ndarray):
+            raise ValueError(f"classify takes a batch [N, S, S, 3] or a list of images; got one array of shape "
+                             f"{images.shape}: pass [image] for a single image")
         else:
             info = info or self.gate_info()
             wire = to_wire_batch(list(images), info.wire_size, info.crop_pct)

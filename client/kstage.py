@@ -76,6 +76,9 @@ class StageOutcomes:
             raise ValueError(f"{len(labels)} labels for {n} rows")
         if task == "multilabel" and labels is not None and np.shape(labels) != stages[0].shape:
             raise ValueError(f"multi-label labels must be multi-hot {stages[0].shape}, got {np.shape(labels)}")
+        from .thresholds import check_finite
+
+        check_finite(**{f"stage {i}": p for i, p in enumerate(stages)})
         answer = _answers(task)
         ref_probs = stages[-1] if reference is None else reference
         ref_answer = answer(ref_probs)
@@ -248,7 +251,7 @@ def settle(outcomes: StageOutcomes, thresholds: np.ndarray) -> np.ndarray:
     for stage, t in enumerate(settled):
         below = outcomes.confidence[stage][outcomes.confidence[stage] < t]
         low = float(below.max()) if len(below) else 0.0
-        settled[stage] = (low + t) / 2.0
+        settled[stage] = max((low + t) / 2.0, 0.0)  # an entropy signal can be -1e-9: T stays in [0, 1]
     return settled
 
 
@@ -342,8 +345,9 @@ def choose_target_escalation(outcomes: StageOutcomes, s: JointSweep, share: floa
                          "criterion for this cascade")
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"target escalation must be in [0, 1], got {share}")
-    ordered = np.sort(outcomes.confidence[0])
-    target = 1.0 if share >= 1.0 else ordered[min(outcomes.n - 1, math.ceil(share * outcomes.n))] if share > 0 else 0.0
+    from .thresholds import escalation_quantile
+
+    target = escalation_quantile(outcomes.confidence[0], share)
     index = min(int(np.searchsorted(s.thresholds[:, 0], target, side="left")), len(s.thresholds) - 1)
     return _choice(outcomes, s, index, f"target_escalation={share}", True)
 

@@ -52,6 +52,9 @@ class ClassLabels:
             raise LabelError(f"label file {path} is empty")
         rows = [line.split("\t") for line in lines]
         if rows[0][0].strip().lower() == "index" and len(rows[0]) >= 3:
+            short = [number for number, r in enumerate(rows[1:], start=2) if len(r) < 3]
+            if short:
+                raise LabelError(f"label file {path} line {short[0]}: expected index<TAB>id<TAB>name, like its header")
             return cls(tuple(r[2].strip() for r in rows[1:]), tuple(r[1].strip() for r in rows[1:]))
         if all(len(r) == 2 for r in rows):
             return cls(tuple(r[1].strip() for r in rows), tuple(r[0].strip() for r in rows))

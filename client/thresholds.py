@@ -33,6 +33,7 @@ class Outcomes:
             raise ValueError(f"little and big probabilities must both be [N, C], got {little.shape} and {big.shape}")
         if labels is not None and len(labels) != len(little):
             raise ValueError(f"{len(labels)} labels for {len(little)} images")
+        check_finite(little=little, big=big)
         little_class, big_class = little.argmax(1), big.argmax(1)
         return cls(
             confidence=little.max(1),
@@ -50,6 +51,15 @@ class Outcomes:
     @property
     def has_labels(self) -> bool:
         return self.little_correct is not None
+
+
+def check_finite(**probabilities: np.ndarray) -> None:
+    """NaN or inf probabilities (a broken export, fp16 overflow) would give a NaN threshold."""
+    for name, values in probabilities.items():
+        bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
+        if bad.any():
+            raise ValueError(f"{name}'s probabilities are not finite (NaN or inf) on {int(bad.sum())} of {len(values)} "
+                             f"rows (first: row {int(np.flatnonzero(bad)[0])}): check the model's export")
 
 
 def candidate_thresholds(confidence: np.ndarray, grid_points: int = GRID_POINTS) -> np.ndarray:
@@ -174,13 +184,18 @@ def choose_target_escalation(s: Sweep, confidence: np.ndarray, share: float) -> 
     """Label-free: T = the ``share``-quantile of little's confidence, so about that share goes to big."""
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"target escalation must be in [0, 1], got {share}")
-    if share >= 1.0:
-        target = 1.0
-    else:
-        ordered = np.sort(confidence.astype(np.float64))
-        target = ordered[min(len(ordered) - 1, math.ceil(share * len(ordered)))] if share > 0 else 0.0
+    target = escalation_quantile(confidence, share)
     index = min(int(np.searchsorted(s.thresholds, target, side="left")), len(s.thresholds) - 1)
     return Choice(middle_of_class(s, index), f"target_escalation={share}", True)
+
+
+def escalation_quantile(confidence: np.ndarray, share: float) -> float:
+    """The T at which at least ``share`` of rows have confidence < T: the m-th smallest value with m =
+    ceil(share * n) (less a hair, so 0.07 * 100 is 7 rows, not 8); 1.0 when that is every row."""
+    if share <= 0.0:
+        return 0.0
+    m = math.ceil(share * len(confidence) - 1e-9)
+    return 1.0 if m >= len(confidence) else float(np.sort(confidence.astype(np.float64))[m])
 
 
 def choose_min_agreement(s: Sweep, min_agreement: float) -> Choice:
@@ -217,8 +232,10 @@ def choose_with_bound(s: Sweep, n: int, max_drop: float, level: float) -> Choice
         return Choice(len(s.thresholds) - 1, f"max_acc_drop={max_drop}@{level}", False, bound)
     chosen = middle_of_class(s, chosen)
     bound["upper_drop"] = float(max(upper[chosen], 0.0) if s.escalation[chosen] < 1.0 else 0.0)
-    # Escalating every image is always "safe" but is big alone at extra cost: nothing was certified.
-    return Choice(chosen, f"max_acc_drop={max_drop}@{level}", bool(s.escalation[chosen] < 1.0), bound)
+    # Escalating every image is always "safe" but is big alone at extra cost: nothing was certified;
+    # neither is a T that costs more than big alone (as kstage.choose_with_bound).
+    met = bool(s.escalation[chosen] < 1.0 and s.relative_macs[chosen] < 1.0)
+    return Choice(chosen, f"max_acc_drop={max_drop}@{level}", met, bound)
 
 
 def summary(s: Sweep, outcomes: Outcomes, index: int) -> dict:

@@ -91,9 +91,31 @@ def test_batch_resumes_after_an_interruption(batch_server, image_folder, tmp_pat
     with grpcclient.InferenceServerClient(url) as client:
         assert {"little", "big", "littlebig"} <= loaded_models(client, batch_server.admin_headers()), "an interrupted job gives the models back"
 
+    # A hard kill cut the last line mid-write; the resumed job is interrupted again after one chunk:
+    # its rows must not be glued to the cut line (the next resume would find a line that is not JSON).
+    partial = tmp_path / "preds.csv.partial.jsonl"
+    partial.write_text(partial.read_text() + '{"route": "big", "fi')
+
+    def interrupt_after_one(n):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_batch(url, image_folder, out, batch_size=8, concurrency=1, show_progress=False, progress=interrupt_after_one)
     resumed = run_batch(url, image_folder, out, batch_size=8, show_progress=False)
-    assert resumed.inferred == {"little": 0, "big": escalated - 16}
+    assert resumed.inferred == {"little": 0, "big": escalated - 24}
     assert read_csv(out) == reference
+
+
+def test_batch_refuses_gates_whose_answers_it_cannot_reproduce():
+    from littlebig.client.batch import _check_supported
+
+    two = {"little_model": "little", "big_model": "big"}
+    _check_supported({**two, "ensemble_weight": "1.0", "signal": "max_softmax"})
+    with pytest.raises(BatchError, match="serves 3 stages"):
+        _check_supported({"stage_models": "a,b,c"})
+    for key, value in (("signal", "margin"), ("task", "multilabel"), ("ensemble_weight", "0.5")):
+        with pytest.raises(BatchError, match=f"the gate's {key} is '{value}'"):
+            _check_supported({**two, key: value})
 
 
 def test_batch_refuses_a_threshold_outside_0_1(batch_server, image_folder, tmp_path):

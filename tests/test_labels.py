@@ -43,6 +43,19 @@ def test_label_file_forms(tmp_path):
     assert ClassLabels.from_json(DIGITS.to_json()) == DIGITS
     with pytest.raises(LabelError, match="does not exist"):
         ClassLabels.from_file(tmp_path / "missing.txt")
+    tsv.write_text("index\twnid\tname\n0\tn1\tcat\n1\tn2\n")
+    with pytest.raises(LabelError, match="line 3: expected index<TAB>id<TAB>name"):
+        ClassLabels.from_file(tsv)
+
+
+def test_a_truncated_image_is_named(tmp_path):
+    from littlebig.client.images import load_image
+
+    path = tmp_path / "cut.jpg"
+    Image.new("RGB", (64, 64), "red").save(path)
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(ValueError, match=f"cannot read image {path}: "):
+        load_image(path)
 
 
 def test_imagefolder_with_wnid_folders_maps_through_the_model_labels(tmp_path):

@@ -346,6 +346,21 @@ def test_supervisor_canary_sends_a_blank_row_of_any_input(stage_server):
         assert supervisor.canary(model) is None, model
 
 
+def test_one_threshold_for_a_k_stage_gate_is_refused_and_text_gates_describe_themselves(stage_server):
+    from littlebig.client.control import switch_threshold
+    from littlebig.client.infer import LittleBigClient
+
+    with pytest.raises(ValueError, match=r"the gate serves 3 stages .* it takes 2 thresholds, not one"):
+        switch_threshold(stage_server.grpc_url, 0.3, model="img3")
+    with LittleBigClient(stage_server.grpc_url, model="tok2") as client:
+        info = client.gate_info()  # token inputs: no wire size
+        assert info.wire_size is None and len(info.thresholds) == 1
+        with pytest.raises(ValueError, match="take no images"):
+            client.classify([np.zeros((8, 8, 3), np.uint8)])
+        with pytest.raises(ValueError, match=r"pass \[image\] for a single image"):
+            client.classify(np.zeros((8, 8, 3), np.uint8))
+
+
 # ---------------------------------------------------------------- the builder's checks (no server)
 
 

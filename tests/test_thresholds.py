@@ -74,6 +74,37 @@ def test_label_free_choices():
         th.choose_target_escalation(s, o.confidence, 1.5)
 
 
+def test_target_escalation_sends_at_least_the_share_and_no_more_rows():
+    confidence = np.linspace(0.01, 0.99, 100)
+    o = th.Outcomes(confidence, None, None, np.ones(100, bool), 1, 4)
+    s = th.sweep(o)
+    # 0.07 * 100 is 7.000000000000001 in floating point: still 7 rows, not 8.
+    assert s.escalation[th.choose_target_escalation(s, confidence, 0.07).index] == pytest.approx(0.07)
+    ten = th.Outcomes(confidence[::10], None, None, np.ones(10, bool), 1, 4)
+    # 95% of 10 rows is 9.5: every row, not 9.
+    assert th.sweep(ten).escalation[th.choose_target_escalation(th.sweep(ten), ten.confidence, 0.95).index] == 1.0
+
+
+def test_nan_probabilities_are_refused_not_turned_into_a_nan_threshold():
+    good = np.full((3, 2), 0.5, np.float32)
+    bad = good.copy()
+    bad[1] = np.nan
+    with pytest.raises(ValueError, match=r"little's probabilities are not finite .* on 1 of 3 rows \(first: row 1\)"):
+        th.Outcomes.from_probs(bad, good, None, 1, 4)
+
+
+def test_a_bound_met_only_at_more_than_big_alone_is_not_met():
+    # Little costs 0.6 of big and is often wrong: the certified T escalates most rows, costing more than big.
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.2, 1.0, 2000)
+    little_correct = rng.uniform(size=2000) < confidence
+    o = th.Outcomes(confidence, little_correct, np.ones(2000, bool), little_correct, 600, 1000)
+    s = th.sweep(o)
+    choice = th.choose_with_bound(s, o.n, max_drop=0.01, level=0.95)
+    assert s.escalation[choice.index] < 1.0 and s.relative_macs[choice.index] > 1.0
+    assert not choice.met
+
+
 def test_candidates_hold_the_grid_and_every_confidence():
     conf = np.array([0.123456, 0.5, 0.5, 0.999], np.float32)
     c = th.candidate_thresholds(conf, grid_points=50)
