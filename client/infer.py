@@ -10,7 +10,7 @@ import numpy as np
 from .images import ImageLike, to_wire_batch
 from .labels import ClassLabels
 
-from littlebig.contract import CLASS, CONFIDENCE, GATE_MODEL, IMAGE, PROBS, ROUTE, Route  # noqa: F401 - GATE_MODEL is re-exported for the client modules
+from littlebig.contract import CLASS, CONFIDENCE, GATE_MODEL, IMAGE, PROBS, ROUTE, route_label  # noqa: F401 - GATE_MODEL is re-exported for the client modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,10 +19,11 @@ class Prediction:
     confidence: float
     route: int  # 0: little answered, 1: escalated to big, 2: escalated, big failed, little answered
     probs: np.ndarray | None = None
+    stages: int = 2  # of the cascade that answered (K stages: ROUTE is the answering stage, or K + k)
 
     @property
     def route_name(self) -> str:
-        return Route(self.route).label
+        return route_label(self.route, self.stages)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,14 +125,12 @@ class LittleBigClient:
         info: GateInfo | None = None,
     ) -> list[Prediction]:
         """Paths, PIL images or uint8 arrays -> one Prediction each, sent in batches of ``batch_size``."""
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            wire = images
-        elif isinstance(images, np.ndarray):
+        if isinstance(images, np.ndarray) and images.ndim != 4:
             raise ValueError(f"classify takes a batch [N, S, S, 3] or a list of images; got one array of shape "
                              f"{images.shape}: pass [image] for a single image")
-        else:
-            info = info or self.gate_info()
-            wire = to_wire_batch(list(images), info.wire_size, info.crop_pct)
+        info = info or self.gate_info()
+        wire = images if isinstance(images, np.ndarray) else to_wire_batch(list(images), info.wire_size, info.crop_pct)
+        stages = len(info.thresholds) + 1 if info.thresholds else 2
         predictions = []
         for start in range(0, len(wire), batch_size):
             out = self.infer(wire[start : start + batch_size], threshold=threshold, return_probs=return_probs)
@@ -142,6 +141,7 @@ class LittleBigClient:
                         confidence=float(out[CONFIDENCE][row, 0]),
                         route=int(out[ROUTE][row, 0]),
                         probs=out[PROBS][row] if return_probs else None,
+                        stages=stages,
                     )
                 )
         return predictions

@@ -48,6 +48,19 @@ def fallback_route(stage: int, count: int) -> int:
     return count + stage
 
 
+def route_label(route: int, count: int = 2) -> str:
+    """A ROUTE value in words, for a cascade of ``count`` stages: the model that answered, and which
+    one failed for a fallback answer (two stages: Route's labels)."""
+    if count == 2:
+        return Route(route).label
+    names = stage_models(count)
+    if 0 <= route < count:
+        return names[route]
+    if count <= route < 2 * count - 1:
+        return f"{names[route - count]} ({names[route - count + 1]} failed)"
+    raise ValueError(f"ROUTE {route} is not a route of a {count}-stage cascade")
+
+
 class Route(enum.IntEnum):
     """Which model answered a row (the gate's ROUTE output)."""
 

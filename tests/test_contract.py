@@ -73,6 +73,10 @@ def test_stage_roles_and_fallback_routes_agree():
     for count in (2, 3, 5):
         assert roles(count) == contract.stage_models(count)
     assert contract.fallback_route(0, 2) == contract.Route.LITTLE_FALLBACK
+    labels = [contract.route_label(r, 3) for r in range(5)]
+    assert labels == ["little", "stage1", "big", "little (stage1 failed)", "stage1 (big failed)"]
+    assert contract.route_label(contract.fallback_route(1, 3), 3) == "stage1 (big failed)"
+    assert contract.route_label(2) == "little (big failed)"
 
 
 def gate_function(name: str, namespace: dict):

@@ -361,6 +361,15 @@ def test_one_threshold_for_a_k_stage_gate_is_refused_and_text_gates_describe_the
             client.classify(np.zeros((8, 8, 3), np.uint8))
 
 
+def test_classify_names_the_stage_that_answered(stage_server, cases):
+    from littlebig.client.infer import LittleBigClient
+
+    with LittleBigClient(stage_server.grpc_url, model="img3") as client:
+        predictions = client.classify(cases["img"].inputs["IMAGE"][:64])
+    assert {p.route for p in predictions} == {0, 1, 2}
+    assert [p.route_name for p in predictions] == [("little", "stage1", "big")[p.route] for p in predictions]
+
+
 # ---------------------------------------------------------------- the builder's checks (no server)
 
 
