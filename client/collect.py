@@ -187,17 +187,38 @@ def gate_stage_models(url: str) -> tuple[str, ...]:
     return served_stages(params)
 
 
+def _same_models(url: str, cached: Collected, models: tuple[str, ...] | None, log) -> bool:
+    """Whether the server serves the models ``cached`` was collected from; True when it cannot be asked
+    (a cache is also for calibrating again offline), said in the log."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        served = tuple(models) if models is not None else gate_stage_models(url)
+        macs = served_macs(url, served)
+    except (InferenceServerException, OSError) as err:
+        log(f"cannot check the cached probabilities' models against {url} ({str(err).splitlines()[0][:120]}): using them as they are")
+        return True
+    if cached.models and cached.models != served:
+        log(f"cached probabilities are from {', '.join(cached.models)}, the server serves {', '.join(served)}: asking it")
+        return False
+    if macs != list(cached.macs):
+        log(f"cached probabilities are from models of {cached.macs} MACs, the served ones have {macs}: asking the server")
+        return False
+    return True
+
+
 def collect_cached(
     url: str, load_images, cache: Path, *, refresh: bool = False, log=print, models: tuple[str, ...] | None = None, **kwargs
 ) -> tuple[Collected, ImageSet]:
     """Reuse ``cache`` when it holds exactly the images ``load_images(model_labels)`` lists, with the
-    same labels (and the same ``models``, when given); otherwise ask the server (its gate's labels map
-    the data's labels; ``models`` default: the stages the gate serves) and write it."""
+    same labels, from the models the server serves now (same names, same MACs: a repository rebuilt
+    with another model is asked again; retrained weights of the same architecture are not seen:
+    --recollect); otherwise ask the server (its gate's labels map the data's labels; ``models``
+    default: the stages the gate serves) and write it."""
     if cache.is_file() and not refresh:
         cached = Collected.load(cache)
         images = load_images(cached.model_labels)
-        same_models = models is None or cached.models == tuple(models)
-        if cached.holds(images) and same_models:
+        if cached.holds(images) and _same_models(url, cached, models, log):
             log(f"using cached probabilities {cache} (--recollect to ask the server again)")
             return cached, images
     with LittleBigClient(url) as client:

@@ -150,6 +150,25 @@ def test_cached_probabilities_are_reused_without_server(digits_setup, report):
     assert again["threshold"] == report["threshold"]
 
 
+def test_a_cache_from_other_models_is_not_reused(digits_setup, report, tmp_path):
+    import dataclasses
+
+    from littlebig.client.collect import Collected
+
+    root, server, _ = digits_setup
+    cache = root / "out" / "calibration.npz"
+    other = tmp_path / "out"
+    other.mkdir()
+    stale = Collected.load(cache)
+    Collected(**{**{f.name: getattr(stale, f.name) for f in dataclasses.fields(stale)},
+                 "macs": [m + 1 for m in stale.macs]}).save(other / "calibration.npz")
+    lines = []
+    again = calibrate(server.grpc_url, root / "calib", other, ZERO_LOSS, show_progress=False, log=lines.append)
+    assert any("the served ones have" in line for line in lines), lines
+    assert not any(line.startswith("using cached") for line in lines), lines
+    assert again["threshold"] == report["threshold"]
+
+
 def test_label_free_and_bounded_modes(digits_setup, report):
     root, server, _ = digits_setup
     budget = calibrate(server.grpc_url, root / "calib", root / "out", Criterion(target_escalation=0.3), show_progress=False, log=lambda *_: None)
