@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -123,17 +123,21 @@ class LittleBigClient:
         return_probs: bool = False,
         batch_size: int = 16,
         info: GateInfo | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> list[Prediction]:
-        """Paths, PIL images or uint8 arrays -> one Prediction each, sent in batches of ``batch_size``."""
+        """Paths, PIL images or uint8 arrays -> one Prediction each, sent in batches of ``batch_size``
+        (images decoded batch by batch; ``progress(n)`` after each)."""
         if isinstance(images, np.ndarray) and images.ndim != 4:
             raise ValueError(f"classify takes a batch [N, S, S, 3] or a list of images; got one array of shape "
                              f"{images.shape}: pass [image] for a single image")
+        images = images if isinstance(images, np.ndarray) else list(images)
         info = info or self.gate_info()
-        wire = images if isinstance(images, np.ndarray) else to_wire_batch(list(images), info.wire_size, info.crop_pct)
         stages = len(info.thresholds) + 1 if info.thresholds else 2
         predictions = []
-        for start in range(0, len(wire), batch_size):
-            out = self.infer(wire[start : start + batch_size], threshold=threshold, return_probs=return_probs)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            wire = chunk if isinstance(chunk, np.ndarray) else to_wire_batch(list(chunk), info.wire_size, info.crop_pct)
+            out = self.infer(wire, threshold=threshold, return_probs=return_probs)
             for row in range(len(out[CLASS])):
                 predictions.append(
                     Prediction(
@@ -144,6 +148,8 @@ class LittleBigClient:
                         stages=stages,
                     )
                 )
+            if progress is not None:
+                progress(len(wire))
         return predictions
 
 

@@ -270,9 +270,14 @@ def cmd_classify(args) -> None:
 
     paths = _image_paths(args.images)
     args.url = args.url or (HTTP_URL if args.http else GRPC_URL)  # before the first request: errors name it
+    from tqdm import tqdm
+
     with LittleBigClient(args.url, "http" if args.http else "grpc") as client:
         info = client.gate_info()
-        predictions = client.classify(paths, threshold=args.threshold, batch_size=args.batch_size, info=info)
+        # On stderr, shown only for work long enough to watch: the answers on stdout stay a clean table.
+        with tqdm(total=len(paths), desc="classify", unit="img", file=sys.stderr, disable=len(paths) <= 4 * args.batch_size) as bar:
+            predictions = client.classify(paths, threshold=args.threshold, batch_size=args.batch_size, info=info,
+                                          progress=bar.update)
         print_predictions(paths, predictions, load_labels(args.labels, info.num_classes, info.labels))
 
 
