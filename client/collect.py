@@ -17,7 +17,7 @@ from .datasets import ImageSet
 from .images import to_wire_batch
 from .infer import GateInfo, LittleBigClient
 from .labels import ClassLabels
-from littlebig.contract import IMAGE, PROBS, STAGE_MACS, served_stages
+from littlebig.contract import IMAGE, PROBS, STAGE_MACS, STAGE_SHA256, served_stages
 
 
 @dataclasses.dataclass
@@ -30,6 +30,7 @@ class Collected:
     macs: list[int]  # per stage
     model_labels: ClassLabels | None = None  # the served model's labels the data labels were mapped through
     models: tuple[str, ...] = ()  # the served names the stages were asked under
+    digests: tuple[str, ...] = ()  # per stage, the sha256 of the ONNX it was built from ("": not stated)
 
     def __post_init__(self) -> None:
         if len(self.stages) < 2 or len(self.stages) != len(self.macs):
@@ -67,6 +68,7 @@ class Collected:
             paths=np.asarray(self.paths),
             macs=np.asarray(self.macs, dtype=np.int64),
             models=np.asarray(self.models, dtype=str),
+            digests=np.asarray(self.digests, dtype=str),
             model_labels=np.asarray("" if self.model_labels is None else self.model_labels.to_json()),
         )
 
@@ -82,6 +84,7 @@ class Collected:
                 macs=[int(m) for m in data["macs"]],
                 model_labels=_labels_of(data),
                 models=tuple(str(m) for m in data["models"]) if "models" in data.files else (),
+                digests=tuple(str(d) for d in data["digests"]) if "digests" in data.files else (),
             )
 
 
@@ -141,16 +144,24 @@ def collect(
     )
 
 
-def served_macs(url: str, models: tuple[str, ...]) -> list[int]:
-    """Each served classifier's MACs per image (its config parameter `macs`, written by the builder)."""
-    macs = []
+@dataclasses.dataclass(frozen=True)
+class ServedStage:
+    """What a served stage model's config states about it (parameters written by the builder)."""
+
+    macs: int  # per image
+    digest: str  # sha256 of the ONNX file it was built from; "" in repositories built before it was written
+
+
+def served_stages_facts(url: str, models: tuple[str, ...]) -> list[ServedStage]:
+    facts = []
     with LittleBigClient(url) as client:
         for model in models:
             params = client.model_config(model).get("parameters", {})
             if STAGE_MACS not in params:
                 raise ValueError(f"served model {model!r} states no `{STAGE_MACS}` parameter: build the repository with `littlebig repo`")
-            macs.append(int(params[STAGE_MACS]["string_value"]))
-    return macs
+            digest = params.get(STAGE_SHA256, {}).get("string_value", "")
+            facts.append(ServedStage(int(params[STAGE_MACS]["string_value"]), digest))
+    return facts
 
 
 def collect_stages(
@@ -165,8 +176,9 @@ def collect_stages(
         raise ValueError("the image set is empty")
     if batch_size < 1 or concurrency < 1:
         raise ValueError("batch size and concurrency must be >= 1")
+    served = served_stages_facts(url, models)
     if macs is None:
-        macs = served_macs(url, models)
+        macs = [stage.macs for stage in served]
     with tqdm(total=len(images), desc=f"collect ({len(models)} models)", unit="img", disable=not show_progress) as bar:
         probs = asyncio.run(_collect(url, images, models, wire, batch_size, concurrency, bar.update))
     return Collected(
@@ -176,6 +188,7 @@ def collect_stages(
         macs=list(macs),
         model_labels=model_labels,
         models=tuple(models),
+        digests=tuple(stage.digest for stage in served),
     )
 
 
@@ -188,21 +201,28 @@ def gate_stage_models(url: str) -> tuple[str, ...]:
 
 
 def _same_models(url: str, cached: Collected, models: tuple[str, ...] | None, log) -> bool:
-    """Whether the server serves the models ``cached`` was collected from; True when it cannot be asked
-    (a cache is also for calibrating again offline), said in the log."""
+    """Whether the server serves the models ``cached`` was collected from (same names, MACs and, where
+    the served configs state them, the same ONNX files by sha256); True when it cannot be asked (a
+    cache is also for calibrating again offline), said in the log."""
     from tritonclient.utils import InferenceServerException
 
     try:
         served = tuple(models) if models is not None else gate_stage_models(url)
-        macs = served_macs(url, served)
+        facts = served_stages_facts(url, served)
     except (InferenceServerException, OSError) as err:
         log(f"cannot check the cached probabilities' models against {url} ({str(err).splitlines()[0][:120]}): using them as they are")
         return True
     if cached.models and cached.models != served:
         log(f"cached probabilities are from {', '.join(cached.models)}, the server serves {', '.join(served)}: asking it")
         return False
+    macs, digests = [stage.macs for stage in facts], tuple(stage.digest for stage in facts)
     if macs != list(cached.macs):
         log(f"cached probabilities are from models of {cached.macs} MACs, the served ones have {macs}: asking the server")
+        return False
+    if all(digests) and cached.digests != digests:
+        log("cached probabilities are from other weights (the served models' ONNX files differ by sha256)"
+            if cached.digests else "cached probabilities do not record which weights gave them (an older cache)")
+        log("asking the server")
         return False
     return True
 
@@ -211,9 +231,8 @@ def collect_cached(
     url: str, load_images, cache: Path, *, refresh: bool = False, log=print, models: tuple[str, ...] | None = None, **kwargs
 ) -> tuple[Collected, ImageSet]:
     """Reuse ``cache`` when it holds exactly the images ``load_images(model_labels)`` lists, with the
-    same labels, from the models the server serves now (same names, same MACs: a repository rebuilt
-    with another model is asked again; retrained weights of the same architecture are not seen:
-    --recollect); otherwise ask the server (its gate's labels map the data's labels; ``models``
+    same labels, from the models the server serves now (same names, MACs and ONNX files: a repository
+    rebuilt with other weights is asked again); otherwise ask the server (its gate's labels map the data's labels; ``models``
     default: the stages the gate serves) and write it."""
     if cache.is_file() and not refresh:
         cached = Collected.load(cache)

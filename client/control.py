@@ -25,6 +25,12 @@ def served_threshold(url: str, model: str = GATE_MODEL) -> float:
         return client.gate_info().threshold
 
 
+def served_thresholds(url: str, model: str = GATE_MODEL) -> tuple[float, ...]:
+    """T_0 .. T_{K-2} of the served gate (two stages: its one T)."""
+    with LittleBigClient(url, model=model) as client:
+        return client.gate_info().thresholds
+
+
 def switch_threshold(url: str, threshold: float, *, gears: str | None = None, model: str = GATE_MODEL) -> None:
     """Switch the running gate to ``threshold`` (a reload with a config override; no downtime), and to
     ``gears`` (the gate's ladder parameter, starting at ``threshold``) when given."""

@@ -74,7 +74,7 @@ def pairs(
     criterion.validate()
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "collected.npz"
-    from littlebig.model_repository.builder import ModelFacts
+    from littlebig.model_repository.builder import ModelFacts, file_sha256
 
     images = load_image_set(data, labels_csv=labels_csv, classes=classes, model_labels=ModelFacts.from_onnx(big).labels)
     if images.labels is None:
@@ -82,8 +82,9 @@ def pairs(
     collected = None
     if cache.is_file() and not refresh:
         cached = Collected.load(cache)
-        wanted = set(served_names(candidates)) | {BIG_MODEL}
-        if cached.holds(images) and set(cached.models) == wanted:
+        # the same files, by content: a candidate retrained in place is asked again
+        wanted = dict(zip(served_names(candidates), map(file_sha256, candidates))) | {BIG_MODEL: file_sha256(big)}
+        if cached.holds(images) and dict(zip(cached.models, cached.digests)) == wanted:
             log(f"using cached probabilities {cache} (--recollect to serve and ask again)")
             collected = cached
     if collected is None:

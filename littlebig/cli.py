@@ -422,10 +422,10 @@ def cmd_pairs(args) -> None:
 
 def cmd_threshold(args) -> None:
     from littlebig.client.calibrate import apply_choice
-    from littlebig.client.control import served_threshold
+    from littlebig.client.control import served_threshold, served_thresholds
 
     if args.value is None:
-        print(f"{served_threshold(args.url):.6f}")
+        print(",".join(f"{t:.6f}" for t in served_thresholds(args.url)))  # K stages: T_0,T_1,... as --thresholds takes them
         return
     applied = apply_choice(args.url, args.value, args.repo)
     print(f"server now runs T={served_threshold(args.url):.6f}" + (f"; wrote {applied['config']}" if applied["config"] else
@@ -736,7 +736,7 @@ def _add_pairs_command(sub) -> None:
 
 def _add_threshold_command(sub) -> None:
     p = sub.add_parser("threshold", help="show or set the served threshold T (no downtime)")
-    p.add_argument("value", nargs="?", type=probability, help="new T in [0, 1]; omit to show the current one")
+    p.add_argument("value", nargs="?", type=probability, help="new T in [0, 1]; omit to show the current one (K stages: all K-1)")
     p.add_argument("--url", default="127.0.0.1:8001", help="server gRPC address")
     p.add_argument("--repo", help="also write T into this repository folder (so a restart keeps it)")
     p.set_defaults(func=cmd_threshold)

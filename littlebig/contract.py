@@ -100,6 +100,8 @@ GEAR_DEADLINE_MS = "gear_deadline_ms"
 RUNTIME_PARAMETERS = ("onnx_file", "intra_op_threads", "nice")
 # Every stage model's config (any runtime) states its MACs per image, for the clients' cost figures.
 STAGE_MACS = "macs"
+# ... and the sha256 of the ONNX file it was built from, so a cache of its answers can tell other weights.
+STAGE_SHA256 = "onnx_sha256"
 # Request parameters the gate accepts; any other is refused.
 REQUEST_PARAMETERS = ("threshold", "thresholds", "on_big_failure")
 ON_BIG_FAILURE = ("fail", "little")

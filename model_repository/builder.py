@@ -8,6 +8,7 @@ field names and types are checked by the schema rather than by string pasting.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -22,7 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from littlebig.client.labels import ClassLabels
 from littlebig.contract import (
     BIG_MODEL, CLASS, CONFIDENCE, GATE_MODEL, GEAR_DEADLINE_MS, GEAR_INTERVAL_MS, GEARS, LABELS, LATENCY_TARGET_MS, LITTLE_MODEL,
-    ON_BIG_FAILURE, PROBS, ROUTE, STAGE_MACS, TASKS, THRESHOLD, served_stages, stage_models,
+    ON_BIG_FAILURE, PROBS, ROUTE, STAGE_MACS, STAGE_SHA256, TASKS, THRESHOLD, served_stages, stage_models,
 )
 from littlebig.export.metadata import graph_inputs, output_names, read_metadata
 from littlebig.signals import DEFAULT_SIGNAL, MULTICLASS_SIGNALS, MULTILABEL_SIGNALS
@@ -268,8 +269,16 @@ def classifier_config(
         config.platform = "tensorrt_plan"
         config.default_model_filename = "model.plan"
         group.kind = mc.ModelInstanceGroup.KIND_GPU
-    _parameters(config, {STAGE_MACS: facts.macs})
+    _parameters(config, {STAGE_MACS: facts.macs, STAGE_SHA256: file_sha256(facts.path)})
     return config
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def stage_thresholds(options: RepositoryOptions, count: int) -> tuple[float, ...]:

@@ -167,6 +167,17 @@ def test_a_cache_from_other_models_is_not_reused(digits_setup, report, tmp_path)
     assert any("the served ones have" in line for line in lines), lines
     assert not any(line.startswith("using cached") for line in lines), lines
     assert again["threshold"] == report["threshold"]
+    # Same names and MACs, other weights: the served configs state their ONNX files' sha256.
+    assert len(stale.digests) == 2 and all(len(d) == 64 for d in stale.digests), stale.digests
+    Collected(**{**{f.name: getattr(stale, f.name) for f in dataclasses.fields(stale)},
+                 "digests": ("0" * 64,) * 2}).save(other / "calibration.npz")
+    lines.clear()
+    calibrate(server.grpc_url, root / "calib", other, ZERO_LOSS, show_progress=False, log=lines.append)
+    assert any("other weights" in line for line in lines), lines
+    assert not any(line.startswith("using cached") for line in lines), lines
+    lines.clear()
+    calibrate(server.grpc_url, root / "calib", other, ZERO_LOSS, show_progress=False, log=lines.append)
+    assert any(line.startswith("using cached") for line in lines), lines  # what it wrote is reused
 
 
 def test_label_free_and_bounded_modes(digits_setup, report):

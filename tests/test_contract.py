@@ -148,7 +148,7 @@ def test_runtime_parameters_agree(pair, tmp_path):
     repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(runtime="python"))
     for stage in (contract.LITTLE_MODEL, contract.BIG_MODEL):
         written = set(read_config(repo / stage / "config.pbtxt").parameters)
-        assert written == {*contract.RUNTIME_PARAMETERS, contract.STAGE_MACS}, stage
+        assert written == {*contract.RUNTIME_PARAMETERS, contract.STAGE_MACS, contract.STAGE_SHA256}, stage
 
 
 @pytest.mark.parametrize("value", [0, 1, 0.5, "0.25", " 1 ", "1e-3", True, False, None, "abc", "", 1.5, -0.1, math.nan, math.inf, "nan", [0.5]])

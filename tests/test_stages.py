@@ -346,10 +346,12 @@ def test_supervisor_canary_sends_a_blank_row_of_any_input(stage_server):
         assert supervisor.canary(model) is None, model
 
 
-def test_one_threshold_for_a_k_stage_gate_is_refused_and_text_gates_describe_themselves(stage_server):
-    from littlebig.client.control import switch_threshold
+def test_one_threshold_for_a_k_stage_gate_is_refused_and_text_gates_describe_themselves(stage_server, thresholds):
+    from littlebig.client.control import served_thresholds, switch_threshold
     from littlebig.client.infer import LittleBigClient
 
+    assert served_thresholds(stage_server.grpc_url, model="img3") == pytest.approx(thresholds["img3"])
+    assert len(thresholds["img3"]) == 2
     with pytest.raises(ValueError, match=r"the gate serves 3 stages .* it takes 2 thresholds, not one"):
         switch_threshold(stage_server.grpc_url, 0.3, model="img3")
     with LittleBigClient(stage_server.grpc_url, model="tok2") as client:

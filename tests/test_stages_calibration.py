@@ -221,6 +221,33 @@ def test_pairs_serves_collects_and_ranks_every_chain(digit_models):
     assert cs.write_plots(root, stage_report, collected) == ["chains.png", "signals.png"]
 
 
+def test_pairs_reuses_its_cache_only_for_the_same_files(digit_models, tmp_path, monkeypatch):
+    """A second `pairs` on the same files answers from its cache; once a candidate file holds other
+    weights (same name, same architecture) it serves and asks again."""
+    import shutil
+
+    import onnx
+
+    from littlebig.client import pairs as pairs_module
+
+    root, paths = digit_models
+    files = {name: shutil.copy(paths[name], tmp_path / f"{name}.onnx") for name in ("mlp", "linear")}
+    run = lambda: pairs(files["mlp"], [files["linear"]], root / "calib", tmp_path / "out",  # noqa: E731
+                        Criterion(max_acc_drop=0.0, point_estimate=True), show_progress=False, log=lambda *_: None)
+    first = run()
+
+    def served_again(*args, **kwargs):
+        raise AssertionError("served and collected again")
+
+    monkeypatch.setattr(pairs_module, "collect_served", served_again)
+    assert run()["ranking"] == first["ranking"]  # from the cache
+    model = onnx.load(files["linear"])
+    model.doc_string = "retrained"  # other bytes: what a retrained file of the same shape looks like to the cache
+    onnx.save(model, files["linear"])
+    with pytest.raises(AssertionError, match="served and collected again"):
+        run()
+
+
 def test_calibrate_three_stage_gate_and_apply_reproduce_offline_routes(digit_models):
     """`calibrate` on a served 3-stage gate: joint thresholds, applied live; the gate then routes every
     row as Eq. 7 says offline on the collected probabilities."""
