@@ -220,9 +220,9 @@ def _same_models(url: str, cached: Collected, models: tuple[str, ...] | None, lo
         log(f"cached probabilities are from models of {cached.macs} MACs, the served ones have {macs}: asking the server")
         return False
     if all(digests) and cached.digests != digests:
-        log("cached probabilities are from other weights (the served models' ONNX files differ by sha256)"
-            if cached.digests else "cached probabilities do not record which weights gave them (an older cache)")
-        log("asking the server")
+        why = "are from other weights (the served models' ONNX files differ by sha256)" if cached.digests else \
+            "do not record which weights gave them (an older cache)"
+        log(f"cached probabilities {why}: asking the server")
         return False
     return True
 
@@ -232,8 +232,8 @@ def collect_cached(
 ) -> tuple[Collected, ImageSet]:
     """Reuse ``cache`` when it holds exactly the images ``load_images(model_labels)`` lists, with the
     same labels, from the models the server serves now (same names, MACs and ONNX files: a repository
-    rebuilt with other weights is asked again); otherwise ask the server (its gate's labels map the data's labels; ``models``
-    default: the stages the gate serves) and write it."""
+    rebuilt with other weights is asked again); otherwise ask the server (its gate's labels map the
+    data's labels; ``models`` default: the stages the gate serves) and write it."""
     if cache.is_file() and not refresh:
         cached = Collected.load(cache)
         images = load_images(cached.model_labels)
