@@ -21,8 +21,7 @@ from .infer import GATE_MODEL, LittleBigClient
 
 
 def served_threshold(url: str, model: str = GATE_MODEL) -> float:
-    with LittleBigClient(url, model=model) as client:
-        return client.gate_info().threshold
+    return served_thresholds(url, model)[0]
 
 
 def served_thresholds(url: str, model: str = GATE_MODEL) -> tuple[float, ...]:

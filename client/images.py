@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Sequence, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -49,9 +49,9 @@ def load_image(image: ImageLike) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise  # named by the CLI ("not an image Pillow can read")
     except (OSError, Image.DecompressionBombError) as err:
-        if type(err).__name__ == "UnidentifiedImageError":
-            raise  # named by the CLI ("not an image Pillow can read")
         raise ValueError(f"cannot read image {path}: {err}") from None
 
 

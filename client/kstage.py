@@ -24,7 +24,7 @@ import numpy as np
 from littlebig.contract import MULTILABEL_CUT  # a label is answered when its sigmoid probability is >= this (the gate's LABELS)
 from littlebig.signals import signal as gating_signal
 
-from .thresholds import drop_upper_bound
+from .thresholds import check_finite, drop_upper_bound, escalation_quantile
 
 MAX_POINTS = 2_000_000  # threshold combinations evaluated at most (memory ~ MAX_POINTS x 8 floats)
 # Columns summed over the rows each stage answers: the metric's parts, then agreement with the reference,
@@ -76,8 +76,6 @@ class StageOutcomes:
             raise ValueError(f"{len(labels)} labels for {n} rows")
         if task == "multilabel" and labels is not None and np.shape(labels) != stages[0].shape:
             raise ValueError(f"multi-label labels must be multi-hot {stages[0].shape}, got {np.shape(labels)}")
-        from .thresholds import check_finite
-
         check_finite(**{f"stage {i}": p for i, p in enumerate(stages)})
         answer = _answers(task)
         ref_probs = stages[-1] if reference is None else reference
@@ -345,8 +343,6 @@ def choose_target_escalation(outcomes: StageOutcomes, s: JointSweep, share: floa
                          "criterion for this cascade")
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"target escalation must be in [0, 1], got {share}")
-    from .thresholds import escalation_quantile
-
     target = escalation_quantile(outcomes.confidence[0], share)
     index = min(int(np.searchsorted(s.thresholds[:, 0], target, side="left")), len(s.thresholds) - 1)
     return _choice(outcomes, s, index, f"target_escalation={share}", True)
