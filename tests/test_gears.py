@@ -504,47 +504,67 @@ def gate_gears(ladder, target_s=0.1, interval_s=0.5, seen=None):
     return g.gate_controller_class()(ladder, target_s, interval_s, metrics, count, 0.0, seen), counts
 
 
-def test_controller_down_on_a_confirmed_miss_up_after_calm_intervals_and_home_after_quiet():
-    gears, counts = gate_gears([(0.5, 0.0), (0.4, 0.002), (0.3, 0.008)])
-    t = 0.0
+def test_controller_down_on_a_p99_miss_up_after_calm_intervals_and_home_after_quiet():
+    ladder = [(0.5, 0.0), (0.4, 0.002), (0.3, 0.008)]
+    gears, counts = gate_gears(ladder)  # target 0.1 s, decisions every 0.5 s, judged on the last 2 s of answers
+    t, spent = 0.0, []
 
-    def tick(latency, rows=10):
-        """One interval whose answers took ``latency``; the T in force for them (decided at its start
-        from the previous interval's answers)."""
+    def tick(latency, rows=10, late=0):
+        """One interval: ``rows`` answers that took ``latency`` and ``late`` that took 0.15 s (over the
+        target); returns the T in force for them (decided at its start from the answers before)."""
         nonlocal t
         t += 0.5
         started = gears.start(t)
         gears.little_answered(t)
-        gears.adapted(rows, gears.threshold)
+        gears.adapted(rows + late, gears.threshold)
+        spent.append((rows + late, gears.threshold))
         gears.answered(started - latency, rows, t)
+        gears.answered(started - 0.15, late, t)
         return gears.threshold
 
-    assert [tick(0.02) for _ in range(3)] == [0.5, 0.5, 0.5]  # met: gear 0, the fixed T
-    # One window over the target (not far over), then met: a single slow batch, no gear change.
-    assert [tick(0.15), tick(0.07), tick(0.02)] == [0.5, 0.5, 0.5]
-    assert counts.get("cost", 0) == 0
-    # Over the target twice in a row: confirmed, straight to the last gear.
-    assert [tick(0.15), tick(0.15), tick(0.15)] == [0.5, 0.5, 0.3]
-    assert tick(0.07) == 0.3  # still over: stays down
-    assert tick(0.07) == 0.3  # between half the target and the target: hold
-    assert [tick(0.02) for _ in range(4)] == [0.3, 0.3, 0.3, 0.3]  # calm, but not yet for 4 intervals
+    assert [tick(0.02) for _ in range(3)] == [0.5] * 3  # met: gear 0, the fixed T
+    # A burst of late answers (8 of the horizon's 48): bursts like it come and go at a met p99 target.
+    assert [tick(0.02, late=8)] + [tick(0.02) for _ in range(4)] == [0.5] * 5
+    # Late answers in interval after interval (12 of 52): a miss, straight to the last gear.
+    assert [tick(0.02, late=4) for _ in range(4)] == [0.5] * 3 + [0.3]
+    assert [tick(0.02) for _ in range(4)] == [0.3] * 4  # the late answers are still in the horizon
+    assert [tick(0.07) for _ in range(4)] == [0.3] * 4  # on time but over half the target: hold
+    assert [tick(0.02) for _ in range(7)] == [0.3] * 7  # calm once the 0.07 s answers left the horizon, not yet 4 times
     assert tick(0.02) == 0.4  # 4 calm intervals in a row: one gear up
-    # The climb did not hold: far over the target, down at once, and the next climb waits twice as long.
-    assert [tick(0.02), tick(0.25)] == [0.4, 0.4]
-    assert [tick(0.02) for _ in range(8)] == [0.3] * 8
-    assert tick(0.02) == 0.4  # 8 calm intervals
+    # The climb did not hold: most answers late within 4 intervals of it, down again, and the next climb
+    # waits twice as long (8 calm intervals, after the late ones have left the horizon).
+    assert [tick(0.15), tick(0.02)] == [0.4, 0.3]
+    assert [tick(0.02) for _ in range(3 + 7)] == [0.3] * 10
+    assert tick(0.02) == 0.4
     assert [tick(0.02) for _ in range(7)] == [0.4] * 7
     assert tick(0.02) == 0.5  # 8 calm intervals again; that climb held, so the wait halves back to 4
     assert gears.raise_after == 4
-    # Each tick's rows meet the gear decided at its start.
-    assert counts["cost"] == pytest.approx(10 * (0.008 * 15 + 0.002 * 11))
-    assert counts["s2"] == pytest.approx(7.5) and counts["s1"] == pytest.approx(5.5)
+    # Each tick's rows meet the gear decided at its start, and the expected cost is theirs.
+    drop = dict(ladder)
+    assert counts["cost"] == pytest.approx(sum(rows * drop[threshold] for rows, threshold in spent))
+    assert counts["s2"] == pytest.approx(0.5 * sum(threshold == 0.3 for _, threshold in spent))
     escalated = t
     gears.escalation_started(escalated)
     assert tick(0.0) == 0.3  # fast answers, but an escalation has waited 0.5 s for big: far over, down at once
     gears.escalation_ended(escalated)
     t += 5.0  # quiet spell: nothing in flight, nothing answered
     assert gears.start(t) == t and gears.threshold == 0.5
+
+
+@pytest.mark.parametrize("by_deadline", [False, True])
+def test_controller_counts_the_deadlines_answers_as_late(by_deadline):
+    """Answers on time only because the deadline gave them (big's backlog is why they waited) are a
+    miss: the overload the deadline absorbs still moves the gears. The same answers from big are not."""
+    gears, _ = gate_gears([(0.5, 0.0), (0.4, 0.002), (0.3, 0.008)])  # target 0.1 s
+    t = 0.0
+    for _ in range(4):
+        t += 0.5
+        gears.decide(t)
+        gears.answered(t - 0.02, 10, t)
+        gears.answered(t - 0.09, 4, t, late=by_deadline)
+    t += 0.5
+    gears.decide(t)
+    assert gears.threshold == (0.3 if by_deadline else 0.5)
 
 
 def test_pooled_observations_are_shared_by_the_instances(tmp_path):
@@ -583,8 +603,9 @@ def test_pooled_observations_are_shared_by_the_instances(tmp_path):
 
 
 def test_instances_deciding_from_pooled_observations_move_together(tmp_path):
-    """The controller's state is the pool's: decisions taken in turn by two instances confirm a miss
-    together, and both are in the gear the last decision left."""
+    """The controller judges the answers of every instance: one instance's late answers among the
+    other's many on-time ones are what a p99 allows, more of them are a miss for both; both are in
+    the gear the last decision left."""
     pooled = g.gate_definitions()["PooledObservations"]
     ladder = [(0.5, 0.0), (0.4, 0.002), (0.3, 0.008)]
     (a, _), (b, _) = (gate_gears(ladder, seen=pooled(str(tmp_path / "board"))) for _ in range(2))
@@ -592,8 +613,13 @@ def test_instances_deciding_from_pooled_observations_move_together(tmp_path):
     for k in range(4):
         t += 0.5
         (a if k % 2 == 0 else b).decide(t)  # a decides, then b, then a, ...
-        a.answered(t - 0.15, 10, t)  # over the 0.1 s target, but not far over: a miss needs two intervals
-    assert a.threshold == b.threshold == 0.3
+        a.answered(t - 0.02, 40, t)
+        b.answered(t - 0.15, 1, t)  # b alone would see only late answers
+    assert a.threshold == b.threshold == 0.5
+    b.answered(t - 0.15, 50, t)
+    t += 0.5
+    a.decide(t)
+    assert a.threshold == 0.3
     b.decide(t + 0.1)  # within the interval of the last decision: nothing to decide, but b takes its gear
     assert b.threshold == 0.3
 
