@@ -70,6 +70,7 @@ class Run:
     refused: int  # UNAVAILABLE (queue full or timed out)
     failed: int  # any other error, or no answer within ANSWER_TIMEOUT_S
     round: int = 0
+    errors: dict = dataclasses.field(default_factory=dict)  # message of each failure -> how many
 
     @property
     def throughput(self) -> float:
@@ -116,8 +117,10 @@ async def open_loop(url: str, variant: str, inputs, rate: float, seconds: float,
         except grpcaio.InferenceServerException as err:
             if "UNAVAILABLE" in str(err.status()):
                 run.refused += counted
-            else:
-                run.failed += counted
+            elif counted:
+                run.failed += 1
+                message = f"{err.status()}: {err.message()}"[:200]
+                run.errors[message] = run.errors.get(message, 0) + 1
             return
         if counted:
             answered.append((sent, (loop.time() - sent) * 1000.0, float(result.as_numpy("THRESHOLD")[0, 0]), index,
@@ -245,6 +248,8 @@ def measure(url, inputs, rate0, loads, rounds, seconds, ladder, drops, pause, le
                     f"{run.throughput:5.1f} img/s  refused {run.refused:4d}  failed {run.failed}  gears(s) "
                     f"{' '.join(f'{s:.1f}' for s in gear_seconds(run, ladder))}  drop {expected_drop(run, ladder, drops):.2f} pt"
                 )
+                for message, count in run.errors.items():
+                    progress.write(f"    failed x{count}: {message}")
                 time.sleep(pause)  # queues drain; the adaptive gate climbs back to gear 0 when quiet
     progress.close()
     return runs
@@ -257,7 +262,7 @@ def run_record(run: Run, ladder, drops, reference, target_ms) -> dict:
         "met_target": met_target(run, target_ms), "gear_seconds": gear_seconds(run, ladder),
         "expected_drop_pt": expected_drop(run, ladder, drops), "answers": len(run.thresholds),
         "below_config_t": below_config_t(run, ladder), "differ_from_fixed": differ_from_fixed(run, reference),
-        "late": late(run, target_ms), "slowest_1pct": slowest(run, ladder),
+        "late": late(run, target_ms), "slowest_1pct": slowest(run, ladder), "errors": run.errors,
     }
 
 
