@@ -5,7 +5,7 @@ shows the latencies a gate that never moves would see, so replaying it through t
 ``Gears`` class (taken from the gate file's source, as the tests do) tells whether and when the
 controller would have left gear 0: on runs where the fixed T met the target that is a false alarm
 (answers that need not have changed), on overloaded runs the sooner the better. Controller constants
-can be overridden to compare variants on the same traces (`--set CONFIRM=3`); the live effect of a
+can be overridden to compare variants on the same traces (`--set LATE_SHARE=0.1`); the live effect of a
 variant still needs `bench/overload.py`.
 
 The replay sees each answer's whole latency (send to answer), more than the gate sees, and takes
@@ -14,7 +14,7 @@ not a verdict: a variant that looked two decisions ahead on a growing backlog mo
 replayed runs where the fixed T met the target, and live it moved in all five 1.0x rounds
 (bench/results/overload_steep/rejected_lead_forecast.json).
 
-    .venv/bin/python bench/gears_replay.py runs/overload/traces.json runs/overload/overload.json --set CONFIRM=3
+    .venv/bin/python bench/gears_replay.py runs/overload/traces.json runs/overload/overload.json --set LATE_SHARE=0.1
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a Gears constant")
     args = parser.parse_args()
     overrides = {name: float(value) for name, value in (s.split("=", 1) for s in args.set)}
+    unknown = sorted(name for name in overrides if not name.isupper() or not hasattr(gate_controller_class(), name))
+    if unknown:  # a constant the controller no longer has would change nothing, silently
+        parser.error(f"no Gears constant {', '.join(unknown)}")
     cls = gears_class(overrides)
     result = json.loads(Path(args.overload).read_text())
     ladder = [(g["threshold"], g["drop"]) for g in result["ladder"]["gears"]]
