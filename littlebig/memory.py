@@ -63,5 +63,10 @@ class MemorySampler:
         self.samples.append(Sample(time.monotonic(), tree_rss(self.pid)))
 
     def peak(self, start: float = float("-inf"), end: float = float("inf")) -> int:
-        """Highest sample taken between ``start`` and ``end`` (monotonic seconds); 0 if none."""
-        return max((s.rss for s in self.samples if start <= s.time <= end), default=0)
+        """Highest RSS seen over ``start`` .. ``end`` (monotonic seconds): the samples taken in it and the
+        last one before and first one after it, so a window shorter than the interval (or one the
+        sampling thread was starved through) still has a figure; 0 only when nothing was sampled."""
+        before = [s for s in self.samples if s.time < start][-1:]
+        inside = [s for s in self.samples if start <= s.time <= end]
+        after = [s for s in self.samples if s.time > end][:1]
+        return max((s.rss for s in before + inside + after), default=0)
