@@ -28,7 +28,7 @@ from littlebig.client import kstage
 from littlebig.client.criterion import DEFAULT_CONFIDENCE_LEVEL, Criterion
 from littlebig.client.kstage import StageOutcomes, choose, sweep_stages
 from littlebig.examples.reference import cascade, stage_probs
-from littlebig.signals import DEFAULT_SIGNAL
+from littlebig.model_repository.gate.signals import DEFAULT_SIGNAL
 
 RESULTS = Path(__file__).parent / "results" / "examples"
 

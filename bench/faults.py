@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config
+from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_gate
 from littlebig.reliability import Expected, Load, pause, report, stub_pid
 from littlebig.server import TritonServer
 from littlebig.supervisor import Supervisor, SupervisorOptions
@@ -39,7 +39,7 @@ FAULTS = {
     "big stub SIGKILL": lambda server, args: kill_stub(server, "big_0_0"),
     "big stub SIGSTOP/SIGCONT": lambda server, args: pause(stub_pid(server.process.pid, "big_0_0"), args.pause_s),
     "big stub SIGSTOP/SIGCONT long": lambda server, args: pause(stub_pid(server.process.pid, "big_0_0"), args.long_pause_s),
-    "gate stub SIGKILL": lambda server, args: kill_stub(server, "littlebig_0_0"),
+    "gate stub SIGKILL": lambda server, args: kill_stub(server, "gate_0_0"),
     "server SIGKILL": lambda server, args: os.kill(server.process.pid, signal.SIGKILL),
 }
 
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="littlebig-faults-"))
     repo = build_repository(args.little, args.big, work / "repo", RepositoryOptions(intra_op_threads=1))
-    size = int(read_config(repo / "littlebig" / "config.pbtxt").parameters["wire_size"].string_value)
+    size = read_gate(repo)[2].wire_size
     expected = Expected.from_repository(repo, wire_images(256, size))
     conf = expected.little.max(1)
     thresholds = [0.0, 1.0] + [float(np.quantile(conf, q)) for q in (0.2, 0.5, 0.8)]

@@ -2,7 +2,7 @@
 
 `bench/overload.py --traces` records every answer of every run (send time, latency). A fixed-T run
 shows the latencies a gate that never moves would see, so replaying it through the gate's own
-``Gears`` class (taken from the gate file's source, as the tests do) tells whether and when the
+``Gears`` class (imported from the gate package, as the tests do) tells whether and when the
 controller would have left gear 0: on runs where the fixed T met the target that is a false alarm
 (answers that need not have changed), on overloaded runs the sooner the better. Controller constants
 can be overridden to compare variants on the same traces (`--set LATE_SHARE=0.1`); the live effect of a
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from littlebig.client.gears import gate_controller_class
+from littlebig.model_repository.gate.gears import Gears
 
 def gears_class(overrides: dict[str, float]):
     """The gate's controller with some constants overridden."""
-    return type("Replayed", (gate_controller_class(),), dict(overrides))
+    return type("Replayed", (Gears,), dict(overrides))
 
 
 class _Gauge:
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a Gears constant")
     args = parser.parse_args()
     overrides = {name: float(value) for name, value in (s.split("=", 1) for s in args.set)}
-    unknown = sorted(name for name in overrides if not name.isupper() or not hasattr(gate_controller_class(), name))
+    unknown = sorted(name for name in overrides if not name.isupper() or not hasattr(Gears, name))
     if unknown:  # a constant the controller no longer has would change nothing, silently
         parser.error(f"no Gears constant {', '.join(unknown)}")
     cls = gears_class(overrides)

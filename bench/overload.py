@@ -38,10 +38,11 @@ from littlebig.client.gears import Ladder
 from littlebig.client.images import list_images, to_wire_batch
 from littlebig.client.infer import LittleBigClient
 from littlebig.client.metrics import read_samples
-from littlebig.contract import GATE_MODEL, GEAR_DEADLINE_MS, GEAR_INTERVAL_MS, GEARS, LATENCY_TARGET_MS
+from littlebig.contract import GATE_MODEL
+from littlebig.model_repository.gate.config import parse_ladder
 from littlebig.model_repository.builder import RepositoryOptions, build_repository
 from littlebig.server import TritonServer
-from peers import closed_loop, image_inputs  # bench/peers.py, beside this script
+from littlebig.client.closed_loop import closed_loop, image_inputs
 
 VARIANTS = ("fixed", "adaptive")
 # --floor adds a third variant whose requests pin the ladder's last T: what the gate does when every row is
@@ -53,6 +54,12 @@ SLOWEST = ("big", "little_at_config_t", "little_at_lower_gear")  # who gave an a
 # 2.51 python backend does not restart it) stops the run instead of hanging it.
 ANSWER_TIMEOUT_S = 60.0
 OUTPUTS = [grpcaio.InferRequestedOutput(name) for name in ("CLASS", "THRESHOLD", "ROUTE")]
+
+
+async def send_to_gate(client, image) -> int:
+    """One request to the gate at its config T (the closed-loop capacity probe)."""
+    result = await client.infer(GATE_MODEL, [image], outputs=OUTPUTS)
+    return int(result.as_numpy("ROUTE")[0, 0])
 
 
 @dataclasses.dataclass
@@ -396,7 +403,8 @@ def parse_args() -> argparse.Namespace:
                         help="how often the adaptive gate reconsiders its gear")
     parser.add_argument("--max-queue-size", type=int, default=64, help="Triton queue bound on both gates")
     parser.add_argument("--gate-instances", type=int, default=RepositoryOptions.gate_instances)
-    parser.add_argument("--little-in-gate", action="store_true", help="the gate runs little in its own process")
+    parser.add_argument("--little-in-gate", action=argparse.BooleanOptionalAction, default=None,
+                        help="little inside the gate, or as the ensemble step before it (default: the builder's)")
     parser.add_argument("--pause", type=float, default=3.0, help="seconds of quiet between runs")
     parser.add_argument("--lead-in-seconds", type=float, default=0.0, help="load sent before each run (and each capacity "
                         "probe) and not counted, so a burst reaches a server already serving instead of an idle one")
@@ -433,11 +441,12 @@ def main() -> None:
             inputs = image_inputs(images)
             # The gate at fixed T (no target yet): closed-loop throughput, one image per request, then
             # its capacity at the target: the open-loop rate it sustains within it.
-            closed = asyncio.run(closed_loop(server.grpc_url, "gate", inputs, args.capacity_concurrency, args.capacity_seconds, ladder[0]))
-            print(f"fixed gate (T={ladder[0]:.4f}) closed loop at concurrency {args.capacity_concurrency}: "
-                  f"{closed.throughput:.1f} img/s, p99 {closed.percentile(99):.0f} ms", flush=True)
+            answers = closed_loop(server.grpc_url, send_to_gate, inputs, args.capacity_concurrency, args.capacity_seconds)
+            closed_rate = len(answers) / args.capacity_seconds
+            print(f"fixed gate (T={ladder[0]:.4f}) closed loop at concurrency {args.capacity_concurrency}: {closed_rate:.1f} img/s, "
+                  f"p99 {np.percentile([a.latency_ms for a in answers], 99):.0f} ms", flush=True)
             lead_in = LeadIn(args.lead_in_seconds, args.lead_in_load)
-            rate0 = capacity_at_target(server.grpc_url, inputs, closed.throughput, args.target_ms, args.capacity_seconds / 2,
+            rate0 = capacity_at_target(server.grpc_url, inputs, closed_rate, args.target_ms, args.capacity_seconds / 2,
                                        args.pause, args.capacity_steps, args.capacity_repeats, ladder[0], lead_in)
             print(f"fixed gate capacity within p99 <= {args.target_ms:.0f} ms: {rate0:.1f} req/s", flush=True)
             install_gears(server, ladder_.config_value(), args.target_ms, args.gear_interval_ms, args.gear_deadline_ms)
@@ -451,20 +460,22 @@ def main() -> None:
             reference.update(zip(run.images, run.classes))
     rows = summarise(runs, loads, ladder, drops, reference, args.target_ms)
     records = [run_record(r, ladder, drops, reference, args.target_ms) for r in runs]
-    report(rows, records, runs, args, ladder_, rate0, closed.throughput, metrics, time.time() - started)
+    report(rows, records, runs, args, ladder_, rate0, closed_rate, metrics, time.time() - started)
 
 
 def install_gears(server: TritonServer, gears: str, target_ms: float, interval_ms: int, deadline_ms: float) -> None:
-    """Reload `littlebig` with the gears and the target: back in gear 0 for the measured runs."""
+    """Reload the gate with the gears and the target: back in gear 0 for the measured runs."""
     import tritonclient.grpc as grpcclient
 
+    with LittleBigClient(server.grpc_url) as gate:
+        model = gate.gate_model()
+        settings = gate.gate_config()
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        config = client.get_model_config(GATE_MODEL, as_json=True)["config"]
-        config["parameters"][GEARS] = {"string_value": gears}
-        config["parameters"][LATENCY_TARGET_MS] = {"string_value": repr(float(target_ms))}
-        config["parameters"][GEAR_INTERVAL_MS] = {"string_value": str(int(interval_ms))}
-        config["parameters"][GEAR_DEADLINE_MS] = {"string_value": repr(float(deadline_ms))}
-        client.load_model(GATE_MODEL, config=json.dumps(config), headers=server.admin_headers())
+        config = client.get_model_config(model, as_json=True)["config"]
+        settings = dataclasses.replace(settings, gears=parse_ladder(gears), latency_target_ms=float(target_ms),
+                                       gear_interval_ms=float(interval_ms), gear_deadline_ms=float(deadline_ms))
+        config["parameters"] = {key: {"string_value": value} for key, value in settings.parameters().items()}
+        client.load_model(model, config=json.dumps(config), headers=server.admin_headers())
 
 
 def report(rows, records, runs, args, ladder_: Ladder, rate0, closed_loop_rate, metrics, wall_s) -> None:

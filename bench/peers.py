@@ -1,25 +1,28 @@
-"""The littlebig gate against the cascades users would otherwise write, side by side on one server.
+"""The served cascade, in each form littlebig builds, against the cascades users would otherwise write,
+side by side on one server.
 
-  gate        the littlebig BLS gate (batches rows across requests, early answers, big on escalated rows)
-  bls         python_backend's BLS example style (bench/peers/bls_cascade/model.py): per request,
-              little, then big on the whole request if any row is unsure; same config as the gate
-  client      the client-side cascade: the client calls little, then big for the unsure images
+  in_gate    `littlebig` as built for the python runtime: an ensemble whose one step is the gate, which
+             runs little in its own process and calls big over BLS for the unsure rows
+  step       `littlebig_step`, as built for the native runtimes (`--no-little-in-gate`): an ensemble whose
+             scheduler runs little, then the gate, which calls big over BLS for the unsure rows
+  bls        python_backend's BLS-example style (bench/peers/bls_cascade/model.py): per request, little,
+             then big on the whole request if any row is unsure
+  client     the client-side cascade: the client asks little for CLASS and CONFIDENCE, then big for the
+             unsure images
 
-All three are driven by the same closed-loop asyncio gRPC clients (one image per request), for
-ROUNDS rounds at each concurrency, the order rotating per round (this machine drifts); the printed
-ratios are medians of per-round ratios.
+All four are driven by the same closed-loop asyncio gRPC clients (client/closed_loop.py: one image per
+request, drawn at random, so the share escalated is the data's), for ROUNDS rounds at each concurrency,
+the order rotating per round (this machine drifts); the printed ratios are medians of per-round ratios
+against the client-side cascade. Then each form's own time per execution at batch 1, 8 and 32
+(client/gate_cost.py), in rotating rounds too. Writes the figures as JSON and a plot beside it.
 
-    .venv/bin/python bench/peers.py --little runs/lite/little.onnx --big runs/lite/big.onnx \
-        --data DIR --threshold 0.36 --out bench/results/peers.json
-
-With --little-in-gate the gate runs little in its own process (`littlebig repo --little-in-gate`);
-the peers still call the served `little`, as a user's BLS model or client would.
+    .venv/bin/python bench/peers.py --little runs/lite/little.onnx --big runs/lite/big.onnx \\
+        --data ../shared/data/imagenet-sample --threshold 0.36 --out bench/results/peers/peers.json
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import shutil
@@ -31,13 +34,18 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 
+from littlebig.client.closed_loop import closed_loop, image_inputs
+from littlebig.client.gate_cost import measure_gate_cost
 from littlebig.client.images import list_images, to_wire_batch
 from littlebig.client.infer import LittleBigClient
-from littlebig.model_repository.builder import GATE, RepositoryOptions, build_repository, read_config, write_config
+from littlebig.contract import BIG_MODEL, CLASS, CONFIDENCE, GATE_MODEL, GATE_STEP_MODEL, LITTLE_MODEL, ROUTE
+from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config, write_config
 from littlebig.server import TritonServer
 
-PEER = "peer_bls"
-VARIANTS = ("gate", "bls", "client")
+STEP, PEER = "littlebig_step", "peer_bls"
+VARIANTS = ("in_gate", "step", "bls", "client")
+MODEL = {"in_gate": GATE_MODEL, "step": STEP, "bls": PEER}
+OUTPUTS = [grpcaio.InferRequestedOutput(name) for name in (CLASS, CONFIDENCE, ROUTE)]
 
 
 @dataclasses.dataclass
@@ -47,6 +55,7 @@ class Run:
     requests: int
     seconds: float
     latencies_ms: list[float]
+    escalated: float  # the share of requests sent to big
 
     @property
     def throughput(self) -> float:
@@ -56,60 +65,40 @@ class Run:
         return float(np.percentile(self.latencies_ms, q))
 
 
-def add_peer(repository: Path) -> None:
-    """The BLS-example cascade beside the gate, with the gate's config under another name."""
-    config = read_config(repository / GATE / "config.pbtxt")
+def add_variants(repository: Path, little: str, big: str, options: RepositoryOptions, work: Path) -> None:
+    """Beside the default cascade (little in the gate): the cascade with little as the ensemble's step before
+    the gate, and the BLS-example cascade (from the gate's config, whose inputs are the stages')."""
+    built = build_repository(little, big, work / "step", dataclasses.replace(options, little_in_gate=False))
+    for source, name in ((GATE_MODEL, STEP), (GATE_STEP_MODEL, "gate_step")):
+        shutil.copytree(built / source, repository / name)
+        config = read_config(repository / name / "config.pbtxt")
+        config.name = name
+        if name == STEP:
+            config.ensemble_scheduling.step[-1].model_name = "gate_step"
+        write_config(repository / name, config)
+    shutil.copytree(repository / GATE_STEP_MODEL, repository / PEER)
+    config = read_config(repository / PEER / "config.pbtxt")
     config.name = PEER
-    (repository / PEER / "1").mkdir(parents=True, exist_ok=True)
     write_config(repository / PEER, config)
+    for module in (repository / PEER / "1").glob("*.py"):
+        module.unlink()
     shutil.copyfile(Path(__file__).parent / "peers" / "bls_cascade" / "model.py", repository / PEER / "1" / "model.py")
-    for name in ("labels.txt",):  # the outputs' label_filename
-        if (repository / GATE / name).is_file():
-            shutil.copyfile(repository / GATE / name, repository / PEER / name)
 
 
-def image_inputs(images: np.ndarray) -> list[grpcaio.InferInput]:
-    inputs = []
-    for img in images:
-        tensor = grpcaio.InferInput("IMAGE", [1, *img.shape], "UINT8")
-        tensor.set_data_from_numpy(img[None])
-        inputs.append(tensor)
-    return inputs
+def sender(variant: str, threshold: float):
+    """The request of one variant: (client, image) -> 1 when big answered, else 0."""
+    async def client_side(client, image) -> int:
+        little = await client.infer(LITTLE_MODEL, [image], outputs=OUTPUTS[:2])
+        if float(little.as_numpy(CONFIDENCE)[0, 0]) >= threshold:
+            return 0
+        await client.infer(BIG_MODEL, [image], outputs=OUTPUTS[:2])
+        return 1
 
+    async def served(client, image) -> int:
+        result = await client.infer(MODEL[variant], [image], outputs=OUTPUTS)
+        return int(result.as_numpy(ROUTE)[0, 0])
 
-async def one_request(client, variant: str, image, threshold: float, outputs) -> None:
-    if variant == "gate":
-        await client.infer(GATE, [image], outputs=outputs)
-    elif variant == "bls":
-        await client.infer(PEER, [image], outputs=outputs)
-    else:  # client-side cascade
-        little = await client.infer("little", [image], outputs=[grpcaio.InferRequestedOutput("CONFIDENCE")])
-        if float(little.as_numpy("CONFIDENCE")[0, 0]) < threshold:
-            await client.infer("big", [image], outputs=[grpcaio.InferRequestedOutput("CLASS")])
-
-
-async def closed_loop(url: str, variant: str, inputs, concurrency: int, seconds: float, threshold: float, warmup: float = 1.0) -> Run:
-    client = grpcaio.InferenceServerClient(url)
-    outputs = [grpcaio.InferRequestedOutput("CLASS"), grpcaio.InferRequestedOutput("ROUTE")]
-    loop = asyncio.get_running_loop()
-    start = loop.time() + warmup
-    end = start + seconds
-    latencies: list[float] = []
-
-    async def worker(offset: int) -> None:
-        i = offset
-        while loop.time() < end:
-            sent = loop.time()
-            await one_request(client, variant, inputs[i % len(inputs)], threshold, outputs)
-            if sent >= start:
-                latencies.append((loop.time() - sent) * 1000.0)
-            i += concurrency
-
-    try:
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    finally:
-        await client.close()
-    return Run(variant, concurrency, len(latencies), seconds, latencies)
+    return client_side if variant == "client" else served
 
 
 def measure(url: str, images: np.ndarray, concurrencies: list[int], rounds: int, seconds: float, threshold: float) -> dict:
@@ -117,34 +106,68 @@ def measure(url: str, images: np.ndarray, concurrencies: list[int], rounds: int,
     runs: dict[int, dict[str, list[Run]]] = {c: {v: [] for v in VARIANTS} for c in concurrencies}
     for r in range(rounds):
         for c in concurrencies:
-            order = VARIANTS[r % 3:] + VARIANTS[: r % 3]
-            for variant in order:
-                run = asyncio.run(closed_loop(url, variant, inputs, c, seconds, threshold))
-                runs[c][variant].append(run)
-            print(f"round {r + 1}/{rounds} c={c}: " + ", ".join(f"{v} {runs[c][v][-1].throughput:.1f}/s" for v in VARIANTS), flush=True)
+            for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]:
+                answers = closed_loop(url, sender(variant, threshold), inputs, c, seconds, seed=r)
+                runs[c][variant].append(Run(variant, c, len(answers), seconds, [a.latency_ms for a in answers],
+                                            float(np.mean([a.route for a in answers]))))
+            print(f"round {r + 1}/{rounds} c={c}: " + ", ".join(
+                f"{v} {runs[c][v][-1].throughput:.1f}/s (p {runs[c][v][-1].escalated:.3f})" for v in VARIANTS), flush=True)
     return runs
 
 
 def summarise(runs: dict) -> list[dict]:
     rows = []
     for c, by_variant in runs.items():
-        per_round = list(zip(*(by_variant[v] for v in VARIANTS)))
         row = {"concurrency": c}
         for v in VARIANTS:
             row[v] = {
                 "throughput": statistics.median(run.throughput for run in by_variant[v]),
                 "p50_ms": statistics.median(run.percentile(50) for run in by_variant[v]),
                 "p99_ms": statistics.median(run.percentile(99) for run in by_variant[v]),
+                "escalated": statistics.median(run.escalated for run in by_variant[v]),
             }
-        for peer in ("bls", "client"):
-            row[f"gate_vs_{peer}_throughput"] = statistics.median(g.throughput / p.throughput for g, p in
-                                                                  ((rr[0], rr[VARIANTS.index(peer)]) for rr in per_round))
-            for q in ("p50", "p99"):
-                row[f"gate_vs_{peer}_{q}"] = statistics.median(
-                    g.percentile(int(q[1:])) / p.percentile(int(q[1:])) for g, p in ((rr[0], rr[VARIANTS.index(peer)]) for rr in per_round)
-                )
+            if v != "client":
+                pairs = list(zip(by_variant[v], by_variant["client"]))
+                row[f"{v}_vs_client"] = statistics.median(a.throughput / b.throughput for a, b in pairs)
+                row[f"{v}_minus_client_p50_ms"] = statistics.median(a.percentile(50) - b.percentile(50) for a, b in pairs)
+        for v in ("in_gate", "step"):
+            pairs = list(zip(by_variant[v], by_variant["bls"]))
+            row[f"{v}_vs_bls"] = statistics.median(a.throughput / b.throughput for a, b in pairs)
         rows.append(row)
     return rows
+
+
+def own_times(url: str, images: np.ndarray, metrics_url: str, batches: list[int], rounds: int) -> dict:
+    """The gate's own time per execution in each form, at T = 0, medians of rotating rounds."""
+    forms = {"in_gate": GATE_MODEL, "step": STEP}
+    times = {form: {b: [] for b in batches} for form in forms}
+    for r in range(rounds):
+        for form in list(forms)[r % 2:] + list(forms)[: r % 2]:
+            for b in batches:
+                cost = measure_gate_cost(url, LITTLE_MODEL, images, b, gate_model=forms[form], metrics_url=metrics_url)
+                times[form][b].append(cost.own_ms)
+    return {form: {b: statistics.median(v) for b, v in by_batch.items()} for form, by_batch in times.items()}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conc = [r["concurrency"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for v in VARIANTS:
+        axes[0].plot(conc, [r[v]["throughput"] for r in rows], marker="o", label=v)
+        axes[1].plot(conc, [r[v]["p50_ms"] for r in rows], marker="o", label=f"{v} p50")
+    axes[0].set(xlabel="concurrency", ylabel="images / s", title="Throughput (medians of rounds)", xscale="log")
+    axes[1].set(xlabel="concurrency", ylabel="ms", title="p50 latency", xscale="log", yscale="log")
+    for ax in axes:
+        ax.set_xticks(conc, [str(c) for c in conc])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -157,32 +180,41 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--out", required=True, help="JSON file for the figures")
-    parser.add_argument("--little-in-gate", action="store_true", help="the gate runs little in its own process")
+    parser.add_argument("--cost-batches", default="1,8,32", help="batch sizes of the own-time measurement ('' to skip)")
+    parser.add_argument("--out", required=True, help="JSON file for the figures (a PNG beside it)")
     parser.add_argument("--gate-instances", type=int, default=RepositoryOptions.gate_instances)
     args = parser.parse_args()
 
+    started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        options = RepositoryOptions(threshold=args.threshold, little_in_gate=args.little_in_gate, gate_instances=args.gate_instances)
+        options = RepositoryOptions(threshold=args.threshold, gate_instances=args.gate_instances)
         repo = build_repository(args.little, args.big, Path(tmp) / "repository", options)
-        add_peer(repo)
+        add_variants(repo, args.little, args.big, options, Path(tmp))
         with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
             with LittleBigClient(server.grpc_url) as client:
                 info = client.gate_info()
-            images = to_wire_batch(list_images(args.data)[: args.images], info.wire_size, info.crop_pct)
-            started = time.time()
-            runs = measure(server.grpc_url, images, [int(c) for c in args.concurrency.split(",")], args.rounds,
-                           args.seconds, args.threshold)
-    rows = summarise(runs)
+                images = to_wire_batch(list_images(args.data)[: args.images], info.wire_size, info.crop_pct)
+                routes = np.concatenate([client.infer(images[i : i + 16], outputs=[ROUTE])[ROUTE][:, 0] for i in range(0, len(images), 16)])
+            data_share = float(np.mean(routes != 0))
+            print(f"{len(images)} images; escalation share of the data at T={args.threshold}: {data_share:.3f}", flush=True)
+            rows = summarise(measure(server.grpc_url, images, [int(c) for c in args.concurrency.split(",")], args.rounds,
+                                     args.seconds, args.threshold))
+            batches = [int(b) for b in args.cost_batches.split(",") if b]
+            own = own_times(server.grpc_url, images, server.metrics_url, batches, args.rounds) if batches else {}
     for row in rows:
-        print(f"c={row['concurrency']:>3}  throughput gate/bls {row['gate_vs_bls_throughput']:.2f}  gate/client "
-              f"{row['gate_vs_client_throughput']:.2f}  p50 gate/bls {row['gate_vs_bls_p50']:.2f} gate/client "
-              f"{row['gate_vs_client_p50']:.2f}  p99 gate/bls {row['gate_vs_bls_p99']:.2f} gate/client {row['gate_vs_client_p99']:.2f}  "
-              f"(img/s gate {row['gate']['throughput']:.1f}, bls {row['bls']['throughput']:.1f}, client {row['client']['throughput']:.1f})")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"threshold": args.threshold, "little_in_gate": args.little_in_gate, "gate_instances": args.gate_instances,
-                                          "images": len(images), "rounds": args.rounds,
-                                          "seconds_per_run": args.seconds, "wall_s": time.time() - started, "rows": rows}, indent=2) + "\n")
+        print(f"c={row['concurrency']:>3}  throughput / client-side: in_gate {row['in_gate_vs_client']:.2f}, step "
+              f"{row['step_vs_client']:.2f}, bls {row['bls_vs_client']:.2f}; / bls: in_gate {row['in_gate_vs_bls']:.2f}, step "
+              f"{row['step_vs_bls']:.2f}; p50 minus client's: in_gate {row['in_gate_minus_client_p50_ms']:+.1f} ms, step "
+              f"{row['step_minus_client_p50_ms']:+.1f} ms; served escalation share "
+              + ", ".join(f"{v} {row[v]['escalated']:.3f}" for v in VARIANTS) + f" (data {data_share:.3f})")
+    for form, by_batch in own.items():
+        print(f"{form}: own time per execution " + ", ".join(f"batch {b} {ms:.2f} ms" for b, ms in by_batch.items()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threshold": args.threshold, "gate_instances": args.gate_instances, "images": len(images),
+                               "data_escalation": data_share, "rounds": args.rounds, "seconds_per_run": args.seconds,
+                               "wall_s": time.time() - started, "rows": rows, "own_ms_per_execution": own}, indent=2) + "\n")
+    plot(rows, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config
+from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_gate
 from littlebig.reliability import Expected, Load
 from littlebig.server import TritonServer
 from littlebig.supervisor import Supervisor, SupervisorOptions
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="littlebig-soak-"))
     repo = build_repository(args.little, args.big, work / "repo", RepositoryOptions(intra_op_threads=1))
-    size = int(read_config(repo / "littlebig" / "config.pbtxt").parameters["wire_size"].string_value)
+    size = read_gate(repo)[2].wire_size
     expected = Expected.from_repository(repo, soak_images(args.data, size, args.images))
     conf = expected.little.max(1)
     thresholds = [0.0, 1.0] + [float(np.quantile(conf, q)) for q in (0.2, 0.5, 0.8)]

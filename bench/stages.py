@@ -24,7 +24,7 @@ import numpy as np
 from littlebig.client import calibrate_stages as cs
 from littlebig.client.criterion import Criterion
 from littlebig.client.pairs import pairs
-from littlebig.signals import signal as gating_signal
+from littlebig.model_repository.gate.signals import signal as gating_signal
 
 CRITERIA = {"certified (default: drop <= 2 pt at 95%)": Criterion(), "point estimate, 0 pt (paper)": Criterion(max_acc_drop=0.0, point_estimate=True)}
 WIRE = 260

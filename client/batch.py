@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from littlebig.contract import IMAGE, PROBS, served_stages
+from littlebig.contract import IMAGE, PROBS, GateConfig
 
 from .images import list_images, to_wire_batch
 from .infer import GATE_MODEL, LittleBigClient
@@ -52,7 +52,17 @@ class JobSettings:
     big_model: str
     gate_model: str
     loaded_at_start: tuple[str, ...]
-    gate_config: str | None  # the served gate config (JSON), to load it back exactly as it was
+    gate_config: str | None  # the config that holds the gate's parameters (JSON), to load it back exactly as it was
+    gate_step: str = ""  # the ensemble's gate step, which holds them ("": the gate holds them itself)
+
+    @property
+    def gate_models(self) -> tuple[str, ...]:
+        """The gate's models, the one clients call first."""
+        return (self.gate_model, self.gate_step) if self.gate_step else (self.gate_model,)
+
+    @property
+    def holder(self) -> str:
+        return self.gate_step or self.gate_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +121,7 @@ def loaded_models(client: grpcclient.InferenceServerClient, headers: dict[str, s
 def keep_only(client, settings: JobSettings, model: str | None, headers=None) -> None:
     """Unload the job's other models first (memory comes back before more is taken), then load ``model``."""
     loaded = loaded_models(client, headers)
-    for other in (settings.gate_model, settings.little_model, settings.big_model):
+    for other in (*settings.gate_models, settings.little_model, settings.big_model):
         if other != model and other in loaded:
             set_loaded(client, other, False, headers=headers)
     if model is not None and model not in loaded:
@@ -121,21 +131,21 @@ def keep_only(client, settings: JobSettings, model: str | None, headers=None) ->
 def restore(client, settings: JobSettings, headers=None) -> None:
     """Load back what was loaded before the job; the gate last, with the config it was serving."""
     loaded = loaded_models(client, headers)
-    for model in (settings.little_model, settings.big_model, settings.gate_model):
+    for model in (settings.little_model, settings.big_model, *reversed(settings.gate_models)):
         if model in settings.loaded_at_start and model not in loaded:
-            config = settings.gate_config if model == settings.gate_model else None
+            config = settings.gate_config if model == settings.holder else None
             set_loaded(client, model, True, config=config, headers=headers)
 
 
-def _check_supported(params: dict[str, str]) -> None:
+def _check_supported(config: GateConfig) -> None:
     """batch reproduces a two-stage, max-softmax, multi-class gate with w = 1; refuse any other (its
     answers would differ from the gate's)."""
-    stages = served_stages(params)
+    stages = config.stage_models
     if len(stages) != 2:
         raise BatchError(f"the gate serves {len(stages)} stages ({', '.join(stages)}); batch supports two (little, big)")
-    for key, supported in (("signal", "max_softmax"), ("task", "multiclass"), ("ensemble_weight", "1")):
-        value = params.get(key, supported)
-        if value != supported and not (key == "ensemble_weight" and float(value) == 1.0):
+    for key, supported in (("signal", "max_softmax"), ("task", "multiclass"), ("ensemble_weight", 1.0)):
+        value = getattr(config, key)
+        if value != supported:
             raise BatchError(f"the gate's {key} is {value!r}; batch supports only {supported!r} (its answers "
                              "would differ from the gate's)")
 
@@ -145,9 +155,10 @@ def settings_from_server(url: str, data: Path, threshold: float | None, headers:
         if not gate_client.client.is_model_ready(gate):
             raise BatchError(f"the gate {gate!r} is not loaded on {url}: its config names the models and T; load it first")
         info = gate_client.gate_info()
-        config = gate_client.model_config()
+        holder = gate_client.gate_model()
+        config = gate_client.model_config(holder)
         loaded = loaded_models(gate_client.client, headers)
-    _check_supported({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
+    _check_supported(GateConfig.from_parameters({k: v["string_value"] for k, v in config.get("parameters", {}).items()}))
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise BatchError(f"threshold must be in [0, 1], got {threshold}")
     return JobSettings(
@@ -159,8 +170,9 @@ def settings_from_server(url: str, data: Path, threshold: float | None, headers:
         little_model=info.little_model,
         big_model=info.big_model,
         gate_model=gate,
-        loaded_at_start=tuple(sorted(loaded & {gate, info.little_model, info.big_model})),
+        loaded_at_start=tuple(sorted(loaded & {gate, holder, info.little_model, info.big_model})),
         gate_config=json.dumps(config),
+        gate_step=holder if holder != gate else "",
     )
 
 

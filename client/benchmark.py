@@ -10,19 +10,42 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 from pathlib import Path
 
+import numpy as np
+
+from littlebig.contract import ROUTE
+from littlebig.model_repository.gate.config import ladder_text
+
+from .control import switch_threshold
 from .gate_cost import measure_gate_cost
+from .images import list_images, to_wire_batch
+from .infer import GATE_MODEL, LittleBigClient
 from .latency import route_latency_comparison
 from .metrics import gate_rows
-from .perf import BenchmarkError, median_result, run_gate, run_perf_analyzer, write_input_data
+from .perf import BenchmarkError, median_result, run_perf_analyzer, write_input_data
 
 __all__ = ["BenchmarkError", "bench", "ideal_speedup"]
 
 
-def summarise(concurrency: int, runs: dict) -> dict:
-    """One concurrency level: medians over rounds of each model's figures and of the per-round ratios."""
+def data_share(url: str, images, threshold: float) -> float:
+    """The share of ``images`` the gate sends to big at ``threshold`` (its answers' ROUTE)."""
+    with LittleBigClient(url) as client:
+        routes = [client.infer(images[i : i + 16], threshold=threshold, outputs=[ROUTE])[ROUTE][:, 0] for i in range(0, len(images), 16)]
+    return float(np.mean(np.concatenate(routes) != 0))
+
+
+def mix_tolerance(share: float, rows: int) -> float:
+    """How far a served escalation share may sit from the data's by chance: three standard errors of a
+    share over ``rows`` random draws, and at least 0.02."""
+    return max(0.02, 3.0 * math.sqrt(share * (1.0 - share) / max(rows, 1)))
+
+
+def summarise(concurrency: int, runs: dict, data: float) -> dict:
+    """One concurrency level: medians over rounds of each model's figures and of the per-round ratios, and
+    the served escalation share against the data's ``data`` (within mix_tolerance, or said)."""
     per_round = []
     for big, little, gate, share in zip(runs["big"], runs["little"], runs["gate"], runs["share"]):
         s_star = ideal_speedup(little.throughput, big.throughput, share)
@@ -31,7 +54,11 @@ def summarise(concurrency: int, runs: dict) -> dict:
                           "achieved_fraction": achieved / s_star, "gate_vs_little": gate.throughput / little.throughput,
                           "ideal_throughput": s_star * big.throughput})
     row = {key: statistics.median(r[key] for r in per_round) for key in per_round[0]}
+    tolerance = mix_tolerance(data, min(runs["rows"]))
     row.update(
+        data_escalation=data,
+        mix_tolerance=tolerance,
+        mix_as_data=abs(row["escalation"] - data) <= tolerance,
         concurrency=concurrency,
         rounds=len(per_round),
         big=dataclasses.asdict(median_result(runs["big"])),
@@ -68,18 +95,13 @@ def bench(
     """Measure big, little and the gate at each concurrency; write bench.json, a table and plots.
     Then, at T = 0, the gate's own cost: its time per execution at each of ``gate_cost_batches``
     (Triton's statistics) and the latency it adds to little alone at concurrency 1."""
-    from littlebig.contract import GEARS
-
-    from .control import switch_threshold
-    from .images import list_images, to_wire_batch
-    from .infer import LittleBigClient
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with LittleBigClient(url) as client:
         info = client.gate_info()
         # A ladder made for the served T is dropped by a switch to another T: restored with it at the end.
-        original_gears = client.model_config().get("parameters", {}).get(GEARS, {}).get("string_value")
+        served = client.gate_config().gears
+        original_gears = ladder_text(served) if served else None
     little_model, big_model = info.little_model, info.big_model
     paths = list_images(data)[:n_images]
     if not paths:
@@ -93,10 +115,12 @@ def bench(
         switch_threshold(url, threshold)
     t = original if threshold is None else threshold
     try:
-        log(f"benchmarking on {len(images)} images, T={t:.6f}, concurrency {concurrencies}")
+        data = data_share(url, images, t)
+        log(f"benchmarking on {len(images)} images (escalation share of the data at T: {data:.3f}), T={t:.6f}, "
+            f"concurrency {concurrencies}")
         runs = measure_rounds(url, (little_model, big_model), input_data, shape, concurrencies, rounds,
                               measurement_ms, metrics_url, out, log)
-        rows = [summarise(c, runs[c]) for c in concurrencies]
+        rows = [summarise(c, runs[c], data) for c in concurrencies]
         for row in rows:
             log(format_row(row))
 
@@ -136,19 +160,21 @@ def measure_rounds(url: str, models: tuple[str, str], input_data: Path, shape: t
     big, little and the gate back to back at every level, ratios are taken within a round, and the report
     gives medians over rounds."""
     little_model, big_model = models
-    runs = {c: {"big": [], "little": [], "gate": [], "share": []} for c in concurrencies}
+    runs = {c: {"big": [], "little": [], "gate": [], "share": [], "rows": []} for c in concurrencies}
     for r in range(rounds):
         for c in concurrencies:
             tag = f"c{c}_r{r}"
             runs[c]["big"].append(run_perf_analyzer(big_model, url, input_data, shape, c, out / f"big_{tag}.csv", measurement_ms=measurement_ms))
             runs[c]["little"].append(run_perf_analyzer(little_model, url, input_data, shape, c, out / f"little_{tag}.csv", measurement_ms=measurement_ms))
             before = gate_rows(metrics_url)
-            runs[c]["gate"].append(run_gate(url, input_data, shape, c, out / f"gate_{tag}.csv", measurement_ms, f"{little_model},{big_model}"))
+            runs[c]["gate"].append(run_perf_analyzer(GATE_MODEL, url, input_data, shape, c, out / f"gate_{tag}.csv", measurement_ms=measurement_ms))
             after = gate_rows(metrics_url)
             routed_big, routed_little = after["big"] - before["big"], after["little"] - before["little"]
             runs[c]["share"].append(routed_big / max(1.0, routed_big + routed_little))
+            runs[c]["rows"].append(routed_big + routed_little)
             log(f"round {r + 1}/{rounds} c={c}: big {runs[c]['big'][-1].throughput:.1f}/s, little "
-                f"{runs[c]['little'][-1].throughput:.1f}/s, gate {runs[c]['gate'][-1].throughput:.1f}/s")
+                f"{runs[c]['little'][-1].throughput:.1f}/s, gate {runs[c]['gate'][-1].throughput:.1f}/s, served escalation "
+                f"share {runs[c]['share'][-1]:.3f}")
     return runs
 
 
@@ -164,7 +190,7 @@ def log_summary(peak: dict, latency: dict, costs: list, added: dict, log) -> Non
         f"{latency['excess_ms']:+.1f} ms), big-answered via gate {latency['gate_big_answered_p50_ms']:.1f} ms"
     )
     log("gate's own time per execution (T=0, Triton statistics): " + ", ".join(
-        f"batch {cost.batch_size} {cost.own_ms:.2f} ms (gate {cost.gate_ms:.2f} - little {cost.little_ms:.2f})" for cost in costs))
+        f"batch {cost.batch_size} {cost.own_ms:.2f} ms (little {cost.little_ms:.2f} ms)" for cost in costs))
     log(f"latency the gate adds to little alone at concurrency 1, T=0: {added['excess_ms']:+.2f} ms "
         f"(median of {added['rounds']} alternating rounds; p50 {added['gate_little_answered_p50_ms']:.1f} vs "
         f"{added['little_alone_p50_ms']:.1f} ms)")
@@ -173,7 +199,8 @@ def log_summary(peak: dict, latency: dict, costs: list, added: dict, log) -> Non
 def format_row(row: dict) -> str:
     return (
         f"c={row['concurrency']:>3}  big {row['big']['throughput']:7.1f}/s  little {row['little']['throughput']:7.1f}/s  "
-        f"gate {row['gate']['throughput']:7.1f}/s  p={row['escalation']:.3f}  S*={row['ideal_speedup']:.2f}  "
+        f"gate {row['gate']['throughput']:7.1f}/s  p={row['escalation']:.3f} (data {row['data_escalation']:.3f}"
+        f"{'' if row['mix_as_data'] else ', OUTSIDE the tolerance ' + format(row['mix_tolerance'], '.3f')})  S*={row['ideal_speedup']:.2f}  "
         f"achieved {row['achieved_speedup']:.2f} ({row['achieved_fraction']:.0%} of S*)  "
         f"p50 ms big/little/gate {row['big']['p50_ms']:.1f}/{row['little']['p50_ms']:.1f}/{row['gate']['p50_ms']:.1f}"
     )

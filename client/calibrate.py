@@ -242,37 +242,33 @@ def _calibrate_stages(url, collected, images, criterion, out, *, kwargs, eval_im
 def apply_stage_choice(url: str, thresholds: list[float], signal: str, repository: str | Path | None) -> dict:
     """Switch the running K-stage gate to ``thresholds`` and, side by side, write them into the repository
     given; refused when the gate gates on another signal than the one calibrated."""
-    from littlebig.model_repository.builder import set_threshold, set_thresholds
+    from littlebig.model_repository.builder import gate_config_path, set_thresholds
 
     from .control import switch_thresholds
 
     with LittleBigClient(url) as client:
-        params = {k: v["string_value"] for k, v in client.model_config().get("parameters", {}).items()}
-    served = params.get("signal", "max_softmax")
+        served = client.gate_config().signal
     if served != signal:
         raise CalibrationError(f"the gate gates on {served!r}, these thresholds are for {signal!r}: calibrate with "
                                f"--signal {served}, or rebuild the repository with the signal {signal}")
     switch_thresholds(url, thresholds)
     written = None
-    if repository is not None:
-        if len(thresholds) == 1:  # set_threshold also drops a ladder of gears whose top was the old T
-            set_threshold(repository, thresholds[0])
-        else:
-            set_thresholds(repository, tuple(thresholds))
-        written = str(Path(repository) / "littlebig" / "config.pbtxt")
+    if repository is not None:  # a ladder of gears whose top was the old T goes too
+        set_thresholds(repository, tuple(thresholds))
+        written = str(gate_config_path(repository))
     return {"thresholds": thresholds, "config": written}
 
 
 def apply_choice(url: str, threshold: float, repository: str | Path | None, gears: str | None = None) -> dict:
     """Switch the running server to T (and its gears, the gate's `gears` parameter) and, side by side,
     write them into the repository given. Without gears, a ladder made for another T is removed."""
-    from littlebig.model_repository.builder import set_threshold
+    from littlebig.model_repository.builder import gate_config_path, set_threshold
 
     switch_threshold(url, threshold, gears=gears)
     written = None
     if repository is not None:
         set_threshold(repository, threshold, gears=gears)
-        written = str(Path(repository) / "littlebig" / "config.pbtxt")
+        written = str(gate_config_path(repository))
     return {"threshold": threshold, "gears": gears, "config": written}
 
 

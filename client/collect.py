@@ -17,7 +17,7 @@ from .datasets import ImageSet
 from .images import to_wire_batch
 from .infer import GateInfo, LittleBigClient
 from .labels import ClassLabels
-from littlebig.contract import IMAGE, PROBS, STAGE_MACS, STAGE_SHA256, served_stages
+from littlebig.contract import IMAGE, PROBS, STAGE_MACS, STAGE_SHA256
 
 
 @dataclasses.dataclass
@@ -196,8 +196,7 @@ def gate_stage_models(url: str) -> tuple[str, ...]:
     """The stage models the served gate calls, in cost order: its `stage_models` parameter (K stages),
     else its little and big."""
     with LittleBigClient(url) as client:
-        params = {k: v["string_value"] for k, v in client.model_config().get("parameters", {}).items()}
-    return served_stages(params)
+        return client.gate_config().stage_models
 
 
 def _same_models(url: str, cached: Collected, models: tuple[str, ...] | None, log) -> bool:

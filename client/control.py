@@ -15,7 +15,8 @@ import json
 import tritonclient.grpc as grpcclient
 
 from .admin import admin_headers
-from littlebig.contract import GEARS, served_stages
+from littlebig.contract import GateConfig
+from littlebig.model_repository.gate.config import parse_ladder
 
 from .infer import GATE_MODEL, LittleBigClient
 
@@ -31,42 +32,37 @@ def served_thresholds(url: str, model: str = GATE_MODEL) -> tuple[float, ...]:
 
 
 def switch_threshold(url: str, threshold: float, *, gears: str | None = None, model: str = GATE_MODEL) -> None:
-    """Switch the running gate to ``threshold`` (a reload with a config override; no downtime), and to
-    ``gears`` (the gate's ladder parameter, starting at ``threshold``) when given."""
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    with grpcclient.InferenceServerClient(url) as client:
-        config = client.get_model_config(model, as_json=True)["config"]
-        parameters = config.setdefault("parameters", {})
-        stages = served_stages({k: v["string_value"] for k, v in parameters.items()})
-        if len(stages) != 2:
-            raise ValueError(f"the gate serves {len(stages)} stages ({', '.join(stages)}): it takes "
-                             f"{len(stages) - 1} thresholds, not one (calibrate --apply, or switch_thresholds)")
-        parameters["threshold"] = {"string_value": repr(float(threshold))}
-        set_gears(parameters, threshold, gears)
-        _reload(client, url, model, config, f"threshold {threshold}")
+    """Switch a running two-stage gate to ``threshold`` (a reload with a config override; no downtime), and to
+    ``gears`` (the gate's ladder parameter, starting at ``threshold``) when given; without, a ladder made
+    for another T is dropped (GateConfig.with_thresholds)."""
+    with LittleBigClient(url, model=model) as client:
+        stages = client.gate_config().stage_models
+    if len(stages) != 2:
+        raise ValueError(f"the gate serves {len(stages)} stages ({', '.join(stages)}): it takes "
+                         f"{len(stages) - 1} thresholds, not one (calibrate --apply, or switch_thresholds)")
+    switch_thresholds(url, [threshold], gears=gears, model=model)
 
 
-def switch_thresholds(url: str, thresholds: list[float], *, model: str = GATE_MODEL) -> dict:
-    """Switch a running K-stage gate to ``thresholds`` (two stages: switch_threshold). Returns the gate's
-    config parameters as served before the switch."""
-    with grpcclient.InferenceServerClient(url) as client:
-        config = client.get_model_config(model, as_json=True)["config"]
-    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-    stages = served_stages(params)
-    if len(thresholds) != len(stages) - 1:
-        raise ValueError(f"the gate serves {len(stages)} stages ({', '.join(stages)}): give {len(stages) - 1} thresholds, got {len(thresholds)}")
-    if len(stages) == 2:
-        switch_threshold(url, thresholds[0], model=model)
-        return params
+def switch_thresholds(url: str, thresholds: list[float], *, gears: str | None = None, model: str = GATE_MODEL) -> GateConfig:
+    """Switch a running gate to ``thresholds`` (T_0 .. T_{K-2}; and ``gears`` when given) by reloading the
+    model that holds its parameters (the ensemble's gate step, or the gate). Returns its parameters as
+    served before the switch."""
+    with LittleBigClient(url, model=model) as client:
+        holder = client.gate_model()
+        config = client.model_config(holder)
+    before = GateConfig.from_parameters({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
+    count = len(before.stage_models)
+    if len(thresholds) != count - 1:
+        raise ValueError(f"the gate serves {count} stages ({', '.join(before.stage_models)}): give {count - 1} thresholds, "
+                         f"got {len(thresholds)}")
     for value in thresholds:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {value}")
-    config["parameters"]["thresholds"] = {"string_value": ",".join(repr(float(t)) for t in thresholds)}
-    config["parameters"].pop("threshold", None)
+    after = before.with_thresholds(thresholds, parse_ladder(gears) if gears else None)
+    config["parameters"] = {key: {"string_value": value} for key, value in after.parameters().items()}
     with grpcclient.InferenceServerClient(url) as client:
-        _reload(client, url, model, config, f"thresholds {thresholds}")
-    return params
+        _reload(client, url, holder, config, f"thresholds {list(thresholds)}")
+    return before
 
 
 def _reload(client: grpcclient.InferenceServerClient, url: str, model: str, config: dict, what: str) -> None:
@@ -75,14 +71,3 @@ def _reload(client: grpcclient.InferenceServerClient, url: str, model: str, conf
     client.load_model(model, config=json.dumps(config), headers=admin_headers(url))
     if not client.is_model_ready(model):
         raise RuntimeError(f"model {model!r} is not ready after switching to {what}")
-
-
-def set_gears(parameters: dict, threshold: float, gears: str | None) -> None:
-    """Install ``gears`` in a config's parameters (JSON form); without, drop a ladder whose top is not
-    ``threshold`` (its drops were measured from another T, and the gate refuses such a ladder)."""
-    if gears is not None:
-        parameters[GEARS] = {"string_value": gears}
-        return
-    served = parameters.get(GEARS, {}).get("string_value")
-    if served and float(json.loads(served)[0][0]) != float(threshold):
-        del parameters[GEARS]

@@ -16,14 +16,8 @@ the budget (a few hundred images rarely certify less than a point, so the ladder
 
 from __future__ import annotations
 
-import ast
-import asyncio
-import contextlib
 import dataclasses
 import json
-import math
-import os
-from importlib import resources
 
 import numpy as np
 
@@ -126,22 +120,3 @@ def describe(ladder_: Ladder) -> str:
             f"drop {g.drop * 100:+.2f} pt (<= {g.upper_drop * 100:.2f} pt at {ladder_.level:.0%})"
         )
     return "\n".join(lines)
-
-
-def gate_controller_class() -> type:
-    """The gate's own ``Gears`` class, compiled from the gate file's source: the file imports the
-    Triton backend utils and cannot be imported here, and the controller needs only numpy. For
-    running the controller offline (tests, bench/gears_replay.py) exactly as the gate runs it."""
-    return gate_definitions()["Gears"]
-
-
-def gate_definitions() -> dict:
-    """The gears' classes and helpers of the gate file (Observations, PooledObservations, Gears, Held,
-    and the escalation records they work on), compiled from its source without the Triton imports."""
-    path = resources.files("littlebig.model_repository") / "littlebig" / "1" / "model.py"
-    tree = ast.parse(path.read_text())
-    names = {"Observations", "PooledObservations", "Gears", "_alive", "ChildError", "ChildAnswer", "Answers", "Escalation", "Held"}
-    sources = [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name in names]
-    namespace = {"np": np, "math": math, "os": os, "asyncio": asyncio, "dataclasses": dataclasses, "contextlib": contextlib}
-    exec(compile(ast.Module(sources, []), str(path), "exec"), namespace)
-    return namespace

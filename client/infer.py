@@ -10,7 +10,7 @@ import numpy as np
 from .images import ImageLike, to_wire_batch
 from .labels import ClassLabels
 
-from littlebig.contract import CLASS, CONFIDENCE, GATE_MODEL, IMAGE, PROBS, ROUTE, route_label  # noqa: F401 - GATE_MODEL is re-exported for the client modules
+from littlebig.contract import CLASS, CONFIDENCE, GATE_MODEL, IMAGE, PROBS, ROUTE, GateConfig, route_label  # noqa: F401 - GATE_MODEL is re-exported for the client modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,21 +75,31 @@ class LittleBigClient:
             return self._tc.InferenceServerClient.get_model_config(self.client, model or self.model, as_json=True)["config"]
         return self.client.get_model_config(model or self.model)
 
+    def gate_model(self) -> str:
+        """The model that holds the gate's parameters: the ensemble's gate step, or the gate itself."""
+        config = self.model_config()
+        if config.get("platform") == "ensemble":
+            return config["ensemble_scheduling"]["step"][-1]["model_name"]
+        return self.model
+
+    def gate_config(self) -> GateConfig:
+        """The served gate's parameters."""
+        params = {k: v["string_value"] for k, v in self.model_config(self.gate_model()).get("parameters", {}).items()}
+        return GateConfig.from_parameters(params)
+
     def gate_info(self) -> GateInfo:
-        params = {k: v["string_value"] for k, v in self.model_config().get("parameters", {}).items()}
-        # K-stage gates write `thresholds` ("T1,T2,..."); two-stage ones `threshold`.
-        thresholds = tuple(float(t) for t in params["thresholds"].split(",")) if params.get("thresholds") else (float(params["threshold"]),)
+        config = self.gate_config()
         return GateInfo(
-            wire_size=int(params["wire_size"]) if "wire_size" in params else None,
-            crop_pct=float(params["crop_pct"]),
-            num_classes=int(params["num_classes"]),
-            threshold=thresholds[0],
-            macs_little=int(params["macs_little"]),
-            macs_big=int(params["macs_big"]),
-            little_model=params["little_model"],
-            big_model=params["big_model"],
-            labels=ClassLabels.from_json(params["labels"]) if "labels" in params else None,
-            thresholds=thresholds,
+            wire_size=config.wire_size or None,
+            crop_pct=config.crop_pct,
+            num_classes=config.num_classes,
+            threshold=config.thresholds[0],
+            macs_little=config.stage_macs[0],
+            macs_big=config.stage_macs[-1],
+            little_model=config.stage_models[0],
+            big_model=config.stage_models[-1],
+            labels=ClassLabels.from_json(config.labels) if config.labels else None,
+            thresholds=config.thresholds,
         )
 
     def infer(

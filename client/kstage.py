@@ -1,6 +1,6 @@
 """Threshold analysis for a K-stage cascade (paper Eq. 7, Appendix A.2): pure numpy, no server.
 
-Stage k answers a row when its gating signal (littlebig/signals.py) is >= T_k (k < K-1); the last stage
+Stage k answers a row when its gating signal (model_repository/gate/signals.py) is >= T_k (k < K-1); the last stage
 answers the rest. A row answered by stage k costs MACs_0 + ... + MACs_k. The thresholds are chosen
 jointly: every combination of candidate thresholds is evaluated, the first K-2 stages by a loop over
 their candidates and the last threshold vectorised with prefix sums over the sorted signal (as the
@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from littlebig.contract import MULTILABEL_CUT  # a label is answered when its sigmoid probability is >= this (the gate's LABELS)
-from littlebig.signals import signal as gating_signal
+from littlebig.model_repository.gate.signals import signal as gating_signal
 
 from .thresholds import check_finite, drop_upper_bound, escalation_quantile
 

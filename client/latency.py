@@ -7,60 +7,38 @@ import statistics
 
 import numpy as np
 
-from littlebig.contract import IMAGE, PROBS, ROUTE
+from littlebig.contract import PROBS, ROUTE
 
+from .closed_loop import closed_loop, image_inputs
 from .infer import GATE_MODEL
 from .perf import BenchmarkError
 
 
 def route_latencies(
-    url: str, model: str, images: np.ndarray, concurrency: int, seconds: float, warmup: float = 1.0
+    url: str, model: str, images: np.ndarray, concurrency: int, seconds: float, warmup: float = 1.0, seed: int = 0
 ) -> dict[int, list[float]]:
-    """Closed-loop clients (``concurrency`` of them, one image per request) for ``warmup`` +
-    ``seconds``; latency in ms of the requests sent after the warm-up (all clients start at once,
-    so the first ones see a burst), grouped by the ROUTE each answer reports (-1 for a model without
-    ROUTE). perf_analyzer cannot split latency by route. One asyncio loop keeps the client's own
-    CPU use small."""
-    import asyncio
-
+    """Closed-loop clients (``concurrency`` of them, one random image per request, client/closed_loop.py)
+    for ``warmup`` + ``seconds``; latency in ms of the requests sent after the warm-up, grouped by the
+    ROUTE each answer reports (-1 for a model without ROUTE). perf_analyzer cannot split latency by route."""
+    import tritonclient.grpc as grpcclient
     import tritonclient.grpc.aio as grpcaio
 
-    async def run() -> dict[int, list[float]]:
-        client = grpcaio.InferenceServerClient(url)
-        try:
-            metadata = await client.get_model_metadata(model)
-            has_route = any(o.name == ROUTE for o in metadata.outputs)
-            output = grpcaio.InferRequestedOutput(ROUTE if has_route else PROBS)
-            inputs = []
-            for img in images:
-                tensor = grpcaio.InferInput(IMAGE, [1, *img.shape], "UINT8")
-                tensor.set_data_from_numpy(img[None])
-                inputs.append(tensor)
-            by_route: dict[int, list[float]] = {}
-            loop = asyncio.get_running_loop()
-            recording = loop.time() + warmup
-            deadline = recording + seconds
+    with grpcclient.InferenceServerClient(url) as client:
+        has_route = any(o.name == ROUTE for o in client.get_model_metadata(model).outputs)
+    output = grpcaio.InferRequestedOutput(ROUTE if has_route else PROBS)
 
-            async def worker(offset: int) -> None:
-                i = offset
-                while loop.time() < deadline:
-                    start = loop.time()
-                    result = await client.infer(model, [inputs[i % len(inputs)]], outputs=[output])
-                    latency = (loop.time() - start) * 1000.0
-                    route = int(result.as_numpy(ROUTE)[0, 0]) if has_route else -1
-                    if start >= recording:
-                        by_route.setdefault(route, []).append(latency)
-                    i += concurrency
-
-            await asyncio.gather(*(worker(k) for k in range(concurrency)))
-            return by_route
-        finally:
-            await client.close()
+    async def send(client, image) -> int:
+        result = await client.infer(model, [image], outputs=[output])
+        return int(result.as_numpy(ROUTE)[0, 0]) if has_route else -1
 
     try:
-        return asyncio.run(run())
+        answers = closed_loop(url, send, image_inputs(images), concurrency, seconds, warmup, seed)
     except Exception as err:  # a benchmark with failed requests is not valid
         raise BenchmarkError(f"a request failed during the latency probe of {model}: {err}") from err
+    by_route: dict[int, list[float]] = {}
+    for answer in answers:
+        by_route.setdefault(answer.route, []).append(answer.latency_ms)
+    return by_route
 
 
 def median_of(values: list[float]) -> float:
@@ -76,7 +54,7 @@ def alternating_probes(
     probes: dict[str, list[dict[int, list[float]]]] = {model: [] for model in models}
     for r in range(rounds):
         for model in models if r % 2 == 0 else models[::-1]:
-            probes[model].append(route_latencies(url, model, images, concurrency, seconds))
+            probes[model].append(route_latencies(url, model, images, concurrency, seconds, seed=r))
         if log:
             p50s = (f"{m} {median_of([x for v in probes[m][-1].values() for x in v]):.1f} ms" for m in models)
             log(f"latency probe round {r + 1}/{rounds} at concurrency {concurrency}: p50 " + ", ".join(p50s))

@@ -8,15 +8,15 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from littlebig.contract import METRICS_INTERVAL_MS
+from littlebig.contract import GateConfig
 
 
 def read_samples(metrics_url: str, prefix: str = "", settle: bool = False) -> list[tuple[str, dict[str, str], float]]:
     """Every sample whose name starts with ``prefix``: (name, labels, value). ``settle``: first wait
-    until the gate has handed the counts of its last answers to Triton (it does so every
-    METRICS_INTERVAL_MS, not per answer)."""
+    until the gate has handed the counts of its last answers to Triton (it does so once per
+    metrics interval, not per answer)."""
     if settle:
-        time.sleep(3 * METRICS_INTERVAL_MS / 1000.0)
+        time.sleep(3 * GateConfig.metrics_interval_ms / 1000.0)
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
     return [
         (sample.name, dict(sample.labels), float(sample.value))

@@ -18,7 +18,6 @@ import numpy as np
 
 from littlebig.contract import IMAGE
 
-from .infer import GATE_MODEL
 
 
 class BenchmarkError(RuntimeError):
@@ -44,10 +43,13 @@ def perf_analyzer_command() -> tuple[str, dict[str, str]]:
     return binary, env
 
 
-def write_input_data(images: np.ndarray, path: Path) -> Path:
-    """perf_analyzer --input-data JSON: one entry per image (used round-robin), raw bytes in base64."""
-    entries = [{IMAGE: {"b64": base64.b64encode(np.ascontiguousarray(img).tobytes()).decode()}} for img in images]
-    path.write_text(json.dumps({"data": entries}))
+def write_input_data(images: np.ndarray, path: Path, draws: int = 256, seed: int = 0) -> Path:
+    """perf_analyzer --input-data JSON: ``draws`` images drawn at random from ``images`` (with replacement),
+    raw bytes in base64. perf_analyzer sends the entries in order; a random sequence, not the images in
+    their order, keeps the served mix the data's (see client/closed_loop.py)."""
+    encoded = [base64.b64encode(np.ascontiguousarray(img).tobytes()).decode() for img in images]
+    order = np.random.default_rng(seed).integers(0, len(images), size=max(draws, len(images)))
+    path.write_text(json.dumps({"data": [{IMAGE: {"b64": encoded[i]}} for i in order]}))
     return path
 
 
@@ -73,18 +75,17 @@ def run_perf_analyzer(
     *,
     measurement_ms: int = 4000,
     batch_size: int = 1,
-    composing: str | None = None,
 ) -> PerfResult:
     try:
-        return _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, measurement_ms, batch_size, composing)
+        return _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, measurement_ms, batch_size)
     except BenchmarkError as err:
         # Deep queues on a busy machine can miss perf_analyzer's stability test; a longer window helps.
         if "stable measurement" not in str(err):
             raise
-        return _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, 2 * measurement_ms, batch_size, composing)
+        return _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, 2 * measurement_ms, batch_size)
 
 
-def _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, measurement_ms, batch_size, composing) -> PerfResult:
+def _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, measurement_ms, batch_size) -> PerfResult:
     binary, env = perf_analyzer_command()
     cmd = [
         binary, "-m", model, "-u", url, "-i", "grpc",
@@ -93,23 +94,10 @@ def _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, me
         "--measurement-interval", str(measurement_ms), "--stability-percentage", "25", "--max-trials", "8",
         "-f", str(csv_path),
     ]
-    if composing:
-        cmd += ["--bls-composing-models", composing]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
         raise BenchmarkError(f"perf_analyzer failed on {model} at concurrency {concurrency}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return parse_csv(model, csv_path)
-
-
-def run_gate(url: str, input_data: Path, shape, concurrency: int, csv_path: Path, measurement_ms: int, composing: str) -> PerfResult:
-    try:
-        return run_perf_analyzer(GATE_MODEL, url, input_data, shape, concurrency, csv_path, measurement_ms=measurement_ms, composing=composing)
-    except BenchmarkError as err:
-        # perf_analyzer's per-child statistics fail when a composing model ran no request in the
-        # window (big at T=0); the gate's own figures do not need them.
-        if "failed to find the requested model version" not in str(err):
-            raise
-        return run_perf_analyzer(GATE_MODEL, url, input_data, shape, concurrency, csv_path, measurement_ms=measurement_ms)
 
 
 def median_result(results: list[PerfResult]) -> PerfResult:

@@ -151,8 +151,11 @@ def cmd_repo(args) -> None:
     facts = [_onnx_facts(path, role) for path, role in zip(files, roles)]
     for cheaper, dearer in zip(facts, facts[1:]):
         _warn_if_little_is_not_cheaper(cheaper, dearer)
-    out = build_cascade(files, args.out, _repository_options(args), plans=[args.little_plan, args.big_plan] if not args.models else None)
-    print(f"wrote model repository {out} ({', '.join(stage_models(len(files)))}, littlebig; runtime {args.runtime})")
+    options = _repository_options(args)
+    out = build_cascade(files, args.out, options, plans=[args.little_plan, args.big_plan] if not args.models else None)
+    where = "little inside the gate" if options.in_gate else "little as its first step"
+    print(f"wrote model repository {out} ({', '.join(stage_models(len(files)))}, gate, and the ensemble littlebig with "
+          f"{where}; runtime {args.runtime})")
 
 
 def _interrupt(signum, frame) -> None:
@@ -563,9 +566,10 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting for the gate beyond this are refused at once with UNAVAILABLE (0: no bound)")
     parser.add_argument("--queue-timeout-ms", type=int, default=defaults.queue_timeout_ms,
                         help="a request that waited this long for the gate is refused with UNAVAILABLE (0: no bound)")
-    parser.add_argument("--little-in-gate", action="store_true",
-                        help="run little with onnxruntime inside the gate's process (python runtime): no BLS hop "
-                        "for the rows little answers")
+    parser.add_argument("--little-in-gate", action=argparse.BooleanOptionalAction, default=None,
+                        help="run little with onnxruntime inside the gate's process, or (--no-little-in-gate) as the "
+                        "ensemble's step before the gate (default: inside with --runtime python, where a step would add "
+                        "a second Python hop per request; a step with the native runtimes)")
 
 
 def weight(text: str) -> float:
@@ -577,7 +581,7 @@ def weight(text: str) -> float:
 
 def add_stage_arguments(parser) -> None:
     """Calibration options of K-stage cascades, gating signals and the ensemble (issue 11)."""
-    from littlebig.signals import SIGNALS
+    from littlebig.model_repository.gate.signals import SIGNALS
 
     parser.add_argument("--signal", choices=SIGNALS, help="gating signal to calibrate (default: max_softmax; another "
                         "signal or more stages choose the thresholds jointly)")
@@ -713,7 +717,7 @@ def _add_calibrate_command(sub) -> None:
 
 def _add_pairs_command(sub) -> None:
     from littlebig.client.criterion import DEFAULT_CONFIDENCE_LEVEL, DEFAULT_MAX_ACC_DROP
-    from littlebig.signals import SIGNALS
+    from littlebig.model_repository.gate.signals import SIGNALS
 
     p = sub.add_parser("pairs", help="which little model for this big one: serve big and every candidate, rank every "
                        "cascade ending at big by MACs saved, all on one accuracy-vs-MACs plot")

@@ -27,15 +27,20 @@ import numpy as np
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from littlebig.contract import GATE_MODEL, served_stages
+from littlebig.contract import GATE_MODEL, GateConfig
 from littlebig.server import ServerError, TritonServer
 
 SERVER = "tritonserver"  # the target name of a whole-server restart
 
 
-def _stage_names(params: dict) -> list[str]:
-    """The gate's stages in cost order, from its config parameters (JSON form)."""
-    return list(served_stages({key: value["string_value"] for key, value in params.items()}))
+def gate_models(client: httpclient.InferenceServerClient, gate: str = GATE_MODEL) -> tuple[list[str], GateConfig]:
+    """The served cascade's models, the gate's children first (so a gate is not blamed for a child): its
+    stages in cost order, the ensemble's gate step, the gate; and the gate's parameters."""
+    config = client.get_model_config(gate)
+    holder = config["ensemble_scheduling"]["step"][-1]["model_name"] if config.get("platform") == "ensemble" else gate
+    params = client.get_model_config(holder).get("parameters", {})
+    settings = GateConfig.from_parameters({key: value["string_value"] for key, value in params.items()})
+    return [*settings.stage_models, *([holder] if holder != gate else []), gate], settings
 
 
 def _blank_input(spec: dict) -> httpclient.InferInput:
@@ -76,6 +81,7 @@ class Supervisor(threading.Thread):
         self._backoff: dict[str, Backoff] = collections.defaultdict(Backoff)
         self._stopping = threading.Event()
         self._stage_count = 2  # the gate's stages, read with the models (the canary's thresholds)
+        self._gates = {GATE_MODEL}  # the gate and its ensemble's gate step: canaries at T = 0
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the watchdog; a round still busy after ``timeout_s`` (a canary or reload waiting on the
@@ -114,13 +120,14 @@ class Supervisor(threading.Thread):
                 return  # children first: a gate canary right after a child's restore would be noise
 
     def _models(self) -> dict[str, list[str]]:
-        """little, big, gate (the gate's children first, so a gate is not blamed for a child), each
-        with the instance names of its python-backend stubs (none for native backends)."""
+        """little, big, the gate step, the gate (children first), each with the instance names of its
+        python-backend stubs (none for native backends and ensembles)."""
         models = {}
         with self._client() as client:
-            params = client.get_model_config(GATE_MODEL)["parameters"]
-            self._stage_count = len(_stage_names(params))
-            for model in (*_stage_names(params), GATE_MODEL):
+            names, settings = gate_models(client)
+            self._stage_count = len(settings.stage_models)
+            self._gates = set(names[len(settings.stage_models):])
+            for model in names:
                 config = client.get_model_config(model)
                 groups = config.get("instance_group", []) if config.get("backend") == "python" else []
                 models[model] = _instance_names(model, groups)
@@ -136,7 +143,7 @@ class Supervisor(threading.Thread):
             with self._client() as client:
                 inputs = [_blank_input(spec) for spec in client.get_model_config(model)["input"]]
                 parameters = None
-                if model == GATE_MODEL:  # T = 0 everywhere: stage 0 answers
+                if model in self._gates:  # T = 0 everywhere: stage 0 answers
                     stages = self._stage_count
                     parameters = {"threshold": 0.0} if stages == 2 else {"thresholds": ",".join(["0"] * (stages - 1))}
                 client.infer(model, inputs, parameters=parameters)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import re
 import shutil
@@ -22,14 +21,15 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig.client.labels import ClassLabels
 from littlebig.contract import (
-    BIG_MODEL, CLASS, CONFIDENCE, GATE_MODEL, GEAR_DEADLINE_MS, GEAR_INTERVAL_MS, GEARS, LABELS, LATENCY_TARGET_MS, LITTLE_MODEL,
-    ON_BIG_FAILURE, PROBS, ROUTE, STAGE_MACS, STAGE_SHA256, TASKS, THRESHOLD, served_stages, stage_models,
+    BIG_MODEL, CLASS, CONFIDENCE, FIRST_PREFIX, GATE_MODEL, GATE_STEP_MODEL, LABELS, LITTLE_MODEL, PROBS, ROUTE, STAGE_MACS,
+    STAGE_SHA256, TASKS, THRESHOLD, stage_models,
 )
 from littlebig.export.metadata import graph_inputs, output_names, read_metadata
-from littlebig.signals import DEFAULT_SIGNAL, MULTICLASS_SIGNALS, MULTILABEL_SIGNALS
+from littlebig.model_repository.gate.config import ConfigError, GateConfig, parse_ladder
+from littlebig.model_repository.gate.signals import DEFAULT_SIGNAL, SIGNALS_OF_TASK
 
 RUNTIMES = ("python", "onnxruntime", "tensorrt")
-LITTLE, BIG, GATE = LITTLE_MODEL, BIG_MODEL, GATE_MODEL
+LITTLE, BIG, GATE, GATE_STEP = LITTLE_MODEL, BIG_MODEL, GATE_MODEL, GATE_STEP_MODEL
 LABEL_FILE = "labels.txt"
 
 
@@ -43,7 +43,6 @@ ONNX_TO_TRITON = {
     TensorProto.INT64: mc.TYPE_INT64, TensorProto.FLOAT: mc.TYPE_FP32, TensorProto.FLOAT16: mc.TYPE_FP16,
     TensorProto.DOUBLE: mc.TYPE_FP64, TensorProto.BOOL: mc.TYPE_BOOL,
 }
-SIGNALS_OF_TASK = {"multiclass": MULTICLASS_SIGNALS, "multilabel": MULTILABEL_SIGNALS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +121,9 @@ class RepositoryOptions:
     threshold: float = 0.5
     # K stages: T_0 .. T_{K-2} (stage k answers a row when its signal >= T_k); None: (threshold,) for two.
     thresholds: tuple[float, ...] | None = None
-    # Gating signal (littlebig.signals); None: max_softmax, or mean_abs_margin for multi-label models.
+    # Gating signal (model_repository/gate/signals.py); None: max_softmax, or mean_abs_margin for multi-label models.
     signal: str | None = None
-    ensemble_weight: float = 1.0
+    ensemble_weight: float = GateConfig.ensemble_weight
     # Two gate instances: while one waits for little's answer, the other gathers the next batch, so
     # little always has work queued (measured on the 2-core CPU server: gate/little at T=0 0.95 -> 0.98).
     gate_instances: int = 2
@@ -143,14 +142,14 @@ class RepositoryOptions:
     # competes with it). Ignored by the native runtimes.
     big_nice: int = 19
     # Degraded mode: "little" answers escalated rows with little's answer (ROUTE=2) when big fails.
-    on_big_failure: str = "fail"
+    on_big_failure: str = GateConfig.on_big_failure
     # Bound on each call of the gate to little or big (a stalled child fails the call instead of hanging it).
-    child_timeout_ms: int = 30_000
+    child_timeout_ms: int = int(GateConfig.child_timeout_ms)
     # Gears (client/gears.py): the ladder as the gate's JSON parameter [[T, drop], ...], starting at
     # `threshold`, and the latency the gate keeps by moving along it (0: gears off, T stays fixed).
     gears: str | None = None
     latency_target_ms: float = 0.0
-    gear_interval_ms: int = 500  # the gate reconsiders its gear at most this often
+    gear_interval_ms: int = int(GateConfig.gear_interval_ms)  # the gate reconsiders its gear at most this often
     # An adaptive row still waiting for big this long is answered by little at the highest gear T its
     # signal clears (None: 0.9 x the target, leaving room to send the answer; 0: rows wait for big).
     gear_deadline_ms: float | None = None
@@ -158,71 +157,42 @@ class RepositoryOptions:
     # waiting queue_timeout_ms (0: no bound), a request is refused at once with UNAVAILABLE.
     max_queue_size: int = 0
     queue_timeout_ms: int = 0
-    # Run little inside the gate's process (python runtime only): no BLS hop for stage 0. The
-    # `little` model is still served (calibration, peers, the supervisor's canary ask it directly).
-    little_in_gate: bool = False
+    # Where little runs: inside the gate's process (python runtime only), or as the ensemble's step before
+    # the gate. None: inside the gate with the python runtime, where every stage is a Python model and a
+    # step would add a second Python hop per request; a step with the native runtimes. The `little`
+    # model is served either way (calibration, the supervisor's canary, clients ask it directly).
+    little_in_gate: bool | None = None
+
+    @property
+    def in_gate(self) -> bool:
+        return self.runtime == "python" if self.little_in_gate is None else self.little_in_gate
 
     def deadline_ms(self) -> float:
         """The gate's gear_deadline_ms: the one given, else 0.9 x the latency target."""
         return float(self.gear_deadline_ms if self.gear_deadline_ms is not None else 0.9 * self.latency_target_ms)
 
     def validate(self) -> None:
+        """The builder's own options; what the gate takes (thresholds, gears, timeouts, ...) GateConfig checks."""
         if self.runtime not in RUNTIMES:
             raise RepositoryError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.max_batch_size < 1:
             raise RepositoryError(f"max batch size must be >= 1, got {self.max_batch_size}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise RepositoryError(f"threshold must be in [0, 1], got {self.threshold}")
-        for value in self.thresholds or ():
-            if not 0.0 <= value <= 1.0:
-                raise RepositoryError(f"thresholds must be in [0, 1], got {value} in {list(self.thresholds)}")
-        if not 0.0 <= self.ensemble_weight <= 1.0:
-            raise RepositoryError(f"ensemble weight must be in [0, 1], got {self.ensemble_weight}")
         for name in ("gate_instances", "little_instances", "big_instances"):
             if getattr(self, name) < 1:
                 raise RepositoryError(f"{name.replace('_', ' ')} must be >= 1")
         if not 0 <= self.big_nice <= 19:
             raise RepositoryError(f"big nice must be in 0..19, got {self.big_nice}")
-        if self.on_big_failure not in ON_BIG_FAILURE:
-            raise RepositoryError(f"on_big_failure must be one of {', '.join(ON_BIG_FAILURE)}, got {self.on_big_failure!r}")
         if self.little_in_gate and self.runtime != "python":
             raise RepositoryError(
                 f"--little-in-gate runs little with onnxruntime inside the gate and needs --runtime python; with "
-                f"--runtime {self.runtime} little is a native Triton model the gate calls"
+                f"--runtime {self.runtime} little is a native Triton model the ensemble runs"
             )
-        if self.child_timeout_ms < 0:
-            raise RepositoryError(f"child timeout must be >= 0 ms (0: none), got {self.child_timeout_ms}")
         for name in ("gate_queue_delay_us", "little_queue_delay_us", "big_queue_delay_us"):
             if getattr(self, name) < 0:
                 raise RepositoryError(f"{name.replace('_', ' ')} must be >= 0 (0: no wait), got {getattr(self, name)}")
-        for name in ("latency_target_ms", "max_queue_size", "queue_timeout_ms"):
+        for name in ("max_queue_size", "queue_timeout_ms"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise RepositoryError(f"{name.replace('_', ' ')} must be a finite number >= 0 (0: none), got {getattr(self, name)}")
-        if self.gear_interval_ms < 1:
-            raise RepositoryError(f"gear interval must be >= 1 ms, got {self.gear_interval_ms}")
-        if self.gear_deadline_ms is not None and not (math.isfinite(self.gear_deadline_ms) and self.gear_deadline_ms >= 0):
-            raise RepositoryError(f"gear deadline must be a number of ms >= 0 (0: none), got {self.gear_deadline_ms}")
-        self._validate_gears()
-
-    def _validate_gears(self) -> None:
-        if self.latency_target_ms and not self.gears:
-            raise RepositoryError("a latency target needs gears to move along: pass the calibration report's ladder")
-        if self.gear_deadline_ms and not self.gears:
-            raise RepositoryError("a gear deadline answers rows at the gears' thresholds: pass the calibration report's ladder")
-        if self.gears and self.child_timeout_ms and self.deadline_ms() >= self.child_timeout_ms:
-            raise RepositoryError(f"the gear deadline ({self.deadline_ms():g} ms) must be below the child timeout "
-                                  f"({self.child_timeout_ms} ms), the longest a call to big may wait")
-        if not self.gears:
-            return
-        try:
-            pairs = [(float(t), float(d)) for t, d in json.loads(self.gears)]
-        except (ValueError, TypeError) as err:
-            raise RepositoryError(f"gears must be JSON [[T, drop], ...], got {self.gears!r} ({err})") from None
-        thresholds = [t for t, _ in pairs]
-        if not pairs:
-            raise RepositoryError("gears must hold at least one gear, [[T, 0]]")
-        if any(b >= a for a, b in zip(thresholds, thresholds[1:])) or not all(0.0 <= t <= 1.0 for t in thresholds):
-            raise RepositoryError(f"gear thresholds must be in [0, 1] and strictly decreasing, got {thresholds}")
 
 
 def _tensor(cls, name: str, data_type: int, dims: list[int]):
@@ -299,72 +269,81 @@ def gate_signal(options: RepositoryOptions, task: str) -> str:
     return signal
 
 
-def _gate_outputs(first: ModelFacts, labels: ClassLabels | None) -> list[mc.ModelOutput]:
+def _gate_outputs(first: ModelFacts, count: int, labels: ClassLabels | None) -> list[mc.ModelOutput]:
+    """CLASS (multi-label: LABELS), CONFIDENCE, ROUTE, PROBS and THRESHOLD (the thresholds that applied to
+    each row: the gears move T_0 under overload)."""
     if first.task == "multilabel":
         answer = [_tensor(mc.ModelOutput, LABELS, mc.TYPE_INT32, [first.num_classes]), _top1_outputs()[1]]
     else:
         answer = _top1_outputs()
-    return answer + [_tensor(mc.ModelOutput, ROUTE, mc.TYPE_INT32, [1]), _probs_output(first.num_classes, labels)]
+    return answer + [_tensor(mc.ModelOutput, ROUTE, mc.TYPE_INT32, [1]), _probs_output(first.num_classes, labels),
+                     _tensor(mc.ModelOutput, THRESHOLD, mc.TYPE_FP64, [count - 1])]
 
 
-def gate_config(*stages: ModelFacts, options: RepositoryOptions, labels: ClassLabels | None = None) -> mc.ModelConfig:
-    """The gate over ``stages`` (cost order): their inputs in, CLASS (or LABELS), CONFIDENCE, ROUTE, PROBS out."""
-    first, last = stages[0], stages[-1]
+def gate_settings(*stages: ModelFacts, options: RepositoryOptions, labels: ClassLabels | None = None) -> GateConfig:
+    """The gate's parameters for ``stages`` (cost order) and ``options``."""
+    first = stages[0]
     names = stage_models(len(stages))
-    thresholds = stage_thresholds(options, len(stages))
-    if options.ensemble_weight != 1.0 and len(stages) != 2:
-        raise RepositoryError("the Little-Big ensemble (--ensemble-weight, paper Eq. 8) needs exactly two stages")
-    config = mc.ModelConfig(name=GATE, backend="python", max_batch_size=options.max_batch_size)
-    config.input.extend(first.input_configs())
-    config.output.extend(_gate_outputs(first, labels))
-    # The thresholds that applied to each row (the gears move T_0 under overload).
-    config.output.append(_tensor(mc.ModelOutput, THRESHOLD, mc.TYPE_FP64, [len(stages) - 1]))
-    config.dynamic_batching.max_queue_delay_microseconds = options.gate_queue_delay_us
-    _queue_policy(config, options)
-    config.instance_group.add(count=options.gate_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
-    # Two stages keep the two-stage keys (threshold); longer cascades write thresholds.
-    threshold_keys = {"threshold": repr(float(thresholds[0]))} if len(stages) == 2 else {"thresholds": ",".join(map(repr, map(float, thresholds)))}
-    _parameters(
-        config,
-        {
-            "little_model": names[0],
-            "big_model": names[-1],
-            "stage_models": ",".join(names),
-            **threshold_keys,
-            "signal": gate_signal(options, first.task),
-            "task": first.task,
-            "ensemble_weight": repr(float(options.ensemble_weight)),
-            "macs_little": first.macs,
-            "macs_big": last.macs,
-            "stage_macs": ",".join(str(stage.macs) for stage in stages),
-            **({"wire_size": first.wire_size} if first.wire_size is not None else {}),
-            "crop_pct": repr(first.crop_pct),
-            "num_classes": first.num_classes,
+    try:
+        gears = {"gears": parse_ladder(options.gears) if options.gears else (), "latency_target_ms": float(options.latency_target_ms),
+                 "gear_interval_ms": float(options.gear_interval_ms), "gear_deadline_ms": options.deadline_ms()}
+        return GateConfig(
+            stage_models=names,
+            stage_macs=tuple(stage.macs for stage in stages),
+            thresholds=stage_thresholds(options, len(stages)),
+            task=first.task,
+            signal=gate_signal(options, first.task),
+            ensemble_weight=float(options.ensemble_weight),
+            on_big_failure=options.on_big_failure,
+            child_timeout_ms=float(options.child_timeout_ms),
             # Every stage answers CLASS and CONFIDENCE: the gate asks for PROBS only when it needs them.
-            "children_top1": int(all(stage.top1 for stage in stages)),
-            "on_big_failure": options.on_big_failure,
-            "child_timeout_ms": options.child_timeout_ms,
-        },
-    )
-    if options.little_in_gate:
-        # Relative to the repository, where _write_stage puts little's ONNX file.
-        _parameters(config, {"little_onnx": f"{names[0]}/1/model.onnx", "little_intra_op_threads": options.intra_op_threads})
-    if options.gears:
-        _check_gears_fit(options.gears, thresholds)
-        _parameters(config, {GEARS: options.gears, LATENCY_TARGET_MS: repr(float(options.latency_target_ms)),
-                             GEAR_INTERVAL_MS: options.gear_interval_ms, GEAR_DEADLINE_MS: repr(options.deadline_ms())})
-    if labels is not None:
-        # The client reads the model's own labels from here (calibration maps data labels through them).
-        _parameters(config, {"labels": labels.to_json()})
-    return config
+            children_top1=all(stage.top1 for stage in stages),
+            # Relative to the repository, where _write_stage puts little's ONNX file.
+            **({"little_in_gate": True, "little_onnx": f"{names[0]}/1/model.onnx", "little_intra_op_threads": options.intra_op_threads}
+               if options.in_gate else {}),
+            **gears,
+            wire_size=first.wire_size or 0,
+            crop_pct=first.crop_pct,
+            num_classes=first.num_classes,
+            # The client reads the model's own labels from here (calibration maps data labels through them).
+            labels=labels.to_json() if labels is not None else "",
+        )
+    except ConfigError as err:
+        raise RepositoryError(str(err)) from None
 
 
-def _check_gears_fit(gears: str, thresholds: tuple[float, ...]) -> None:
-    if len(thresholds) != 1:
-        raise RepositoryError(f"gears apply to two-stage cascades; this one has {len(thresholds) + 1} stages")
-    top = float(json.loads(gears)[0][0])
-    if top != float(thresholds[0]):
-        raise RepositoryError(f"the gears must start at the threshold T={thresholds[0]}, got {top}")
+def gate_configs(*stages: ModelFacts, options: RepositoryOptions, labels: ClassLabels | None = None) -> list[mc.ModelConfig]:
+    """The ensemble `littlebig` clients call and the gate model `gate`, its last step: little is the step
+    before the gate, or runs inside it."""
+    settings = gate_settings(*stages, options=options, labels=labels)
+    first = stages[0]
+    outputs = _gate_outputs(first, len(stages), labels)
+    gate = mc.ModelConfig(name=GATE_STEP, backend="python", max_batch_size=options.max_batch_size)
+    gate.input.extend(first.input_configs())
+    gate.output.extend(outputs)
+    for output in gate.output:
+        output.ClearField("label_filename")  # clients ask the ensemble, which carries the labels
+    gate.dynamic_batching.max_queue_delay_microseconds = options.gate_queue_delay_us
+    gate.instance_group.add(count=options.gate_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    _parameters(gate, settings.parameters())
+    ensemble = mc.ModelConfig(name=GATE, platform="ensemble", max_batch_size=options.max_batch_size)
+    ensemble.input.extend(first.input_configs())
+    ensemble.output.extend(outputs)
+    handed = [] if settings.little_in_gate else ([CLASS, CONFIDENCE] if first.top1 else []) + [PROBS]  # stage 0's answer
+    little = None if settings.little_in_gate else ensemble.ensemble_scheduling.step.add(model_name=settings.stage_models[0], model_version=-1)
+    step = ensemble.ensemble_scheduling.step.add(model_name=GATE_STEP, model_version=-1)
+    for name in (i.name for i in first.inputs):
+        step.input_map[name] = name
+        if little is not None:
+            little.input_map[name] = name
+    for name in handed:
+        output = next(o for o in [*_top1_outputs(), _probs_output(first.num_classes, None)] if o.name == name)
+        gate.input.append(_tensor(mc.ModelInput, FIRST_PREFIX + name, output.data_type, list(output.dims)))
+        little.output_map[name] = f"little_{name}"
+        step.input_map[FIRST_PREFIX + name] = f"little_{name}"
+    for output in outputs:
+        step.output_map[output.name] = output.name
+    return [ensemble, gate]
 
 
 def _queue_policy(config: mc.ModelConfig, options: RepositoryOptions) -> None:
@@ -402,6 +381,12 @@ def write_config(model_dir: Path, config: mc.ModelConfig) -> None:
 
 def _template(name: str) -> Path:
     return Path(resources.files("littlebig.model_repository") / name / "1" / "model.py")
+
+
+def _copy_gate_package(version_dir: Path) -> None:
+    """The gate's modules (model.py and its relative imports), as Triton loads them from a version folder."""
+    for module in Path(resources.files("littlebig.model_repository") / "gate").glob("*.py"):
+        shutil.copyfile(module, version_dir / module.name)
 
 
 def check_pair(little: ModelFacts, big: ModelFacts, roles: tuple[str, str] = (LITTLE, BIG)) -> None:
@@ -523,7 +508,7 @@ def build_cascade(
     # The stages agree on names (check_pair); the gate serves the labels that also state ids, if any do.
     stated = [stage.labels for stage in stages if stage.labels is not None]
     labels = next((s for s in stated if s.ids is not None), stated[0] if stated else None)
-    gate = gate_config(*stages, options=options, labels=labels)  # checks thresholds and signal first
+    gates = gate_configs(*stages, options=options, labels=labels)  # checks thresholds and signal first
     out = Path(out)
     plans = plans or [None] * len(stages)
     for k, (name, facts) in enumerate(zip(names, stages)):
@@ -534,60 +519,65 @@ def build_cascade(
             options.little_queue_delay_us if first else options.big_queue_delay_us,
             0 if first else options.big_nice, labels,
         )
+        if first and not options.in_gate:  # requests queue at little, the ensemble's first step
+            _queue_policy(config, options)
         if k == len(stages) - 1 and options.gears and options.deadline_ms():
             _droppable_queue(config, options)
         _write_stage(out / name, config, facts, options, labels, plans[k])
     _remove_stale_stages(out, names)
-    gate_dir = out / GATE
-    _write_model(gate_dir, gate, labels)
-    shutil.copyfile(_template(GATE), gate_dir / "1" / "model.py")
+    if options.in_gate:  # requests queue at the gate, the ensemble's only step
+        _queue_policy(gates[1], options)
+    for config in gates:
+        _write_model(out / config.name, config, labels if config.name == GATE else None)
+        if config.backend == "python":
+            _copy_gate_package(out / config.name / "1")
     return out
 
 
-def _gate_config_path(repository: str | Path) -> Path:
+def gate_config_path(repository: str | Path) -> Path:
+    """The config.pbtxt that holds a repository's gate parameters: the last step of the ensemble `littlebig`."""
     path = Path(repository) / GATE / "config.pbtxt"
     if not path.is_file():
         raise RepositoryError(f"{path} does not exist: not a littlebig repository")
+    config = read_config(path)
+    if config.platform == "ensemble":
+        path = Path(repository) / config.ensemble_scheduling.step[-1].model_name / "config.pbtxt"
+        if not path.is_file():
+            raise RepositoryError(f"{path} does not exist: the ensemble {GATE} names a gate step the repository lacks")
     return path
 
 
-def set_threshold(repository: str | Path, threshold: float, gears: str | None = None) -> mc.ModelConfig:
-    """Write T (and, when given, its gears) into a two-stage gate's config.pbtxt; returns the new config.
-    Without gears, a ladder whose top is another T is removed (client.control.set_gears)."""
-    config = set_thresholds(repository, (threshold,))
-    from littlebig.client.control import set_gears
-
-    parameters = {key: {"string_value": value.string_value} for key, value in config.parameters.items()}
-    set_gears(parameters, threshold, gears)
-    if GEARS in config.parameters and GEARS not in parameters:
-        del config.parameters[GEARS]
-    elif GEARS in parameters:
-        config.parameters[GEARS].string_value = parameters[GEARS]["string_value"]
-    _gate_config_path(repository).write_text(config_text(config))
-    return config
-
-
-def set_thresholds(repository: str | Path, thresholds: tuple[float, ...]) -> mc.ModelConfig:
-    """Write T_0 .. T_{K-2} into the gate's config.pbtxt (two stages: `threshold`); returns the new config."""
-    for value in thresholds:
-        if not 0.0 <= value <= 1.0:
-            raise RepositoryError(f"threshold must be in [0, 1], got {value}")
-    path = _gate_config_path(repository)
+def read_gate(repository: str | Path) -> tuple[Path, mc.ModelConfig, GateConfig]:
+    """The gate's config file, its config and its parameters."""
+    path = gate_config_path(repository)
     config = read_config(path)
     try:
-        stages = served_stages({key: value.string_value for key, value in config.parameters.items()})
-    except KeyError as missing:
-        raise RepositoryError(f"{path} names no stages ({missing} missing): not a littlebig gate config") from None
-    if len(thresholds) != len(stages) - 1:
-        raise RepositoryError(
-            f"{path} serves {len(stages)} stages ({', '.join(stages)}): give {len(stages) - 1} thresholds, got {len(thresholds)}"
-        )
-    if len(stages) == 2:
-        config.parameters["threshold"].string_value = repr(float(thresholds[0]))
-    else:
-        config.parameters["thresholds"].string_value = ",".join(repr(float(t)) for t in thresholds)
+        return path, config, GateConfig.from_parameters({key: value.string_value for key, value in config.parameters.items()})
+    except ConfigError as err:
+        raise RepositoryError(f"{path}: {err}") from None
+
+
+def set_thresholds(repository: str | Path, thresholds: tuple[float, ...], gears: str | None = None) -> mc.ModelConfig:
+    """Write T_0 .. T_{K-2} (and, when given, the gears from T_0 down) into the gate's config.pbtxt; without
+    gears, a ladder that starts at another T is removed (GateConfig.with_thresholds). Returns the new config."""
+    path, config, settings = read_gate(repository)
+    if len(thresholds) != len(settings.stage_models) - 1:
+        count = len(settings.stage_models)
+        raise RepositoryError(f"{path} serves {count} stages ({', '.join(settings.stage_models)}): give {count - 1} "
+                              f"thresholds, got {len(thresholds)}")
+    try:
+        settings = settings.with_thresholds(thresholds, parse_ladder(gears) if gears else None)
+    except ConfigError as err:
+        raise RepositoryError(str(err)) from None
+    config.ClearField("parameters")
+    _parameters(config, settings.parameters())
     path.write_text(config_text(config))
     return config
+
+
+def set_threshold(repository: str | Path, threshold: float, gears: str | None = None) -> mc.ModelConfig:
+    """A two-stage gate's T (set_thresholds)."""
+    return set_thresholds(repository, (threshold,), gears)
 
 
 def build_classifiers(models: dict[str, str | Path], out: str | Path, options: RepositoryOptions = RepositoryOptions()) -> Path:

@@ -106,13 +106,30 @@ def served_threshold(offline) -> float:
 
 @pytest.fixture(scope="session")
 def repository(pair, served_threshold, tmp_path_factory) -> Path:
-    options = RepositoryOptions(runtime="python", max_batch_size=64, threshold=served_threshold, intra_op_threads=1)
-    options = dataclasses.replace(options, gate_queue_delay_us=GATE_QUEUE_DELAY_US)
+    options = RepositoryOptions(runtime="python", max_batch_size=64, threshold=served_threshold, intra_op_threads=1,
+                                gate_queue_delay_us=GATE_QUEUE_DELAY_US)
     return build_repository(pair.little, pair.big, tmp_path_factory.mktemp("repo") / "repository", options)
 
 
 @pytest.fixture(scope="session")
 def server(repository, tmp_path_factory):
+    """The session server: the default repository (python runtime: little inside the gate)."""
     log = tmp_path_factory.mktemp("server") / "tritonserver.log"
     with TritonServer(repository, log_file=log) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def step_server(pair, served_threshold, tmp_path_factory):
+    """The same cascade with little as the ensemble's step before the gate (the native runtimes' form)."""
+    options = RepositoryOptions(runtime="python", max_batch_size=64, threshold=served_threshold, intra_op_threads=1,
+                                gate_queue_delay_us=GATE_QUEUE_DELAY_US, little_in_gate=False)
+    repository = build_repository(pair.little, pair.big, tmp_path_factory.mktemp("step-repo") / "repository", options)
+    with TritonServer(repository, log_file=tmp_path_factory.mktemp("step-server") / "tritonserver.log") as running:
+        yield running
+
+
+@pytest.fixture(params=["in_gate", "step"])
+def served(request):
+    """Each form of the served cascade in turn: little inside the gate, little as the step before it."""
+    return request.getfixturevalue("server" if request.param == "in_gate" else "step_server")

@@ -6,6 +6,7 @@ The job unloads and loads models, so it runs on its own server, not the session 
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
@@ -108,14 +109,16 @@ def test_batch_resumes_after_an_interruption(batch_server, image_folder, tmp_pat
 
 def test_batch_refuses_gates_whose_answers_it_cannot_reproduce():
     from littlebig.client.batch import _check_supported
+    from littlebig.contract import GateConfig
 
-    two = {"little_model": "little", "big_model": "big"}
-    _check_supported({**two, "ensemble_weight": "1.0", "signal": "max_softmax"})
+    two = GateConfig(("little", "big"), (1, 2), (0.5,))
+    _check_supported(dataclasses.replace(two, ensemble_weight=1.0, signal="max_softmax"))
     with pytest.raises(BatchError, match="serves 3 stages"):
-        _check_supported({"stage_models": "a,b,c"})
-    for key, value in (("signal", "margin"), ("task", "multilabel"), ("ensemble_weight", "0.5")):
-        with pytest.raises(BatchError, match=f"the gate's {key} is '{value}'"):
-            _check_supported({**two, key: value})
+        _check_supported(GateConfig(("a", "b", "c"), (1, 2, 3), (0.5, 0.5)))
+    for change, shown in (({"signal": "margin"}, "signal is 'margin'"), ({"task": "multilabel", "signal": "mean_abs_margin"}, "signal is 'mean_abs_margin'"),
+                          ({"ensemble_weight": 0.5}, "ensemble_weight is 0.5")):
+        with pytest.raises(BatchError, match=f"the gate's {shown}"):
+            _check_supported(dataclasses.replace(two, **change))
 
 
 def test_batch_refuses_a_threshold_outside_0_1(batch_server, image_folder, tmp_path):

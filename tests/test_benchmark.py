@@ -48,6 +48,7 @@ def test_bench_writes_report_and_plot(server, offline, tmp_path):
     assert [c["batch_size"] for c in costs] == [1, 8, 32]
     for cost in costs:
         assert cost["executions"] == 30  # one request at a time: one gate execution each
+        # little runs inside the gate (the python runtime's default): its seconds are the gate's, counted apart
         assert cost["gate_ms"] > cost["little_ms"] > 0 and cost["own_ms"] == pytest.approx(cost["gate_ms"] - cost["little_ms"])
     added = saved["gate_cost"]["added_latency_c1_at_T0"]
     assert added["concurrency"] == 1 and added["requests"]["gate_big"] == 0  # T=0: little answers all

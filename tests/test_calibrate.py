@@ -18,7 +18,7 @@ from littlebig.client.datasets import load_image_set
 from littlebig.client.infer import LittleBigClient
 from littlebig.client.labels import ClassLabels
 from littlebig.export import LoadedModel, ModelInfo, export_onnx, ort_session
-from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config
+from littlebig.model_repository.builder import RepositoryOptions, build_repository, gate_config_path, read_config
 from littlebig.server import TritonServer
 
 SIZE = 8  # digits are 8x8; the wire images are 8x8x3 and need no resizing
@@ -235,9 +235,9 @@ def test_apply_live_with_no_failed_request_then_served_answers_reproduce_report(
 
     t = applied["threshold"]
     assert served_threshold(server.grpc_url) == t
-    config = read_config(root / "repository" / "littlebig" / "config.pbtxt")
-    assert float(config.parameters["threshold"].string_value) == t
-    assert applied["applied"]["config"] == str(root / "repository" / "littlebig" / "config.pbtxt")
+    config = read_config(gate_config_path(root / "repository"))
+    assert float(config.parameters["thresholds"].string_value) == t
+    assert applied["applied"]["config"] == str(gate_config_path(root / "repository"))
 
     with LittleBigClient(server.grpc_url) as client:
         predictions = client.classify(wire, batch_size=32)  # no per-request T: the applied config T

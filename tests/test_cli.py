@@ -8,13 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from littlebig.cli import main
 from littlebig.client.images import sample_photos
+from littlebig.model_repository.builder import gate_config_path
 from littlebig.server import free_port
 
 LITTLEBIG = [sys.executable, "-m", "littlebig.cli"]
@@ -81,4 +81,4 @@ def test_serve_command_prints_urls_and_stops_on_ctrl_c(repository, tmp_path):
     assert proc.returncode == 0, rest
     assert "stopping tritonserver" in rest
     assert "successfully unloaded 'littlebig'" in log.read_text()
-    assert re.search(r'threshold.*\n.*\n.*0\.125', (Path(repository) / "littlebig" / "config.pbtxt").read_text())
+    assert re.search(r'thresholds.*\n.*\n.*0\.125', gate_config_path(repository).read_text())

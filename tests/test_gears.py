@@ -19,6 +19,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from littlebig.client import gears as g
+from littlebig.model_repository.gate.gears import Gears
+from littlebig.model_repository.gate.held import Held
+from littlebig.model_repository.gate.observations import PooledObservations
+from littlebig.model_repository.gate.rows import ChildAnswer, Escalation
 from littlebig.client import thresholds as th
 from littlebig.client.infer import LittleBigClient
 from littlebig.client.metrics import read_samples, sample_sum
@@ -98,8 +102,8 @@ def test_repository_refuses_a_deadline_it_cannot_keep(pair, tmp_path):
     for options, match in (
         (RepositoryOptions(threshold=0.5, gears=ladder, latency_target_ms=100, gear_deadline_ms=float("inf")), "number of ms"),
         (RepositoryOptions(threshold=0.5, gear_deadline_ms=50), "ladder"),
-        (RepositoryOptions(threshold=0.5, gears=ladder, latency_target_ms=float("nan")), "latency target ms must be a finite"),
-        (RepositoryOptions(threshold=0.5, gears=ladder, latency_target_ms=float("inf")), "latency target ms must be a finite"),
+        (RepositoryOptions(threshold=0.5, gears=ladder, latency_target_ms=float("nan")), "latency_target_ms must be a number of ms"),
+        (RepositoryOptions(threshold=0.5, gears=ladder, latency_target_ms=float("inf")), "latency_target_ms must be a number of ms"),
         (RepositoryOptions(threshold=0.5, gears=ladder, latency_target_ms=100, gear_deadline_ms=500, child_timeout_ms=400),
          "below the child timeout"),
     ):
@@ -109,7 +113,7 @@ def test_repository_refuses_a_deadline_it_cannot_keep(pair, tmp_path):
 
 # ---------------------------------------------------------------- through the server
 
-# A child that sleeps this many seconds per execute while the file `slow` in its model folder says so.
+# A model that sleeps this many seconds per execute while the file `slow` in its model folder says so.
 SLOW_PATCH = '''
 
 import os as _os
@@ -145,19 +149,19 @@ class GearServer:
     ladder: list[float]
 
 
-def serve_with_gears(pair, offline, tmp_path_factory, gate_instances, deadline_ms=0.0):
+def serve_with_gears(pair, offline, tmp_path_factory, gate_instances, deadline_ms=0.0, little_in_gate=None):
     """Gears on a 100 ms target; no deadline unless asked (most tests here are about the controller)."""
     conf = offline.little.max(1)
     ladder = [float(np.quantile(conf, q)) for q in (0.6, 0.3, 0.1)]
     options = RepositoryOptions(
         threshold=ladder[0], intra_op_threads=1, gate_instances=gate_instances,
         gears=g.gears_parameter(zip(ladder, (0.0, 0.004, 0.009))), latency_target_ms=TARGET_MS, gear_interval_ms=100,
-        max_queue_size=QUEUE, gear_deadline_ms=deadline_ms,
+        max_queue_size=QUEUE, gear_deadline_ms=deadline_ms, little_in_gate=little_in_gate,
     )
     repository = build_repository(pair.little, pair.big, tmp_path_factory.mktemp("gears") / "repository", options)
-    for child in ("little", "big"):
-        model = repository / child / "1" / "model.py"
-        model.write_text(model.read_text() + SLOW_PATCH)
+    for model in ("little", "big", "gate"):
+        code = repository / model / "1" / "model.py"
+        code.write_text(code.read_text() + SLOW_PATCH)
     log = tmp_path_factory.mktemp("gears-server") / "tritonserver.log"
     with TritonServer(repository, log_file=log) as server:
         yield GearServer(server, repository, ladder)
@@ -171,8 +175,9 @@ def gear_server(pair, offline, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def deadline_server(pair, offline, tmp_path_factory):
-    """Two gate instances and the builder's default deadline (0.9 x the target: 90 ms)."""
-    yield from serve_with_gears(pair, offline, tmp_path_factory, gate_instances=2, deadline_ms=None)
+    """Two gate instances, the builder's default deadline (0.9 x the target: 90 ms), and little as the
+    ensemble's step before the gate (the other servers here run it inside)."""
+    yield from serve_with_gears(pair, offline, tmp_path_factory, gate_instances=2, deadline_ms=None, little_in_gate=False)
 
 
 @pytest.fixture(scope="module")
@@ -416,13 +421,13 @@ def test_gate_refuses_gear_timings_it_cannot_use_and_keeps_serving(gear_server, 
     loaded keeps serving."""
     server = gear_server.server
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        config = client.get_model_config("littlebig", as_json=True)["config"]
+        config = client.get_model_config("gate", as_json=True)["config"]  # the ensemble's gate step
         for key, value in (("latency_target_ms", "-5"), ("latency_target_ms", "nan"), ("gear_interval_ms", "0"),
                            ("gear_interval_ms", "soon"), ("gear_deadline_ms", "inf")):
             bad = json.loads(json.dumps(config))
             bad["parameters"][key] = {"string_value": value}
             with pytest.raises(Exception, match=key):
-                client.load_model("littlebig", config=json.dumps(bad), headers=server.admin_headers())
+                client.load_model("gate", config=json.dumps(bad), headers=server.admin_headers())
     with LittleBigClient(server.grpc_url) as client:
         out = client.infer(offline.images[:4], outputs=["CLASS"])
     assert len(out["CLASS"]) == 4
@@ -430,8 +435,8 @@ def test_gate_refuses_gear_timings_it_cannot_use_and_keeps_serving(gear_server, 
 
 def test_full_queue_is_refused_with_unavailable(gear_server, offline):
     server = gear_server.server
-    slow = gear_server.repository / "little" / "slow"
-    slow.write_text("0.5")  # both gate instances wait on little; requests pile up in the gate's queue
+    slow = gear_server.repository / "gate" / "slow"  # little runs inside the gate, whose queue is bounded
+    slow.write_text("0.5")  # both gate instances are slow; requests pile up in the gate's queue
     outcomes = []
 
     def send(i):
@@ -461,24 +466,29 @@ def test_full_queue_is_refused_with_unavailable(gear_server, offline):
 
 def test_repo_command_installs_gears_and_queue_policy(pair, tmp_path):
     from littlebig.cli import main
-    from littlebig.model_repository.builder import read_config
+    from littlebig.model_repository.builder import gate_config_path, read_config
 
     ladder = g.Ladder((g.Gear(0.4, 0.2, 1.0, 0.9, 0.0, 0.0), g.Gear(0.3, 0.1, 0.9, 0.895, 0.005, 0.02)), 0.01, 0.95, False)
     (tmp_path / "calib").mkdir()
     (tmp_path / "calib" / "report.json").write_text(json.dumps({"threshold": 0.4, "gears": ladder.as_dict()}))
     main(["repo", "--little", str(pair.little), "--big", str(pair.big), "--out", str(tmp_path / "repo"),
           "--gears", str(tmp_path / "calib"), "--latency-target-ms", "250", "--max-queue-size", "8", "--queue-timeout-ms", "2000"])
-    config = read_config(tmp_path / "repo" / "littlebig" / "config.pbtxt")
-    assert float(config.parameters["threshold"].string_value) == 0.4  # the ladder's top
+    config = read_config(gate_config_path(tmp_path / "repo"))
+    assert float(config.parameters["thresholds"].string_value) == 0.4  # the ladder's top
     assert json.loads(config.parameters["gears"].string_value) == [[0.4, 0.0], [0.3, 0.005]]
     assert float(config.parameters["latency_target_ms"].string_value) == 250
     assert float(config.parameters["gear_deadline_ms"].string_value) == 225  # 0.9 x the target by default
     big = read_config(tmp_path / "repo" / "big" / "config.pbtxt").dynamic_batching.default_queue_policy
     assert big.allow_timeout_override and big.timeout_action == big.REJECT  # so a call can carry its deadline
     assert big.default_timeout_microseconds == RepositoryOptions.child_timeout_ms * 1000  # overrides need a default
-    policy = config.dynamic_batching.default_queue_policy
+    policy = config.dynamic_batching.default_queue_policy  # little runs inside the gate: requests queue there
     assert (policy.max_queue_size, policy.default_timeout_microseconds) == (8, 2_000_000)
     assert policy.timeout_action == policy.REJECT
+    main(["repo", "--little", str(pair.little), "--big", str(pair.big), "--out", str(tmp_path / "step"), "--no-little-in-gate",
+          "--max-queue-size", "8"])
+    policy = read_config(tmp_path / "step" / "little" / "config.pbtxt").dynamic_batching.default_queue_policy
+    assert policy.max_queue_size == 8  # little as the ensemble's first step: requests queue at little
+    assert not read_config(tmp_path / "step" / "gate" / "config.pbtxt").dynamic_batching.HasField("default_queue_policy")
 
 
 
@@ -494,14 +504,14 @@ class Recorder:
 
 
 def gate_gears(ladder, target_s=0.1, interval_s=0.5, seen=None):
-    """The gate's Gears class, run from the gate file's own source with stand-in metrics."""
+    """The gate's Gears class with stand-in metrics."""
     counts = {}
     metrics = types.SimpleNamespace(gear=Recorder(), threshold=Recorder(), seconds=[f"s{k}" for k in range(len(ladder))], cost="cost")
 
     def count(metric, amount):
         counts[metric] = counts.get(metric, 0) + amount
 
-    return g.gate_controller_class()(ladder, target_s, interval_s, metrics, count, 0.0, seen), counts
+    return Gears(ladder, target_s, interval_s, metrics, count, 0.0, seen), counts
 
 
 def test_controller_down_on_a_p99_miss_up_after_calm_intervals_and_home_after_quiet():
@@ -568,7 +578,7 @@ def test_controller_counts_the_deadlines_answers_as_late(by_deadline):
 
 
 def test_pooled_observations_are_shared_by_the_instances(tmp_path):
-    pooled = g.gate_definitions()["PooledObservations"]
+    pooled = PooledObservations
     path = str(tmp_path / "board")
     a, b = pooled(path), pooled(path)
     assert a.slot != b.slot
@@ -606,7 +616,7 @@ def test_instances_deciding_from_pooled_observations_move_together(tmp_path):
     """The controller judges the answers of every instance: one instance's late answers among the
     other's many on-time ones are what a p99 allows, more of them are a miss for both; both are in
     the gear the last decision left."""
-    pooled = g.gate_definitions()["PooledObservations"]
+    pooled = PooledObservations
     ladder = [(0.5, 0.0), (0.4, 0.002), (0.3, 0.008)]
     (a, _), (b, _) = (gate_gears(ladder, seen=pooled(str(tmp_path / "board"))) for _ in range(2))
     t = 0.0
@@ -625,23 +635,22 @@ def test_instances_deciding_from_pooled_observations_move_together(tmp_path):
 
 
 def test_held_escalations_leave_together_each_with_its_open_rows():
-    gate = g.gate_definitions()
     calls = []
 
     async def infer(stage, inputs, want_probs):
         calls.append(list(inputs[0][:, 0]))
         await asyncio.sleep(0.01)
         label = inputs[0][:, 0].astype(np.int64)
-        return gate["ChildAnswer"](label, label.astype(np.float64), None)
+        return ChildAnswer(label, label.astype(np.float64), None)
 
     def escalation(values, open_rows=None):
         n = len(values)
         open_rows = np.ones(n, bool) if open_rows is None else np.asarray(open_rows)
-        return gate["Escalation"]([np.array(values)[:, None]], np.arange(n), np.zeros((n, 1)), [], open_rows, None,
+        return Escalation([np.array(values)[:, None]], np.arange(n), np.zeros((n, 1)), [], open_rows, None,
                                   np.ones(n, bool))
 
     async def main():
-        held = gate["Held"]("big", infer, 4)
+        held = Held("big", infer, 4)
         escalations = [escalation([1, 2]), escalation([3, 4, 5], [True, False, True]), escalation([6, 7]), escalation([8], [False]),
                        escalation([9, 10, 11])]
         futures = [held.run(e, False) for e in escalations]  # the first leaves at once, the rest wait for it

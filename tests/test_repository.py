@@ -9,8 +9,10 @@ from littlebig.model_repository.builder import (
     RepositoryError,
     RepositoryOptions,
     build_repository,
+    gate_config_path,
     read_config,
     set_threshold,
+    set_thresholds,
 )
 
 from .conftest import NUM_CLASSES, WIRE, wire_images
@@ -21,9 +23,9 @@ def params(config):
 
 
 def test_python_runtime_repository_layout_and_configs(pair, tmp_path):
-    options = RepositoryOptions(runtime="python", max_batch_size=32, threshold=0.25, big_queue_delay_us=700)
+    options = RepositoryOptions(runtime="python", max_batch_size=32, threshold=0.25, big_queue_delay_us=700, little_in_gate=False)
     repo = build_repository(pair.little, pair.big, tmp_path / "repo", options)
-    for name in ("little", "big", "littlebig"):
+    for name in ("little", "big", "gate"):
         assert (repo / name / "config.pbtxt").is_file()
         assert (repo / name / "1" / "model.py").is_file()
     assert (repo / "little" / "1" / "model.onnx").read_bytes() == pair.little.read_bytes()
@@ -38,19 +40,27 @@ def test_python_runtime_repository_layout_and_configs(pair, tmp_path):
     big = read_config(repo / "big" / "config.pbtxt")
     assert big.dynamic_batching.max_queue_delay_microseconds == 700
 
-    gate = read_config(repo / "littlebig" / "config.pbtxt")
+    ensemble = read_config(repo / "littlebig" / "config.pbtxt")
+    assert ensemble.platform == "ensemble" and ensemble.max_batch_size == 32 and not ensemble.parameters
+    assert [o.name for o in ensemble.output] == ["CLASS", "CONFIDENCE", "ROUTE", "PROBS", "THRESHOLD"]
+    assert ensemble.output[3].label_filename == "labels.txt" or not (repo / "littlebig" / "labels.txt").exists()
+    little_step, gate_step = ensemble.ensemble_scheduling.step
+    assert little_step.model_name == "little" and dict(little_step.input_map) == {"IMAGE": "IMAGE"}
+    assert gate_step.model_name == "gate" and set(gate_step.input_map) == {"IMAGE", "LITTLE_CLASS", "LITTLE_CONFIDENCE", "LITTLE_PROBS"}
+    gate = read_config(repo / "gate" / "config.pbtxt")
+    assert gate_config_path(repo) == repo / "gate" / "config.pbtxt"
     assert gate.backend == "python" and gate.HasField("dynamic_batching") and gate.max_batch_size == 32
-    assert [o.name for o in gate.output] == ["CLASS", "CONFIDENCE", "ROUTE", "PROBS", "THRESHOLD"]
+    assert [i.name for i in gate.input] == ["IMAGE", "LITTLE_CLASS", "LITTLE_CONFIDENCE", "LITTLE_PROBS"]
     p = params(gate)
-    assert p["little_model"] == "little" and p["big_model"] == "big"
-    assert float(p["threshold"]) == 0.25
-    assert int(p["macs_little"]) == pair.little_macs and int(p["macs_big"]) == pair.big_macs
+    assert p["stage_models"] == "little,big" and p["little_in_gate"] == "0"
+    assert float(p["thresholds"]) == 0.25
+    assert p["stage_macs"] == f"{pair.little_macs},{pair.big_macs}"
     assert int(p["wire_size"]) == WIRE
 
 
 def test_config_text_round_trips_through_the_protobuf(pair, tmp_path):
     repo = build_repository(pair.little, pair.big, tmp_path / "repo")
-    for name in ("little", "big", "littlebig"):
+    for name in ("little", "big", "littlebig", "gate"):
         text = (repo / name / "config.pbtxt").read_text()
         parsed = text_format.Parse(text, mc.ModelConfig())
         assert text_format.MessageToString(parsed) == text
@@ -68,17 +78,23 @@ def test_native_runtime_configs(pair, tmp_path):
     big = read_config(repo / "big" / "config.pbtxt")
     assert big.platform == "tensorrt_plan" and big.default_model_filename == "model.plan"
     assert big.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
-    # The gate is the same file whatever runs little and big.
-    gate_py = (repo / "littlebig" / "1" / "model.py").read_text()
-    assert gate_py == (tmp_path / "ort" / "littlebig" / "1" / "model.py").read_text()
+    # The gate is the same package whatever runs little and big.
+    for module in (tmp_path / "ort" / "gate" / "1").glob("*.py"):
+        assert (repo / "gate" / "1" / module.name).read_text() == module.read_text()
 
 
 def test_little_in_gate_points_the_gate_at_littles_onnx_and_needs_the_python_runtime(pair, tmp_path):
-    repo = build_repository(pair.little, pair.big, tmp_path / "py", RepositoryOptions(little_in_gate=True, intra_op_threads=1))
-    gate = params(read_config(repo / "littlebig" / "config.pbtxt"))
+    repo = build_repository(pair.little, pair.big, tmp_path / "py", RepositoryOptions(intra_op_threads=1))  # the default
+    gate = params(read_config(repo / "gate" / "config.pbtxt"))
+    assert gate["little_in_gate"] == "1"
+    assert [s.model_name for s in read_config(repo / "littlebig" / "config.pbtxt").ensemble_scheduling.step] == ["gate"]
+    assert {i.name for i in read_config(repo / "gate" / "config.pbtxt").input} == {"IMAGE"}
     assert (repo / gate["little_onnx"]).read_bytes() == pair.little.read_bytes()
     assert gate["little_intra_op_threads"] == "1"
-    assert "little_onnx" not in params(read_config(build_repository(pair.little, pair.big, tmp_path / "plain").joinpath("littlebig", "config.pbtxt")))
+    step = build_repository(pair.little, pair.big, tmp_path / "step", RepositoryOptions(little_in_gate=False))
+    assert "little_onnx" not in params(read_config(gate_config_path(step)))
+    native = build_repository(pair.little, pair.big, tmp_path / "native", RepositoryOptions(runtime="onnxruntime"))
+    assert "little_onnx" not in params(read_config(gate_config_path(native)))  # native runtimes: little is a step
     with pytest.raises(RepositoryError, match="needs --runtime python"):
         build_repository(pair.little, pair.big, tmp_path / "ort", RepositoryOptions(runtime="onnxruntime", little_in_gate=True))
 
@@ -157,12 +173,14 @@ def test_pair_with_different_labels_names_the_first_class_that_differs(pair):
 
 def test_set_threshold_rewrites_only_the_gate_threshold(pair, tmp_path):
     repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(threshold=0.5))
-    before = read_config(repo / "littlebig" / "config.pbtxt")
+    before = read_config(repo / "gate" / "config.pbtxt")
     set_threshold(repo, 0.375)
-    after = read_config(repo / "littlebig" / "config.pbtxt")
-    assert float(params(after)["threshold"]) == 0.375
-    after.parameters["threshold"].string_value = before.parameters["threshold"].string_value
+    after = read_config(repo / "gate" / "config.pbtxt")
+    assert float(params(after)["thresholds"]) == 0.375
+    after.parameters["thresholds"].string_value = before.parameters["thresholds"].string_value
     assert after == before
+    with pytest.raises(RepositoryError, match="give 1 thresholds, got 2"):
+        set_thresholds(repo, (0.3, 0.2))
     with pytest.raises(RepositoryError, match=r"\[0, 1\]"):
         set_threshold(repo, -0.1)
     shutil.rmtree(repo / "littlebig")
@@ -190,7 +208,7 @@ def test_children_answer_top1_in_graph_and_older_exports_still_build(pair, tmp_p
     repo = build_repository(pair.little, pair.big, tmp_path / "repo")
     little = read_config(repo / "little" / "config.pbtxt")
     assert [o.name for o in little.output] == ["PROBS", "CLASS", "CONFIDENCE"]
-    gate = read_config(repo / "littlebig" / "config.pbtxt")
+    gate = read_config(repo / "gate" / "config.pbtxt")
     assert gate.parameters["children_top1"].string_value == "1"
     # A file exported before the in-graph top-1 has PROBS only: the gate then reads PROBS.
     model = onnx.load(str(pair.big))
@@ -201,4 +219,4 @@ def test_children_answer_top1_in_graph_and_older_exports_still_build(pair, tmp_p
     onnx.save(model, str(old))
     repo = build_repository(pair.little, old, tmp_path / "repo_old")
     assert [o.name for o in read_config(repo / "big" / "config.pbtxt").output] == ["PROBS"]
-    assert read_config(repo / "littlebig" / "config.pbtxt").parameters["children_top1"].string_value == "0"
+    assert read_config(repo / "gate" / "config.pbtxt").parameters["children_top1"].string_value == "0"

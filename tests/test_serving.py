@@ -33,8 +33,8 @@ def assert_matches_offline(out, offline, thresholds):
     np.testing.assert_allclose(out["CONFIDENCE"][:, 0], conf, rtol=0, atol=2e-6)
 
 
-def test_config_threshold_matches_offline_cascade(server, offline, served_threshold):
-    with LittleBigClient(server.grpc_url) as client:
+def test_config_threshold_matches_offline_cascade(served, offline, served_threshold):
+    with LittleBigClient(served.grpc_url) as client:
         out = serve_all(client, offline.images)
     assert_matches_offline(out, offline, served_threshold)
     routes = np.bincount(out["ROUTE"][:, 0], minlength=2)
@@ -42,32 +42,32 @@ def test_config_threshold_matches_offline_cascade(server, offline, served_thresh
 
 
 @pytest.mark.parametrize("quantile", [0.1, 0.8])
-def test_request_threshold_overrides_config(server, offline, quantile):
+def test_request_threshold_overrides_config(served, offline, quantile):
     threshold = float(np.quantile(offline.little.max(1), quantile))
-    with LittleBigClient(server.grpc_url) as client:
+    with LittleBigClient(served.grpc_url) as client:
         out = serve_all(client, offline.images, threshold=threshold)
     assert_matches_offline(out, offline, threshold)
     assert out["ROUTE"].mean() == pytest.approx(quantile, abs=0.02)
 
 
-def test_threshold_zero_routes_everything_to_little(server, offline):
-    with LittleBigClient(server.http_url, "http") as client:
+def test_threshold_zero_routes_everything_to_little(served, offline):
+    with LittleBigClient(served.http_url, "http") as client:
         out = serve_all(client, offline.images, threshold=0.0)
     assert not out["ROUTE"].any()
     np.testing.assert_array_equal(out["CLASS"][:, 0], offline.little.argmax(1))
 
 
-def test_threshold_one_escalates_every_unsure_row(server, offline):
-    with LittleBigClient(server.grpc_url) as client:
+def test_threshold_one_escalates_every_unsure_row(served, offline):
+    with LittleBigClient(served.grpc_url) as client:
         out = serve_all(client, offline.images, threshold="1")
     unsure = offline.little.max(1) < 1.0
     np.testing.assert_array_equal(out["ROUTE"][:, 0], unsure.astype(np.int32))
     np.testing.assert_array_equal(out["CLASS"][unsure, 0], offline.big.argmax(1)[unsure])
 
 
-def test_probs_only_when_requested_and_from_the_answering_model(server, offline, served_threshold):
+def test_probs_only_when_requested_and_from_the_answering_model(served, offline, served_threshold):
     images = offline.images[:BATCH]
-    with LittleBigClient(server.grpc_url) as client:
+    with LittleBigClient(served.grpc_url) as client:
         with_probs = client.infer(images, return_probs=True)
         without = client.infer(images)
     assert "PROBS" not in without
@@ -116,23 +116,24 @@ def send_concurrently(url, requests):
 
 
 def gate_counts(url):
-    with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics("littlebig").model_stats[0]
+    """Rows and executions of the gate's own model (the ensemble's gate step)."""
+    with LittleBigClient(url) as gate, grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(gate.gate_model()).model_stats[0]
     return stats.inference_count, stats.execution_count
 
 
-def test_concurrent_requests_with_own_thresholds_share_a_batch(server, offline):
+def test_concurrent_requests_with_own_thresholds_share_a_batch(served, offline):
     conf = offline.little.max(1)
     thresholds = [0.0, float(np.quantile(conf, 0.3)), float(np.quantile(conf, 0.6)), "1.0", None, float(np.quantile(conf, 0.9))]
     chunks = [slice(i * 8, (i + 1) * 8) for i in range(len(thresholds))]
-    rows_before, executions_before = gate_counts(server.grpc_url)
-    results = send_concurrently(server.grpc_url, [(offline.images[s], t) for s, t in zip(chunks, thresholds)])
-    rows_after, executions_after = gate_counts(server.grpc_url)
+    rows_before, executions_before = gate_counts(served.grpc_url)
+    results = send_concurrently(served.grpc_url, [(offline.images[s], t) for s, t in zip(chunks, thresholds)])
+    rows_after, executions_after = gate_counts(served.grpc_url)
     assert rows_after - rows_before == 8 * len(thresholds)
     # The gate's queue delay gathered the concurrent requests: fewer executions than requests.
     assert executions_after - executions_before < len(thresholds)
 
-    config_threshold = float(LittleBigClient(server.grpc_url).gate_info().threshold)
+    config_threshold = float(LittleBigClient(served.grpc_url).gate_info().threshold)
     for rows, threshold, (result, error) in zip(chunks, thresholds, results):
         assert error is None, error
         t = config_threshold if threshold is None else float(threshold)
@@ -160,9 +161,9 @@ def test_classify_library_takes_paths_pil_images_and_arrays(server, tmp_path):
     assert len(batch) == 3 and all(p.route in (0, 1) for p in batch)
 
 
-def test_metrics_count_rows_by_route_and_macs(server, offline, pair):
+def test_metrics_count_rows_by_route_and_macs(served, offline, pair):
     def scrape():
-        samples = read_samples(server.metrics_url, "littlebig_", settle=True)
+        samples = read_samples(served.metrics_url, "littlebig_", settle=True)
         return {
             "little": sample_sum(samples, "littlebig_rows_total", route="little"),
             "big": sample_sum(samples, "littlebig_rows_total", route="big"),
@@ -170,7 +171,7 @@ def test_metrics_count_rows_by_route_and_macs(server, offline, pair):
         }
 
     before = scrape()
-    with LittleBigClient(server.grpc_url) as client:
+    with LittleBigClient(served.grpc_url) as client:
         out = client.infer(offline.images[:32], threshold=float(np.median(offline.little.max(1))))
     after = scrape()
     escalated = int(out["ROUTE"].sum())
@@ -255,10 +256,10 @@ def test_a_script_killed_with_sigterm_stops_its_server(repository, tmp_path):
                 os.kill(server_pid, signal.SIGKILL)  # a test that failed leaves no server behind
 
 
-def test_row_whose_confidence_equals_t_stays_with_little(server, offline):
+def test_row_whose_confidence_equals_t_stays_with_little(served, offline):
     """Eq. 4 answers with little when its max prob >= T: equality is not escalated."""
     images = offline.images[:BATCH]
-    with LittleBigClient(server.grpc_url) as client:
+    with LittleBigClient(served.grpc_url) as client:
         served = client.infer(images, threshold=0.0)["CONFIDENCE"][:, 0]
         k = int(np.argsort(served)[BATCH // 2])
         exact = float(served[k])  # a float32 value, exactly representable as the request's T
@@ -411,7 +412,7 @@ def test_children_without_in_graph_top1_still_match_offline(pair, offline, serve
         paths[role] = tmp_path / f"{role}.onnx"
         onnx.save(model, str(paths[role]))
     repo = build_repository(paths["little"], paths["big"], tmp_path / "repo", RepositoryOptions(threshold=served_threshold, intra_op_threads=1))
-    assert read_config(repo / "littlebig" / "config.pbtxt").parameters["children_top1"].string_value == "0"
+    assert read_config(repo / "gate" / "config.pbtxt").parameters["children_top1"].string_value == "0"
     with TritonServer(repo, log_file=tmp_path / "log.txt") as old, LittleBigClient(old.grpc_url) as client:
         images = offline.images[:64]
         out = serve_all(client, images, return_probs=True)

@@ -1,5 +1,5 @@
 """K-stage cascades, gating signals, multi-label answers and non-image inputs through the real server,
-compared row by row with the same equations computed offline (onnxruntime + littlebig.signals) on
+compared row by row with the same equations computed offline (onnxruntime + the gate's signals) on
 the same ONNX files: classes (or multi-hot labels), routes, confidences and probabilities.
 
 One server serves every case: each cascade is built by the repository builder, then copied into one
@@ -16,13 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from littlebig import signals
+from littlebig.model_repository.gate import signals
 from littlebig.client.metrics import read_samples, sample_sum
-from littlebig.contract import GATE_MODEL, fallback_route, stage_models
+from littlebig.contract import GATE_MODEL, GATE_STEP_MODEL, fallback_route, stage_models
 from littlebig.export import ort_session
-from littlebig.model_repository.builder import RepositoryError, RepositoryOptions, build_cascade, read_config, write_config
+from littlebig.model_repository.builder import (
+    RepositoryError, RepositoryOptions, build_cascade, gate_config_path, read_config, write_config,
+)
 from littlebig.server import TritonServer
 
 ROWS = 64
@@ -171,33 +174,42 @@ def spread_thresholds(case: Case, signal: str, quantile: float = 0.5) -> tuple[f
 # ---------------------------------------------------------------- one repository, one server
 
 GATES = {
-    # gate name: (case, signal, config thresholds from spread_thresholds of this signal)
-    "img3": ("img", "max_softmax"),
-    "img3_margin": ("img", "margin"),
-    "ml3": ("ml", "mean_abs_margin"),
-    "tok2": ("tok", "entropy"),
+    # gate name: (case, signal, little inside the gate or the ensemble's step before it)
+    "img3": ("img", "max_softmax", False),
+    "img3_margin": ("img", "margin", True),
+    "ml3": ("ml", "mean_abs_margin", False),
+    "tok2": ("tok", "entropy", True),
 }
 
 
 def add_cascade(repo: Path, built: Path, gate: str, stages: int, stage_names: list[str] | None = None) -> None:
     """Copy a built cascade into ``repo``: its stages as <gate>_<stage> (unless ``stage_names`` names
-    models already there), the gate as ``gate``."""
-    names = stage_models(stages)
-    for name in names if stage_names is None else ():
-        shutil.copytree(built / name, repo / f"{gate}_{name}")
-        config = read_config(repo / f"{gate}_{name}" / "config.pbtxt")
-        config.name = f"{gate}_{name}"
-        write_config(repo / f"{gate}_{name}", config)
-    shutil.copytree(built / GATE_MODEL, repo / gate)
-    config = read_config(repo / gate / "config.pbtxt")
-    config.name = gate
-    config.parameters["stage_models"].string_value = ",".join(stage_names or [f"{gate}_{n}" for n in names])
-    write_config(repo / gate, config)
+    models already there), its gate model as <gate>_gate, the ensemble clients call as ``gate``."""
+    names = stage_names or [f"{gate}_{n}" for n in stage_models(stages)]
+    renamed = {**dict(zip(stage_models(stages), names)), GATE_STEP_MODEL: f"{gate}_gate"}
+
+    def copy(source: str, name: str) -> mc.ModelConfig:
+        shutil.copytree(built / source, repo / name)
+        config = read_config(repo / name / "config.pbtxt")
+        config.name = name
+        return config
+
+    for source, name in zip(stage_models(stages), names) if stage_names is None else ():
+        write_config(repo / name, copy(source, name))
+    step = copy(GATE_STEP_MODEL, f"{gate}_gate")
+    step.parameters["stage_models"].string_value = ",".join(names)
+    if "little_onnx" in step.parameters:  # little in the gate: its ONNX file, relative to the repository
+        step.parameters["little_onnx"].string_value = f"{names[0]}/1/model.onnx"
+    write_config(repo / f"{gate}_gate", step)
+    ensemble = copy(GATE_MODEL, gate)
+    for model in ensemble.ensemble_scheduling.step:
+        model.model_name = renamed[model.model_name]
+    write_config(repo / gate, ensemble)
 
 
 @pytest.fixture(scope="module")
 def thresholds(cases) -> dict[str, tuple[float, ...]]:
-    return {gate: spread_thresholds(cases[case], signal) for gate, (case, signal) in GATES.items()}
+    return {gate: spread_thresholds(cases[case], signal) for gate, (case, signal, _) in GATES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +217,8 @@ def stage_server(cases, thresholds, tmp_path_factory):
     work = tmp_path_factory.mktemp("stage-repos")
     repo = work / "repository"
     repo.mkdir()
-    for gate, (case, signal) in GATES.items():
-        options = dataclasses.replace(OPTIONS, thresholds=thresholds[gate], signal=signal)
+    for gate, (case, signal, in_gate) in GATES.items():
+        options = dataclasses.replace(OPTIONS, thresholds=thresholds[gate], signal=signal, little_in_gate=in_gate)
         built = build_cascade(cases[case].files, work / gate, options)
         add_cascade(repo, built, gate, len(cases[case].files))
     # A cascade whose last stage is missing: rows it would answer fail, or fall back to stage 1.
@@ -277,7 +289,7 @@ def test_request_thresholds_override_and_stage_metrics(stage_server, cases):
     after = read_samples(stage_server.metrics_url, "littlebig_", settle=True)
 
     def delta(name, **labels):
-        return sample_sum(after, name, model="img3_margin", **labels) - sample_sum(before, name, model="img3_margin", **labels)
+        return sample_sum(after, name, model="img3_margin_gate", **labels) - sample_sum(before, name, model="img3_margin_gate", **labels)
 
     for k, role in enumerate(stage_models(3)):
         assert delta("littlebig_rows_total", route=role) == (expected.route == k).sum()
@@ -392,7 +404,7 @@ def test_builder_declares_every_input_and_the_multilabel_outputs(cases, tmp_path
     repo = build_cascade(cases["ml"].files, tmp_path / "ml", dataclasses.replace(OPTIONS, thresholds=(0.3, 0.2)))
     gate = read_config(repo / GATE_MODEL / "config.pbtxt")
     assert [o.name for o in gate.output] == ["LABELS", "CONFIDENCE", "ROUTE", "PROBS", "THRESHOLD"]
-    params = {k: v.string_value for k, v in gate.parameters.items()}
+    params = {k: v.string_value for k, v in read_config(gate_config_path(repo)).parameters.items()}
     assert params["stage_models"] == "little,stage1,big" and params["thresholds"] == "0.3,0.2"
     assert params["signal"] == "mean_abs_margin" and params["task"] == "multilabel" and "threshold" not in params
     assert params["stage_macs"] == ",".join(map(str, cases["ml"].macs))
@@ -403,8 +415,8 @@ def test_repo_command_builds_k_stages(cases, tmp_path, capsys):
 
     files = [str(f) for f in cases["img"].files]
     main(["repo", "--models", *files, "--thresholds", "0.6,0.4", "--signal", "entropy", "--out", str(tmp_path / "repo")])
-    assert "little, stage1, big, littlebig" in capsys.readouterr().out
-    params = read_config(tmp_path / "repo" / GATE_MODEL / "config.pbtxt").parameters
+    assert "little, stage1, big, gate, and the ensemble littlebig" in capsys.readouterr().out
+    params = read_config(gate_config_path(tmp_path / "repo")).parameters
     assert params["thresholds"].string_value == "0.6,0.4" and params["signal"].string_value == "entropy"
     for argv, message in (
         (["--models", *files, "--little", files[0]], "either --models"),

@@ -18,7 +18,7 @@ from littlebig.client.collect import Collected
 from littlebig.client.criterion import Criterion
 from littlebig.client.pairs import pairs
 from littlebig.export import LoadedModel, ModelInfo, export_onnx, ort_session
-from littlebig.signals import signal as gating_signal
+from littlebig.model_repository.gate.signals import signal as gating_signal
 from tests.test_calibrate import NAMES, SIZE, digits_as_uint8, train
 
 
@@ -253,7 +253,7 @@ def test_calibrate_three_stage_gate_and_apply_reproduce_offline_routes(digit_mod
     row as Eq. 7 says offline on the collected probabilities."""
     from littlebig.client.calibrate import CalibrationError, calibrate
     from littlebig.client.infer import LittleBigClient
-    from littlebig.model_repository.builder import RepositoryOptions, build_cascade, read_config
+    from littlebig.model_repository.builder import RepositoryOptions, build_cascade, gate_config_path, read_config
     from littlebig.server import TritonServer
 
     root, paths = digit_models
@@ -271,7 +271,7 @@ def test_calibrate_three_stage_gate_and_apply_reproduce_offline_routes(digit_mod
         metric, gmacs, routes = brute(collected.stages, collected.labels, collected.macs, "max_softmax", thresholds)
         assert report["metric"] == pytest.approx(metric) and report["gmacs"] == pytest.approx(gmacs)
         assert report["criterion_met"] and metric >= report["reference_metric"]
-        config = read_config(repo / "littlebig" / "config.pbtxt")
+        config = read_config(gate_config_path(repo))
         assert [float(t) for t in config.parameters["thresholds"].string_value.split(",")] == thresholds
         wire = np.stack([np.repeat(np.asarray(Image.open(p).convert("L"))[:, :, None], 3, axis=2) for p in collected.paths])
         with LittleBigClient(server.grpc_url) as client:  # no request parameter: the applied thresholds

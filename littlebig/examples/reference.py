@@ -10,7 +10,7 @@ import numpy as np
 
 from littlebig.contract import PROBS
 from littlebig.export.onnx_export import ort_session
-from littlebig.signals import signal as gating_signal
+from littlebig.model_repository.gate.signals import signal as gating_signal
 
 from .data import TensorSet
 

@@ -26,11 +26,11 @@ def refused(call) -> str:
 
 def test_admin_calls_without_the_key_are_refused_over_both_protocols(server):
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        hijack = client.get_model_config("littlebig", as_json=True)["config"]
-        hijack["parameters"]["big_model"] = {"string_value": "little"}
+        hijack = client.get_model_config("gate", as_json=True)["config"]  # the ensemble's gate step
+        hijack["parameters"]["stage_models"] = {"string_value": "little,little"}
         for call in (
             lambda: client.unload_model("big"),
-            lambda: client.load_model("littlebig", config=json.dumps(hijack)),
+            lambda: client.load_model("gate", config=json.dumps(hijack)),
             lambda: client.get_model_repository_index(),
             lambda: client.register_system_shared_memory("region", "/littlebig-test", 1024),
             lambda: client.update_log_settings({"log_file": "/tmp/littlebig-owned.log"}),
@@ -40,7 +40,7 @@ def test_admin_calls_without_the_key_are_refused_over_both_protocols(server):
     with httpclient.InferenceServerClient(server.http_url) as client:
         for call in (
             lambda: client.unload_model("big"),
-            lambda: client.load_model("littlebig", config=json.dumps(hijack)),
+            lambda: client.load_model("gate", config=json.dumps(hijack)),
             lambda: client.register_system_shared_memory("region", "/littlebig-test", 1024),
             lambda: client.unload_model("big", headers={admin.HEADER: "wrong"}),
         ):
@@ -48,7 +48,7 @@ def test_admin_calls_without_the_key_are_refused_over_both_protocols(server):
             assert message.startswith("403") and admin.HEADER in message
         assert client.is_model_ready("big") and client.is_model_ready("littlebig")
         # Read-only APIs stay open.
-        assert client.get_model_config("littlebig")["parameters"]["big_model"]["string_value"] == "big"
+        assert client.get_model_config("gate")["parameters"]["stage_models"]["string_value"] == "little,big"
         assert client.get_inference_statistics("littlebig")["model_stats"]
         image = httpclient.InferInput("IMAGE", [1, WIRE, WIRE, 3], "UINT8")
         image.set_data_from_numpy(np.zeros((1, WIRE, WIRE, 3), np.uint8))

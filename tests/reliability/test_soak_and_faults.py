@@ -69,7 +69,7 @@ def kill(pid):
 FAULTS = {
     "big stub killed": (lambda server: kill(stub_pid(server.process.pid, "big_0_0")), ("big", "reload")),
     "big stub paused 2 s": (lambda server: pause(stub_pid(server.process.pid, "big_0_0"), 2.0), None),
-    "gate stub killed": (lambda server: kill(stub_pid(server.process.pid, "littlebig_0_0")), ("littlebig", "reload")),
+    "gate stub killed": (lambda server: kill(stub_pid(server.process.pid, "gate_0_0")), ("gate", "reload")),
     "server killed": (lambda server: kill(server.process.pid), ("tritonserver", "restart")),
 }
 

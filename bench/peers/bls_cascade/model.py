@@ -1,8 +1,9 @@
 """The cascade a Triton user writes from python_backend's BLS example, for bench/peers.py.
 
 Per request, synchronously: little on the request's rows; if any row is below T, big on the whole
-request, and big answers every row. No batching across requests, no early answers. Same inputs,
-outputs and config parameters as the littlebig gate, so the same clients drive both.
+request, and big answers every row. No batching across requests, no early answers. Same inputs and
+outputs as the littlebig gate, and its config parameters (stage_models, thresholds), so the same
+clients drive both.
 """
 
 import json
@@ -14,8 +15,8 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
-        self.little, self.big = params["little_model"], params["big_model"]
-        self.threshold = float(params["threshold"])
+        self.little, self.big = params["stage_models"].split(",")
+        self.threshold = float(params["thresholds"])
 
     def _run(self, model, image):
         request = pb_utils.InferenceRequest(model_name=model, requested_output_names=["PROBS"], inputs=[image])

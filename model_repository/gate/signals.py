@@ -1,12 +1,8 @@
-"""Gating signals: how sure a stage is of its answer on each row, in [0, 1] (paper Eq. 4 and
-Appendix A.1.2). Stage k answers a row when its signal >= T_k; the last stage answers the rest.
+"""Gating signals: how sure a stage is of its answer on each row, in [0, 1] (paper Eq. 4, Appendix A.1.2).
 
-The gate (model_repository/littlebig/1/model.py) keeps its own copy of these formulas (it runs
-unchanged in the NGC container); tests/test_contract.py checks the two agree numerically.
-All return float64 [N] from probabilities [N, C].
+Stage k answers a row when its signal >= T_k; the last stage answers the rest. All take probabilities
+[N, C] and return float64 [N]. The gate and the littlebig package use these same functions.
 """
-
-from __future__ import annotations
 
 import numpy as np
 
@@ -14,6 +10,7 @@ import numpy as np
 MULTICLASS_SIGNALS = ("max_softmax", "margin", "entropy")
 MULTILABEL_SIGNALS = ("mean_abs_margin",)
 SIGNALS = MULTICLASS_SIGNALS + MULTILABEL_SIGNALS
+SIGNALS_OF_TASK = {"multiclass": MULTICLASS_SIGNALS, "multilabel": MULTILABEL_SIGNALS}
 DEFAULT_SIGNAL = {"multiclass": "max_softmax", "multilabel": "mean_abs_margin"}
 
 
@@ -40,8 +37,11 @@ def mean_abs_margin(probs: np.ndarray) -> np.ndarray:
     return np.abs(probs.astype(np.float64) - 0.5).mean(axis=1)
 
 
+FORMULAS = {"max_softmax": max_softmax, "margin": margin, "entropy": entropy, "mean_abs_margin": mean_abs_margin}
+
+
 def signal(name: str, probs: np.ndarray) -> np.ndarray:
     """The signal ``name`` of each row of ``probs``."""
-    if name not in SIGNALS:
+    if name not in FORMULAS:
         raise ValueError(f"signal must be one of {', '.join(SIGNALS)}, got {name!r}")
-    return {"max_softmax": max_softmax, "margin": margin, "entropy": entropy, "mean_abs_margin": mean_abs_margin}[name](probs)
+    return FORMULAS[name](probs)
