@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="folder of real images")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--threshold", type=float, required=True)
-    parser.add_argument("--concurrency", default="1,4,16,32")
+    parser.add_argument("--concurrency", default="1,4,16,32", help="('' to measure only the own time)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--cost-batches", default="1,8,32", help="batch sizes of the own-time measurement ('' to skip)")
@@ -197,8 +197,8 @@ def main() -> None:
                 routes = np.concatenate([client.infer(images[i : i + 16], outputs=[ROUTE])[ROUTE][:, 0] for i in range(0, len(images), 16)])
             data_share = float(np.mean(routes != 0))
             print(f"{len(images)} images; escalation share of the data at T={args.threshold}: {data_share:.3f}", flush=True)
-            rows = summarise(measure(server.grpc_url, images, [int(c) for c in args.concurrency.split(",")], args.rounds,
-                                     args.seconds, args.threshold))
+            concurrencies = [int(c) for c in args.concurrency.split(",") if c]
+            rows = summarise(measure(server.grpc_url, images, concurrencies, args.rounds, args.seconds, args.threshold))
             batches = [int(b) for b in args.cost_batches.split(",") if b]
             own = own_times(server.grpc_url, images, server.metrics_url, batches, args.rounds) if batches else {}
     for row in rows:
@@ -214,7 +214,8 @@ def main() -> None:
     out.write_text(json.dumps({"threshold": args.threshold, "gate_instances": args.gate_instances, "images": len(images),
                                "data_escalation": data_share, "rounds": args.rounds, "seconds_per_run": args.seconds,
                                "wall_s": time.time() - started, "rows": rows, "own_ms_per_execution": own}, indent=2) + "\n")
-    plot(rows, out.with_suffix(".png"))
+    if rows:
+        plot(rows, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -49,8 +49,10 @@ class Parser:
         self.first_names = first_names
 
     def parse(self, request, default_thresholds):
-        arrays = self._inputs(request)
-        parameters = json.loads(request.parameters() or "{}")
+        tensors = {tensor.name(): tensor for tensor in request.inputs()}  # one pass (get_input_tensor_by_name walks them all)
+        arrays = self._inputs(tensors)
+        text = request.parameters()
+        parameters = json.loads(text) if text and text != "{}" else {}
         unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
         if unknown:
             raise RequestError(f"unknown request parameter(s) {', '.join(map(repr, unknown))}; known: {', '.join(REQUEST_PARAMETERS)}")
@@ -59,13 +61,13 @@ class Parser:
         if "on_big_failure" in parameters:
             on_big_failure = parse_on_big_failure(parameters["on_big_failure"], "request parameter")
         pinned = "threshold" in parameters or "thresholds" in parameters
-        first = {name: pb_utils.get_input_tensor_by_name(request, tensor).as_numpy() for name, tensor in self.first_names.items()}
+        first = {name: tensors[tensor].as_numpy() for name, tensor in self.first_names.items()}
         return Accepted(arrays, thresholds, PROBS in request.requested_output_names(), on_big_failure, pinned, first)
 
-    def _inputs(self, request):
+    def _inputs(self, tensors):
         arrays = []
         for spec in self.specs:
-            tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+            tensor = tensors.get(spec.name)
             if tensor is None:
                 raise RequestError(f"missing input {spec.name!r}")
             array = tensor.as_numpy()

@@ -121,11 +121,14 @@ class Batch:
     failure: ChildError | None = None
 
     def __post_init__(self):
-        self.counts = [len(a.arrays[0]) for _, a in self.accepted]
-        ends = np.cumsum(self.counts)
-        self.rows_of = [slice(end - n, end) for end, n in zip(ends, self.counts)]
-        self.thresholds = np.repeat(np.asarray([a.thresholds for _, a in self.accepted], dtype=np.float64).reshape(len(self.accepted), len(self.applied)),
-                                    self.counts, axis=0)
+        self.counts, self.rows_of, end = [], [], 0
+        for _, accepted in self.accepted:
+            count = len(accepted.arrays[0])
+            self.counts.append(count)
+            self.rows_of.append(slice(end, end + count))
+            end += count
+        per_request = np.array([a.thresholds for _, a in self.accepted], dtype=np.float64).reshape(len(self.accepted), len(self.applied))
+        self.thresholds = np.repeat(per_request, self.counts, axis=0)  # float64 [N, K-1]
         self.keep_probs = any(a.want_probs for _, a in self.accepted)
 
     def arrays(self):
