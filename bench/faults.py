@@ -1,14 +1,17 @@
 """Faults under load, with the supervisor on: what clients saw and when answers were correct again.
 
-    flock /tmp/littlebig-cpu.lock .venv/bin/python bench/faults.py --little little.onnx --big big.onnx \
-        --out bench/results/faults.json
+    .venv/bin/python bench/faults.py --little runs/lite/little.onnx --big runs/lite/big.onnx \
+        --out bench/results/faults/faults.json
 
-Serves the pair (python runtime) with `littlebig serve`'s launcher and supervisor, runs closed-loop
-gRPC clients (mixed per-request thresholds, every answer checked against onnxruntime), and injects
-one fault at a time, waiting for recovery between them: big's stub SIGKILLed, big's stub paused
-(SIGSTOP, SIGCONT after --pause-s and after --long-pause-s), a gate stub SIGKILLed, the server
-SIGKILLed. Times are from the fault (the SIGSTOP for a pause) to the end of the last failed request
-and to the first correct escalated answer after it.
+Serves the pair (python runtime) with `littlebig serve`'s launcher and supervisor and runs two groups
+of closed-loop gRPC clients side by side (mixed per-request thresholds, every answer checked against
+onnxruntime): raw ones that record every failure as it comes (a tritonclient user without retries;
+30 s timeout), and ones that send a request the server could not answer again, as the package's
+clients do (client/retry.py). One fault at a time, waiting for recovery between them: big's stub
+paused (SIGSTOP, SIGCONT after --pause-s), big's stub SIGKILLed, a gate stub SIGKILLed, the server
+SIGKILLed. Per fault: failed and wrong answers, requests in flight at the fault still unanswered 2 s
+later (and never answered), and from the fault to the first correct escalated answer after the last
+failure; for the retrying clients, failures and retries.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from littlebig.client.retry import RetryPolicy
 from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_gate
 from littlebig.reliability import Expected, Load, pause, report, stub_pid
 from littlebig.server import TritonServer
@@ -36,9 +40,8 @@ def kill_stub(server, instance):
 
 
 FAULTS = {
-    "big stub SIGKILL": lambda server, args: kill_stub(server, "big_0_0"),
     "big stub SIGSTOP/SIGCONT": lambda server, args: pause(stub_pid(server.process.pid, "big_0_0"), args.pause_s),
-    "big stub SIGSTOP/SIGCONT long": lambda server, args: pause(stub_pid(server.process.pid, "big_0_0"), args.long_pause_s),
+    "big stub SIGKILL": lambda server, args: kill_stub(server, "big_0_0"),
     "gate stub SIGKILL": lambda server, args: kill_stub(server, "gate_0_0"),
     "server SIGKILL": lambda server, args: os.kill(server.process.pid, signal.SIGKILL),
 }
@@ -48,25 +51,33 @@ def wire_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
 
-def run_fault(name, server, supervisor, load, args) -> dict:
+def run_fault(name, server, supervisor, raw, retrying, args) -> dict:
     time.sleep(args.settle_s)
+    retries = retrying.retries
     at = time.monotonic()
     FAULTS[name](server, args)
     print(f"[faults] {name} at +0.0s", flush=True)
-    time.sleep(args.observe_s)
-    result = report(load.outcomes, at)
-    print(f"[faults] {name}: {result.line()}", flush=True)
-    return {"fault": name, **dataclasses.asdict(result), "recoveries": {f"{t}/{a}": c for (t, a), c in supervisor.recoveries.items()}}
+    time.sleep(2.5)
+    held = report(raw.outcomes, at, sending=raw.sending).unanswered  # still in flight 2 s after the fault
+    time.sleep(max(0.0, args.observe_s - 2.5))
+    result = report(raw.outcomes, at)
+    riding = report(retrying.outcomes, at)
+    print(f"[faults] {name}: raw clients: {result.line()}", flush=True)
+    print(f"[faults] {name}: retrying clients: answered {riding.answered}, failed {riding.failed}, wrong {riding.wrong}, "
+          f"retries {retrying.retries - retries}", flush=True)
+    return {"fault": name, **dataclasses.asdict(result), "unanswered": max(result.unanswered, held),
+            "retrying": {"answered": riding.answered, "failed": riding.failed, "wrong": riding.wrong,
+                         "retries": retrying.retries - retries, "errors": riding.errors},
+            "recoveries": {f"{t}/{a}": c for (t, a), c in supervisor.recoveries.items()}}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--little", required=True)
     parser.add_argument("--big", required=True)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=6, help="raw clients, and as many retrying ones")
     parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated: " + ", ".join(FAULTS))
-    parser.add_argument("--pause-s", type=float, default=2.0)
-    parser.add_argument("--long-pause-s", type=float, default=10.0)
+    parser.add_argument("--pause-s", type=float, default=3.0)
     parser.add_argument("--settle-s", type=float, default=5.0, help="load before each fault")
     parser.add_argument("--observe-s", type=float, default=25.0, help="load after each fault")
     parser.add_argument("--out", help="JSON results")
@@ -82,17 +93,24 @@ def main(argv=None) -> None:
     with TritonServer(repo, log_file=work / "tritonserver.log") as server:
         supervisor = Supervisor(server, SupervisorOptions(interval_s=1.0, metrics_file=work / "supervisor.prom"))
         supervisor.start()
-        load = Load(server.grpc_url, expected, thresholds, concurrency=args.concurrency).start()
+        raw = Load(server.grpc_url, expected, thresholds, concurrency=args.concurrency, timeout_s=30.0).start()
+        retrying = Load(server.grpc_url, expected, thresholds, concurrency=args.concurrency, seed=1000,
+                        retry=RetryPolicy(deadline_s=60.0)).start()
         try:
             for name in args.faults.split(","):
-                results.append(run_fault(name.strip(), server, supervisor, load, args))
+                results.append(run_fault(name.strip(), server, supervisor, raw, retrying, args))
         finally:
-            outcomes = load.stop()
+            outcomes = raw.stop()
+            riding = retrying.stop()
             supervisor.stop()
     total = {s: sum(o.status == s for o in outcomes) for s in ("ok", "wrong", "error")}
-    print(f"[faults] all requests: {total}; log {server.log_file}")
+    total_retrying = {s: sum(o.status == s for o in riding) for s in ("ok", "wrong", "error")}
+    print(f"[faults] all requests: raw clients {total}; retrying clients {total_retrying}, {retrying.retries} retries; "
+          f"log {server.log_file}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"faults": results, "total": total, "concurrency": args.concurrency}, indent=1))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"faults": results, "total": total, "total_retrying": total_retrying,
+                                              "retries": retrying.retries, "concurrency": args.concurrency}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
-"""Soak: closed-loop gRPC clients against the gate for a while, every answer checked.
+"""Soak: clients at about the gate's capacity for a long while, T switched live every minute, every
+answer checked; aborts of the server counted with what triggered them and how fast answers came back.
 
-    flock /tmp/littlebig-cpu.lock .venv/bin/python bench/soak.py --little little.onnx --big big.onnx \
-        --seconds 300 --concurrency 32 --data ../shared/data/imagenet-sample --out bench/results/soak.json
+    .venv/bin/python bench/soak.py --little runs/lite/little.onnx --big runs/lite/big.onnx \
+        --data ../shared/data/imagenet-sample --minutes 30 --out bench/results/soak/soak.json
 
-Serves the pair (python runtime) with the launcher and the supervisor on, sends batches of 1-4
-images with per-request thresholds drawn from {0, 1, little's 20/50/80% confidence quantiles}, and
-compares every answer (route, class, confidence) with the cascade computed offline by onnxruntime
-on the same ONNX files. Reports answered / failed / wrong, requests per second, latency quantiles
-and the supervisor's recoveries (none expected). Exit status 1 if anything failed or was wrong.
+Serves the pair (python runtime) with `littlebig serve`'s launcher and supervisor. Closed-loop gRPC
+clients (--concurrency, enough to keep the gate busy: about its capacity) send batches of 1-4 images;
+three requests in four carry their own T (0, 1, little's 20/50/80% confidence quantiles), one in four
+uses the config T, which `switch_threshold` (the same reload `littlebig threshold` does) moves every
+--switch-every-s between little's 30% and 70% quantiles. Every answer is compared with the cascade
+computed offline by onnxruntime on the same ONNX files (at the config T in force while it was in
+flight). Clients retry what the server could not answer, as the package's do (client/retry.py).
+Prints answered / retried / failed / unanswered / wrong, and each abort: when, the server log's
+last words, and the seconds to the next correct answer. Exit status 1 if anything was wrong or unanswered.
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from littlebig.client.control import switch_threshold
+from littlebig.client.retry import RetryPolicy
 from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_gate
-from littlebig.reliability import Expected, Load
+from littlebig.reliability import Expected, Load, Schedule
 from littlebig.server import TritonServer
-from littlebig.supervisor import Supervisor, SupervisorOptions
+from littlebig.supervisor import SERVER, Supervisor, SupervisorOptions
+
+ABORT_WORDS = ("lock_exception", "terminate called", "Signal (", "Segmentation", "double free", "core dumped", "Aborted")
 
 
 def soak_images(data: str | None, size: int, n: int) -> np.ndarray:
@@ -38,12 +47,19 @@ def soak_images(data: str | None, size: int, n: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
 
+def abort_lines(log: Path) -> list[str]:
+    """The lines of the server log that tell of an abort (the log of every run is appended)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [line.strip()[:200] for line in text.splitlines() if any(word in line for word in ABORT_WORDS)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--little", required=True)
     parser.add_argument("--big", required=True)
-    parser.add_argument("--seconds", type=float, default=300.0)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--switch-every-s", type=float, default=60.0)
+    parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--data", help="folder of photos (default: random images)")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--out", help="JSON results")
@@ -55,30 +71,60 @@ def main(argv=None) -> int:
     expected = Expected.from_repository(repo, soak_images(args.data, size, args.images))
     conf = expected.little.max(1)
     thresholds = [0.0, 1.0] + [float(np.quantile(conf, q)) for q in (0.2, 0.5, 0.8)]
+    config_ts = [float(np.quantile(conf, q)) for q in (0.3, 0.7)]
+    schedule = Schedule(read_gate(repo)[2].thresholds[0])
+    aborts, switches = [], 0
     with TritonServer(repo, log_file=work / "tritonserver.log") as server:
         supervisor = Supervisor(server, SupervisorOptions(interval_s=1.0, metrics_file=work / "supervisor.prom"))
         supervisor.start()
-        load = Load(server.grpc_url, expected, thresholds, concurrency=args.concurrency).start()
+        load = Load(server.grpc_url, expected, thresholds, concurrency=args.concurrency, timeout_s=60.0,
+                    retry=RetryPolicy(deadline_s=60.0), schedule=schedule).start()
         started = time.monotonic()
-        time.sleep(args.seconds)
+        end = started + 60.0 * args.minutes
+        next_switch = started + args.switch_every_s
+        while time.monotonic() < end:
+            time.sleep(1.0)
+            restarts = supervisor.recoveries[(SERVER, "restart")]
+            if restarts > len(aborts):
+                aborts.append({"at_s": round(time.monotonic() - started, 1), "log": abort_lines(server.log_file)[-3:]})
+                print(f"[soak] abort {len(aborts)} at +{aborts[-1]['at_s']:.0f}s: {aborts[-1]['log']}", flush=True)
+            if time.monotonic() >= next_switch:
+                t = config_ts[switches % 2]
+                try:
+                    switch_threshold(server.grpc_url, t)
+                    schedule.switched(t, time.monotonic())
+                    switches += 1
+                except Exception as err:  # noqa: BLE001 - a switch during a restart: the next one follows
+                    print(f"[soak] switch to T={t:.3f} failed: {err}", flush=True)
+                next_switch += args.switch_every_s
+            minute = int((time.monotonic() - started) // 60)
+            if minute and int((time.monotonic() - 1.0 - started) // 60) != minute:
+                bad = sum(o.status != "ok" for o in load.outcomes)
+                print(f"[soak] {minute} min: {len(load.outcomes)} answered, {load.retries} retried, {bad} failed or wrong, "
+                      f"{switches} switches, {len(aborts)} aborts", flush=True)
         outcomes = load.stop()
         elapsed = time.monotonic() - started
         supervisor.stop()
+    for abort in aborts:
+        at = started + abort["at_s"]
+        after = [o.done for o in outcomes if o.done > at and o.status == "ok"]
+        abort["recovered_s"] = round(min(after) - at, 1) if after else None
     latencies = np.array([o.done - o.sent for o in outcomes])
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "wrong", "error")}
+    unanswered = sum("deadline" in o.detail.lower() for o in outcomes)
     result = {
-        "seconds": round(elapsed, 1), "concurrency": args.concurrency, "images": len(expected.images),
-        "data": args.data or "random", "thresholds": thresholds, "answered": len(outcomes), **counts,
-        "escalated_requests": sum(o.escalated for o in outcomes),
-        "requests_per_s": round(len(outcomes) / elapsed, 1),
+        "minutes": round(elapsed / 60, 1), "concurrency": args.concurrency, "images": len(expected.images),
+        "data": args.data or "random", "switches": switches, "answered": len(outcomes), **counts, "unanswered": unanswered,
+        "retries": load.retries, "requests_per_s": round(len(outcomes) / elapsed, 1),
         "latency_s": {f"p{q}": round(float(np.percentile(latencies, q)), 4) for q in (50, 90, 99, 100)},
-        "recoveries": {f"{t}/{a}": c for (t, a), c in supervisor.recoveries.items()},
+        "aborts": aborts, "recoveries": {f"{t}/{a}": c for (t, a), c in supervisor.recoveries.items()},
         "errors": sorted({o.detail[:200] for o in outcomes if o.status != "ok"})[:10],
     }
     print(json.dumps(result, indent=1))
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    return 1 if counts["wrong"] or counts["error"] else 0
+    return 1 if counts["wrong"] or unanswered else 0
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from littlebig.contract import IMAGE, PROBS, GateConfig
 
 from .images import list_images, to_wire_batch
 from .infer import GATE_MODEL, LittleBigClient
+from .retry import Retrier
 from .labels import ClassLabels
 
 ROUTES = ("little", "big")
@@ -233,6 +234,7 @@ async def infer_files(url: str, model: str, folder: Path, files: list[str], sett
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
     client = grpcaio.InferenceServerClient(url)
+    retrier = Retrier()  # a restarting server is asked again (client/retry.py)
 
     async def run_chunk(chunk: list[str]) -> None:
         async with gate:
@@ -240,7 +242,8 @@ async def infer_files(url: str, model: str, folder: Path, files: list[str], sett
             batch = await loop.run_in_executor(None, _wire, folder, chunk, settings)
             image = grpcaio.InferInput(IMAGE, list(batch.shape), "UINT8")
             image.set_data_from_numpy(batch)
-            result = await client.infer(model, [image], outputs=[grpcaio.InferRequestedOutput(PROBS)])
+            output = [grpcaio.InferRequestedOutput(PROBS)]
+            result = await retrier.call_async(lambda: client.infer(model, [image], outputs=output), f"inference on {model}")
             on_chunk(chunk, result.as_numpy(PROBS))
 
     try:

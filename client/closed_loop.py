@@ -19,6 +19,8 @@ import tritonclient.grpc.aio as grpcaio
 
 from littlebig.contract import IMAGE
 
+from .retry import Retrier
+
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
@@ -42,7 +44,7 @@ def image_inputs(images: np.ndarray) -> list[grpcaio.InferInput]:
 
 
 async def _run(url: str, send: Send, inputs, concurrency: int, seconds: float, warmup: float, seed: int,
-               timeout_s: float) -> list[Answer]:
+               timeout_s: float, retrier: Retrier) -> list[Answer]:
     client = grpcaio.InferenceServerClient(url)
     loop = asyncio.get_running_loop()
     recording = loop.time() + warmup
@@ -54,7 +56,8 @@ async def _run(url: str, send: Send, inputs, concurrency: int, seconds: float, w
         while loop.time() < deadline:
             start = loop.time()
             try:
-                route = await asyncio.wait_for(send(client, inputs[draw.randrange(len(inputs))]), timeout_s)
+                image = inputs[draw.randrange(len(inputs))]
+                route = await asyncio.wait_for(retrier.call_async(lambda: send(client, image)), timeout_s)
             except asyncio.TimeoutError:
                 raise RuntimeError(f"a request got no answer within {timeout_s:g} s") from None
             if start >= recording:
@@ -68,8 +71,9 @@ async def _run(url: str, send: Send, inputs, concurrency: int, seconds: float, w
 
 
 def closed_loop(url: str, send: Send, inputs, concurrency: int, seconds: float, warmup: float = 1.0, seed: int = 0,
-                timeout_s: float = 120.0) -> list[Answer]:
+                timeout_s: float = 120.0, retrier: Retrier | None = None) -> list[Answer]:
     """The answers to requests sent after ``warmup`` seconds, over ``seconds`` (all workers start at
-    once, so the first requests meet a burst). A failed request raises, and so does one not answered
-    within ``timeout_s``."""
-    return asyncio.run(_run(url, send, inputs, concurrency, seconds, warmup, seed, timeout_s))
+    once, so the first requests meet a burst). A request the server could not answer is sent again
+    (``retrier``, which counts them; client/retry.py); one that fails otherwise raises, and so does one
+    not answered within ``timeout_s``."""
+    return asyncio.run(_run(url, send, inputs, concurrency, seconds, warmup, seed, timeout_s, retrier or Retrier()))

@@ -17,6 +17,7 @@ from .datasets import ImageSet
 from .images import to_wire_batch
 from .infer import GateInfo, LittleBigClient
 from .labels import ClassLabels
+from .retry import Retrier
 from littlebig.contract import IMAGE, PROBS, STAGE_MACS, STAGE_SHA256
 
 
@@ -100,6 +101,7 @@ async def _collect(url: str, images: ImageSet, models: tuple[str, ...], wire: "W
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
     client = grpcaio.InferenceServerClient(url)
+    retrier = Retrier()  # a restarting server is asked again (client/retry.py)
 
     async def run_chunk(start: int) -> None:
         async with gate:
@@ -108,8 +110,9 @@ async def _collect(url: str, images: ImageSet, models: tuple[str, ...], wire: "W
             batch = await loop.run_in_executor(None, to_wire_batch, paths, wire.size, wire.crop_pct)
             image = grpcaio.InferInput(IMAGE, list(batch.shape), "UINT8")
             image.set_data_from_numpy(batch)
+            output = [grpcaio.InferRequestedOutput(PROBS)]
             answers = await asyncio.gather(
-                *(client.infer(m, [image], outputs=[grpcaio.InferRequestedOutput(PROBS)]) for m in models)
+                *(retrier.call_async(lambda m=m: client.infer(m, [image], outputs=output), f"inference on {m}") for m in models)
             )
             for model, answer in zip(models, answers):
                 results[model][start] = answer.as_numpy(PROBS)

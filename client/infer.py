@@ -9,6 +9,7 @@ import numpy as np
 
 from .images import ImageLike, to_wire_batch
 from .labels import ClassLabels
+from .retry import Retrier, RetryPolicy
 
 from littlebig.contract import CLASS, CONFIDENCE, GATE_MODEL, IMAGE, PROBS, ROUTE, GateConfig, route_label  # noqa: F401 - GATE_MODEL is re-exported for the client modules
 
@@ -53,13 +54,20 @@ def _module(protocol: str):
 
 
 class LittleBigClient:
-    """Send images to the gate and get per-image class, confidence and route back."""
+    """Send images to the gate and get per-image class, confidence and route back. A call the server could
+    not answer (it restarts, the connection dropped) is sent again within ``retry``'s deadline
+    (client/retry.py); ``retries`` counts those."""
 
-    def __init__(self, url: str, protocol: str = "grpc", model: str = GATE_MODEL):
+    def __init__(self, url: str, protocol: str = "grpc", model: str = GATE_MODEL, retry: RetryPolicy = RetryPolicy()):
         self.protocol = protocol
         self.model = model
         self._tc = _module(protocol)
         self.client = self._tc.InferenceServerClient(url)
+        self.retrier = Retrier(retry)
+
+    @property
+    def retries(self) -> int:
+        return self.retrier.retries
 
     def close(self) -> None:
         self.client.close()
@@ -71,9 +79,10 @@ class LittleBigClient:
         self.close()
 
     def model_config(self, model: str | None = None) -> dict:
+        name = model or self.model
         if self.protocol == "grpc":
-            return self._tc.InferenceServerClient.get_model_config(self.client, model or self.model, as_json=True)["config"]
-        return self.client.get_model_config(model or self.model)
+            return self.retrier.call(lambda: self.client.get_model_config(name, as_json=True)["config"], f"config of {name}")
+        return self.retrier.call(lambda: self.client.get_model_config(name), f"config of {name}")
 
     def gate_model(self) -> str:
         """The model that holds the gate's parameters: the ensemble's gate step, or the gate itself."""
@@ -122,7 +131,8 @@ class LittleBigClient:
             outputs = [CLASS, CONFIDENCE, ROUTE] + ([PROBS] if return_probs else [])
         requested = [tc.InferRequestedOutput(name) for name in outputs]
         parameters = None if threshold is None else {"threshold": threshold}
-        result = self.client.infer(model or self.model, [image], outputs=requested, parameters=parameters)
+        name = model or self.model
+        result = self.retrier.call(lambda: self.client.infer(name, [image], outputs=requested, parameters=parameters), f"inference on {name}")
         return {name: result.as_numpy(name) for name in outputs}
 
     def classify(

@@ -18,6 +18,8 @@ import numpy as np
 
 from littlebig.contract import IMAGE
 
+from .retry import RETRY_MESSAGES, Retrier
+
 
 
 class BenchmarkError(RuntimeError):
@@ -76,13 +78,21 @@ def run_perf_analyzer(
     measurement_ms: int = 4000,
     batch_size: int = 1,
 ) -> PerfResult:
+    def once(window_ms: int) -> PerfResult:
+        # A server that restarts meanwhile is measured again once it answers (client/retry.py).
+        try:
+            return Retrier().call(lambda: _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, window_ms, batch_size),
+                                  f"perf_analyzer on {model}")
+        except ConnectionError as err:
+            raise BenchmarkError(str(err)) from None
+
     try:
-        return _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, measurement_ms, batch_size)
+        return once(measurement_ms)
     except BenchmarkError as err:
         # Deep queues on a busy machine can miss perf_analyzer's stability test; a longer window helps.
         if "stable measurement" not in str(err):
             raise
-        return _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, 2 * measurement_ms, batch_size)
+        return once(2 * measurement_ms)
 
 
 def _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, measurement_ms, batch_size) -> PerfResult:
@@ -95,6 +105,8 @@ def _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, me
         "-f", str(csv_path),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0 and any(text in (proc.stdout + proc.stderr).lower() for text in (*RETRY_MESSAGES, "unavailable")):
+        raise ConnectionError(f"perf_analyzer could not reach {url}: {(proc.stdout + proc.stderr).strip().splitlines()[-1][:200]}")
     if proc.returncode != 0:
         raise BenchmarkError(f"perf_analyzer failed on {model} at concurrency {concurrency}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return parse_csv(model, csv_path)

@@ -21,6 +21,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from littlebig.client.retry import Retrier, RetryPolicy
 from littlebig.contract import CLASS, CONFIDENCE, GATE_MODEL, IMAGE, PROBS, ROUTE
 
 CONFIDENCE_ATOL = 2e-6  # same ONNX, same onnxruntime; batch composition may differ by float noise
@@ -64,19 +65,42 @@ class Outcome:
     escalated: bool = False
 
 
+class Schedule:
+    """The config T in force over time, as a soak switches it: a request sent without its own T is
+    right when it matches the cascade at one of the Ts in force while it was in flight."""
+
+    def __init__(self, threshold: float):
+        self.changes = [(float("-inf"), threshold)]  # (monotonic time from which it holds, T)
+
+    def switched(self, threshold: float, at: float) -> None:
+        self.changes.append((at, threshold))
+
+    def between(self, sent: float, done: float) -> list[float]:
+        changes = list(self.changes)
+        first = max(k for k, (at, _) in enumerate(changes) if at <= sent)
+        return [t for at, t in changes[first:] if at <= done]
+
+
 class Load:
     """``concurrency`` closed-loop clients until ``stop()``; outcomes in ``self.outcomes``."""
 
     def __init__(self, url: str, expected: Expected, thresholds: list[float], concurrency: int = 32,
-                 max_rows: int = 4, timeout_s: float = 120.0, seed: int = 0):
+                 max_rows: int = 4, timeout_s: float = 120.0, seed: int = 0, retry: RetryPolicy | None = None,
+                 schedule: Schedule | None = None):
         if len(expected.images) <= max_rows:
             raise ValueError(f"Load needs more than max_rows={max_rows} images, got {len(expected.images)}")
         self.url, self.expected, self.thresholds = url, expected, thresholds
+        # With a schedule, one request in four sends no T of its own and is checked against the config's.
+        self.schedule = schedule
         self.max_rows, self.timeout_s = max_rows, timeout_s
+        # With a policy, each client sends a request the server could not answer again (as the package's
+        # clients do); without, every failure is recorded as it comes (as a raw tritonclient user sees it).
+        self.retriers = [Retrier(retry) for _ in range(concurrency)] if retry is not None else []
         self.outcomes: list[Outcome] = []
+        self.sending: dict[int, float] = {}  # client index -> when its request in flight was sent
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(seed + i,), daemon=True) for i in range(concurrency)]
+        self._threads = [threading.Thread(target=self._client, args=(seed + i, i), daemon=True) for i in range(concurrency)]
 
     def start(self) -> "Load":
         for thread in self._threads:
@@ -94,30 +118,47 @@ class Load:
                                f"{self.timeout_s + 10:.0f} s of stop (a request neither answered nor timed out)")
         return self.outcomes
 
-    def _client(self, seed: int) -> None:
+    @property
+    def retries(self) -> int:
+        return sum(retrier.retries for retrier in self.retriers)
+
+    def _client(self, seed: int, index: int) -> None:
         rng = random.Random(seed)
         n = len(self.expected.images)
+        retrier = self.retriers[index] if self.retriers else None
         with grpcclient.InferenceServerClient(self.url) as client:
             while not self._stop.is_set():
                 start = rng.randrange(n - self.max_rows)
                 rows = np.arange(start, start + rng.randint(1, self.max_rows))
-                self._record(self._one(client, rows, rng.choice(self.thresholds)))
+                self.sending[index] = time.monotonic()
+                threshold = None if self.schedule is not None and rng.random() < 0.25 else rng.choice(self.thresholds)
+                outcome = self._one(client, rows, threshold, retrier)
+                del self.sending[index]
+                self._record(outcome)
 
-    def _one(self, client, rows: np.ndarray, threshold: float) -> Outcome:
+    def _one(self, client, rows: np.ndarray, threshold: float | None, retrier: Retrier | None = None) -> Outcome:
+        """One request at ``threshold`` (None: the config's, per the schedule)."""
         image = grpcclient.InferInput(IMAGE, [len(rows), *self.expected.images.shape[1:]], "UINT8")
         image.set_data_from_numpy(self.expected.images[rows])
         outputs = [grpcclient.InferRequestedOutput(n) for n in (CLASS, CONFIDENCE, ROUTE)]
-        escalated = bool((self.expected.little[rows].max(1) < threshold).any())
+        parameters = None if threshold is None else {"threshold": threshold}
         sent = time.monotonic()
+        escalated = bool((self.expected.little[rows].max(1) < (threshold if threshold is not None else self.schedule.between(sent, sent)[-1])).any())
+
+        def send():
+            return client.infer(GATE_MODEL, [image], outputs=outputs, parameters=parameters, client_timeout=self.timeout_s)
+
         try:
-            result = client.infer(GATE_MODEL, [image], outputs=outputs, parameters={"threshold": threshold},
-                                  client_timeout=self.timeout_s)
+            result = send() if retrier is None else retrier.call(send)
         except InferenceServerException as err:
             return Outcome(sent, time.monotonic(), "error", f"{err.status()} {err.message()}", escalated)
         except Exception as err:  # noqa: BLE001 - recorded as a failure: a client thread must not end unseen
             return Outcome(sent, time.monotonic(), "error", f"{type(err).__name__}: {err}", escalated)
+        candidates = [threshold] if threshold is not None else self.schedule.between(sent, time.monotonic())
         try:
-            wrong = self.expected.check(rows, threshold, {k: result.as_numpy(k) for k in (CLASS, CONFIDENCE, ROUTE)})
+            answer = {k: result.as_numpy(k) for k in (CLASS, CONFIDENCE, ROUTE)}
+            checks = [self.expected.check(rows, t, answer) for t in candidates]
+            wrong = None if None in checks else checks[0]
         except Exception as err:  # noqa: BLE001 - a missing or malformed output is a wrong answer
             wrong = f"answer not readable: {type(err).__name__}: {err}"
         return Outcome(sent, time.monotonic(), "wrong" if wrong else "ok", wrong or "", escalated)
@@ -136,6 +177,8 @@ class FaultReport:
     answered: int
     failed: int
     wrong: int
+    unanswered: int  # in flight at the fault and still without an answer (or an error) 2 s after it
+    timed_out: int  # never answered: ended by the client's own timeout
     errors: tuple[str, ...]  # distinct error messages, shortened
     last_bad_s: float  # from the fault to the end of the last failed or wrong request (0: none)
     recovered_s: float | None  # from the fault to the first correct escalated answer after the last bad one
@@ -143,18 +186,24 @@ class FaultReport:
 
     def line(self) -> str:
         rec = "never" if self.recovered_s is None else f"{self.recovered_s:.1f}s"
-        return (f"answered {self.answered}, failed {self.failed}, wrong {self.wrong}, last failure at +{self.last_bad_s:.1f}s, "
+        return (f"answered {self.answered}, failed {self.failed}, wrong {self.wrong}, unanswered 2 s after the fault "
+                f"{self.unanswered} ({self.timed_out} never), last failure at +{self.last_bad_s:.1f}s, "
                 f"correct again at +{rec}, max latency {self.max_latency_s:.1f}s; errors: {'; '.join(self.errors) or '-'}")
 
 
-def report(outcomes: list[Outcome], at: float) -> FaultReport:
+def report(outcomes: list[Outcome], at: float, held_s: float = 2.0, sending: dict[int, float] | None = None) -> FaultReport:
+    """``sending``: Load.sending, the requests still in flight (those sent before the fault count as
+    unanswered once ``held_s`` has passed)."""
     after = [o for o in outcomes if o.done >= at]
+    still = [sent for sent in dict(sending or {}).values() if sent <= at] if time.monotonic() > at + held_s else []
     bad = [o for o in after if o.status != "ok"]
     last_bad = max((o.done for o in bad), default=at)
     good_after = [o.done for o in after if o.status == "ok" and o.escalated and o.sent >= last_bad]
     errors = tuple(sorted({o.detail[:140] for o in bad}))[:5]
     return FaultReport(
         answered=len(after), failed=sum(o.status == "error" for o in bad), wrong=sum(o.status == "wrong" for o in bad),
+        unanswered=sum(o.sent <= at and o.done > at + held_s for o in after) + len(still),
+        timed_out=sum("deadline" in o.detail.lower() for o in bad),
         errors=errors, last_bad_s=last_bad - at if bad else 0.0,
         recovered_s=(min(good_after) - at) if good_after else None,
         max_latency_s=max((o.done - o.sent for o in after), default=0.0),

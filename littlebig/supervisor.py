@@ -3,12 +3,14 @@
 Triton's ready endpoints stay green when a python-backend stub has died (2.51 marks it unhealthy and
 does not restart it while the model stays READY), so health is judged by a cheap canary inference
 (one blank row of every declared input: a black image, zero token ids, ...) through every stage and
-the gate (the gate's at T = 0, so it does not depend on the later stages). A canary reaches one instance of a model only, so the supervisor (on the server's machine)
-also counts the python-backend stub processes: a READY model with an instance whose stub is gone
-(killed, crashed) is restored at once. A model that is READY but fails its canary is restored by unload + load through the
-repository API (with the admin key); a plain load of an unchanged model changes nothing. A server
-process that died is started again on the same ports. Each recovery logs a line and increments
-littlebig_supervisor_recoveries_total{model, action} (written, Prometheus text format, to
+the gate (at T = 0, so it does not depend on the later stages), every ``interval_s``. A canary reaches
+one instance of a model only, so the supervisor (on the server's machine) also counts the
+python-backend stub processes: a READY model with an instance whose stub is gone (killed, crashed) is
+restored by a reload, and a model that fails its canary by unload + load through the repository API
+(with the admin key). Every ``watch_s`` it looks at the processes alone: a server that died is started
+again on the same ports, and so is one whose gate model lost a stub (the requests that stub held are
+answered by nobody until their connections close; see ``watch``). Each recovery logs a line and
+increments littlebig_supervisor_recoveries_total{model, action} (written, Prometheus text format, to
 ``metrics_file``); repeated failures of one target back off exponentially up to ``max_backoff_s``.
 """
 
@@ -55,6 +57,7 @@ def _blank_input(spec: dict) -> httpclient.InferInput:
 @dataclasses.dataclass(frozen=True)
 class SupervisorOptions:
     interval_s: float = 2.0  # between rounds of canaries
+    watch_s: float = 0.25  # between looks at the server's process and its stubs (cheap: /proc only)
     canary_timeout_s: float = 5.0  # a canary slower than this counts as a failure (a stalled stub)
     failures_to_restore: int = 2  # consecutive failed canaries before a restore (one may be bad luck)
     min_backoff_s: float = 1.0
@@ -81,30 +84,66 @@ class Supervisor(threading.Thread):
         self._backoff: dict[str, Backoff] = collections.defaultdict(Backoff)
         self._stopping = threading.Event()
         self._stage_count = 2  # the gate's stages, read with the models (the canary's thresholds)
-        self._gates = {GATE_MODEL}  # the gate and its ensemble's gate step: canaries at T = 0
+        self._gates = {GATE_MODEL}  # the ensemble and its gate model: canaries at T = 0
+        self._instances: dict[str, list[str]] = {}  # the models' stub instance names, as the last canary round read them
+        self._lock = threading.Lock()  # the recoveries' bookkeeping, shared by the two threads
+        # The quick look has its own thread: a canary round or a reload may wait on the server for a
+        # while (a reload of big minutes), and a dead server must not wait for it.
+        self._watcher = threading.Thread(target=self._watch_loop, name="littlebig-watcher", daemon=True)
+
+    def start(self) -> None:
+        super().start()
+        self._watcher.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the watchdog; a round still busy after ``timeout_s`` (a canary or reload waiting on the
         server) is left to end by itself: it is a daemon thread, and the server is being stopped."""
         self._stopping.set()
+        self._watcher.join(timeout_s)
         self.join(timeout_s)
-        if self.is_alive():
+        if self.is_alive() or self._watcher.is_alive():
             self.log(f"littlebig supervisor: a check is still running after {timeout_s:g}s; stopping the server anyway")
 
     def run(self) -> None:
         while not self._stopping.wait(self.options.interval_s):
-            try:
-                self.check_once()
-            except Exception as err:  # noqa: BLE001 - the watchdog itself must not die
-                self.log(f"littlebig supervisor: check failed: {err!r}")
+            self._guarded(self.check_once)
+
+    def _watch_loop(self) -> None:
+        while not self._stopping.wait(self.options.watch_s):
+            self._guarded(self.watch)
+
+    def _guarded(self, check: Callable[[], object]) -> None:
+        try:
+            check()
+        except Exception as err:  # noqa: BLE001 - the watchdog itself must not die
+            self.log(f"littlebig supervisor: check failed: {err!r}")
+
+    def watch(self) -> bool:
+        """The quick look, every watch_s: a dead server is started again, and a dead stub of the gate model
+        restarts the whole server. The gate answers escalated requests after its execute returned, and
+        Triton 2.51 answers none of those a dead stub held: only closing their connections ends them (the
+        clients see UNAVAILABLE and can send them again; client/retry.py does). Returns whether it acted."""
+        if self.server.process is None or self.server.process.poll() is not None:
+            self._recover(SERVER, "restart", self._restart_server, f"exited with code {self.server.process.returncode}")
+            return True
+        if not self._instances:
+            return False
+        alive = stub_processes(self.server.process.pid)
+        for gate in self._gates & set(self._instances):
+            missing = [name for name in self._instances[gate] if name not in alive]
+            if missing:
+                self._recover(SERVER, "restart", self._restart_server, f"gate stub {', '.join(missing)} is gone; the "
+                              "requests it held are ended by closing their connections")
+                return True
+        return False
 
     def check_once(self) -> None:
         """One round: restart a dead server, else canary every model and restore the failing ones."""
-        if self.server.process is None or self.server.process.poll() is not None:
-            self._recover(SERVER, "restart", self._restart_server, f"exited with code {self.server.process.returncode}")
+        if self.watch():
             return
         alive = stub_processes(self.server.process.pid)
-        for model, instances in self._models().items():
+        self._instances = self._models()
+        for model, instances in self._instances.items():
             missing = [name for name in instances if name not in alive]
             if missing:
                 self._recover(model, "reload", lambda m=model: self._reload(m), f"stub of {', '.join(missing)} is gone")
@@ -118,6 +157,8 @@ class Supervisor(threading.Thread):
             if state.failures >= self.options.failures_to_restore:
                 self._recover(model, "reload", lambda m=model: self._reload(m), error)
                 return  # children first: a gate canary right after a child's restore would be noise
+        server = self._backoff[SERVER]
+        server.failures = server.restores = 0  # every model answered: a later restart waits no longer
 
     def _models(self) -> dict[str, list[str]]:
         """little, big, the gate step, the gate (children first), each with the instance names of its
@@ -154,22 +195,25 @@ class Supervisor(threading.Thread):
         return None
 
     def _recover(self, target: str, action: str, restore: Callable[[], None], reason: str) -> None:
-        state = self._backoff[target]
-        if self._stopping.is_set() or time.monotonic() < state.not_before:
-            return  # (the server itself refuses a restart once its stop began)
-        self.log(f"littlebig supervisor: {target} unhealthy ({reason}); {action} (attempt {state.restores + 1})")
+        with self._lock:
+            state = self._backoff[target]
+            if self._stopping.is_set() or time.monotonic() < state.not_before:
+                return  # (the server itself refuses a restart once its stop began)
+            delay = min(self.options.max_backoff_s, self.options.min_backoff_s * 2**state.restores)
+            attempt = state.restores = state.restores + 1
+            state.failures = 0
+            state.not_before = float("inf")  # one recovery of a target at a time
+        self.log(f"littlebig supervisor: {target} unhealthy ({reason}); {action} (attempt {attempt})")
         started = time.monotonic()
         try:
             restore()
             self.log(f"littlebig supervisor: {target} {action} done in {time.monotonic() - started:.1f}s")
         except (InferenceServerException, ServerError, OSError) as err:
             self.log(f"littlebig supervisor: {target} {action} failed: {err}")
-        self.recoveries[(target, action)] += 1
-        self._write_metrics()
-        delay = min(self.options.max_backoff_s, self.options.min_backoff_s * 2**state.restores)
-        state.restores += 1
-        state.failures = 0
-        state.not_before = time.monotonic() + delay
+        with self._lock:
+            self.recoveries[(target, action)] += 1
+            state.not_before = time.monotonic() + delay
+            self._write_metrics()
 
     def _reload(self, model: str) -> None:
         """New instances of ``model``: a load with its own config as override swaps them in while the
@@ -186,6 +230,7 @@ class Supervisor(threading.Thread):
                 client.load_model(model, headers=headers)
 
     def _restart_server(self) -> None:
+        self._instances = {}  # read again once the new server answers
         self.server.restart()
 
     def _write_metrics(self) -> None:
