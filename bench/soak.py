@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_gate
-from littlebig.reliability import Expected, Load
-from littlebig.server import TritonServer
-from littlebig.supervisor import Supervisor, SupervisorOptions
+from littlebig.model_repository.builder import build_repository, read_gate
+from littlebig.model_repository.options import RepositoryOptions
+from littlebig.serving.reliability import Expected, Load
+from littlebig.serving.server import TritonServer
+from littlebig.serving.supervisor import Supervisor, SupervisorOptions
 
 
 def soak_images(data: str | None, size: int, n: int) -> np.ndarray:

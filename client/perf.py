@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from littlebig.contract import IMAGE
+from littlebig.errors import UserError
 
 
 
-class BenchmarkError(RuntimeError):
+class BenchmarkError(UserError):
     pass
 
 
