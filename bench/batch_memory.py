@@ -32,9 +32,10 @@ import tritonclient.grpc as grpcclient
 from littlebig.client.batch import infer_files, keep_only, run_batch, settings_from_server
 from littlebig.client.images import list_images
 from littlebig.client.infer import LittleBigClient
-from littlebig.memory import MemorySampler, tree_rss
-from littlebig.model_repository.builder import RepositoryOptions, build_repository
-from littlebig.server import TritonServer
+from littlebig.serving.memory import MemorySampler, tree_rss
+from littlebig.model_repository.builder import build_repository
+from littlebig.model_repository.options import RepositoryOptions
+from littlebig.serving.server import TritonServer
 
 MIB = 2**20
 

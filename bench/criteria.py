@@ -20,8 +20,9 @@ from pathlib import Path
 
 from littlebig.client.benchmark import bench
 from littlebig.client.calibrate import Criterion, calibrate
-from littlebig.model_repository.builder import RepositoryOptions, build_repository
-from littlebig.server import TritonServer
+from littlebig.model_repository.builder import build_repository
+from littlebig.model_repository.options import RepositoryOptions
+from littlebig.serving.server import TritonServer
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from littlebig.client import kstage
 from littlebig.client.criterion import DEFAULT_CONFIDENCE_LEVEL, Criterion
 from littlebig.client.kstage import StageOutcomes, choose, sweep_stages
 from littlebig.examples.reference import cascade, stage_probs
-from littlebig.model_repository.gate.signals import DEFAULT_SIGNAL
+from littlebig.gate.signals import DEFAULT_SIGNAL
 
 RESULTS = Path(__file__).parent / "results" / "examples"
 
@@ -37,7 +37,7 @@ def collect_served(folder: Path, signal: str, work: Path) -> dict[str, list[np.n
     """Both stages' PROBS on the calibration and test rows, asked from the served little and big directly
     (as client/collect.py does for images; the gate's T here is a placeholder: it is not asked)."""
     from littlebig.examples.served import build_example_repository, served_stage_probs
-    from littlebig.server import TritonServer
+    from littlebig.serving.server import TritonServer
 
     repository = build_example_repository(folder, work / "collect-repository", 0.5, signal)
     with TritonServer(repository, log_file=work / "collect-tritonserver.log") as server:
@@ -77,7 +77,7 @@ def evaluate(folder: Path, criterion: Criterion, work: Path) -> tuple[dict, dict
 def serve_and_compare(folder: Path, result: dict, work: Path) -> dict:
     """The pair at its T through the real Triton server, compared row by row with the offline cascade."""
     from littlebig.examples.served import build_example_repository, compare, served_answers
-    from littlebig.server import TritonServer
+    from littlebig.serving.server import TritonServer
 
     task, signal = result["task"], result["signal"]
     repository = build_example_repository(folder, work / "repository", result["threshold"], signal)

@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from littlebig.client.retry import RetryPolicy
-from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_gate
-from littlebig.reliability import Expected, Load, pause, report, stub_pid
-from littlebig.server import TritonServer
-from littlebig.supervisor import Supervisor, SupervisorOptions
+from littlebig.model_repository.builder import build_repository, read_gate
+from littlebig.model_repository.options import RepositoryOptions
+from littlebig.serving.reliability import Expected, Load, pause, report, stub_pid
+from littlebig.serving.server import TritonServer
+from littlebig.serving.supervisor import Supervisor, SupervisorOptions
 
 
 def kill_stub(server, instance):

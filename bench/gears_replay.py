@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from littlebig.model_repository.gate.gears import Gears
+from littlebig.gate.gears import Gears
 
 def gears_class(overrides: dict[str, float]):
     """The gate's controller with some constants overridden."""

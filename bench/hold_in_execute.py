@@ -26,9 +26,11 @@ import tritonclient.grpc.aio as grpcaio
 
 from littlebig.client.closed_loop import closed_loop, image_inputs
 from littlebig.client.images import list_images, to_wire_batch
-from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config, write_config
-from littlebig.reliability import Expected, Load, report, stub_pid
-from littlebig.server import TritonServer
+from littlebig.model_repository.builder import build_repository
+from littlebig.model_repository.configs import read_config, write_config
+from littlebig.model_repository.options import RepositoryOptions
+from littlebig.serving.reliability import Expected, Load, report, stub_pid
+from littlebig.serving.server import TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +75,7 @@ with tempfile.TemporaryDirectory() as tmp:
                 base = res[("bg2", c)]
                 print(f"c={c}: " + "  ".join(f"{v} {statistics.median(a[0]/b[0] for a, b in zip(res[(v, c)], base)):.2f} of bg2 (p50 {statistics.median(x[1] for x in res[(v, c)]):.0f} ms, p99 {statistics.median(x[2] for x in res[(v, c)]):.0f} ms)" for v in variants))
         else:  # kill a gate stub of each variant under raw load, no supervisor
-            import littlebig.reliability as rel
+            import littlebig.serving.reliability as rel
             expected = Expected.from_repository(repo, images)
             conf = expected.little.max(1)
             thresholds = [float(np.quantile(conf, q)) for q in (0.3, 0.5, 0.7)]

@@ -18,10 +18,12 @@ import json
 import shutil
 from pathlib import Path
 
-from littlebig.balancer import balanced_replicas
-from littlebig.client.failover import PHASES, PROTOCOLS, expected_classes, format_report, kill_and_restart
+from littlebig.serving.balancer import balanced_replicas
+from littlebig.serving.failover import PHASES, PROTOCOLS, expected_classes, format_report, kill_and_restart
 from littlebig.client.images import list_images, to_wire_batch
-from littlebig.model_repository.builder import ModelFacts, RepositoryOptions, build_repository
+from littlebig.model_repository.builder import build_repository
+from littlebig.model_repository.facts import ModelFacts
+from littlebig.model_repository.options import RepositoryOptions
 
 
 def main() -> None:

@@ -39,9 +39,10 @@ from littlebig.client.images import list_images, to_wire_batch
 from littlebig.client.infer import LittleBigClient
 from littlebig.client.metrics import read_samples
 from littlebig.contract import GATE_MODEL
-from littlebig.model_repository.gate.config import parse_ladder
-from littlebig.model_repository.builder import RepositoryOptions, build_repository
-from littlebig.server import TritonServer
+from littlebig.gate.config import parse_ladder
+from littlebig.model_repository.builder import build_repository
+from littlebig.model_repository.options import RepositoryOptions
+from littlebig.serving.server import TritonServer
 from littlebig.client.closed_loop import closed_loop, image_inputs
 
 VARIANTS = ("fixed", "adaptive")

@@ -39,8 +39,10 @@ from littlebig.client.gate_cost import measure_gate_cost
 from littlebig.client.images import list_images, to_wire_batch
 from littlebig.client.infer import LittleBigClient
 from littlebig.contract import BIG_MODEL, CLASS, CONFIDENCE, GATE_MODEL, GATE_STEP_MODEL, LITTLE_MODEL, ROUTE
-from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config, write_config
-from littlebig.server import TritonServer
+from littlebig.model_repository.builder import build_repository
+from littlebig.model_repository.configs import read_config, write_config
+from littlebig.model_repository.options import RepositoryOptions
+from littlebig.serving.server import TritonServer
 
 STEP, PEER = "littlebig_step", "peer_bls"
 VARIANTS = ("in_gate", "step", "bls", "client")

@@ -28,10 +28,11 @@ import numpy as np
 
 from littlebig.client.control import switch_threshold
 from littlebig.client.retry import RetryPolicy
-from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_gate
-from littlebig.reliability import Expected, Load, Schedule
-from littlebig.server import TritonServer
-from littlebig.supervisor import SERVER, Supervisor, SupervisorOptions
+from littlebig.model_repository.builder import build_repository, read_gate
+from littlebig.model_repository.options import RepositoryOptions
+from littlebig.serving.reliability import Expected, Load, Schedule
+from littlebig.serving.server import TritonServer
+from littlebig.serving.supervisor import SERVER, Supervisor, SupervisorOptions
 
 ABORT_WORDS = ("lock_exception", "terminate called", "Signal (", "Segmentation", "double free", "core dumped", "Aborted")
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from littlebig.client import calibrate_stages as cs
 from littlebig.client.criterion import Criterion
-from littlebig.client.pairs import pairs
-from littlebig.model_repository.gate.signals import signal as gating_signal
+from littlebig.serving.pairs import pairs
+from littlebig.gate.signals import signal as gating_signal
 
 CRITERIA = {"certified (default: drop <= 2 pt at 95%)": Criterion(), "point estimate, 0 pt (paper)": Criterion(max_acc_drop=0.0, point_estimate=True)}
 WIRE = 260
@@ -48,8 +48,9 @@ def served_gate_check(paths: list[Path], collected, thresholds: list[float], wor
     """Serve the 3-stage gate at ``thresholds`` and compare its answers with Eq. 7 offline on the same probabilities."""
     from littlebig.client.images import to_wire_batch
     from littlebig.client.infer import LittleBigClient
-    from littlebig.model_repository.builder import RepositoryOptions, build_cascade
-    from littlebig.server import TritonServer
+    from littlebig.model_repository.builder import build_cascade
+    from littlebig.model_repository.options import RepositoryOptions
+    from littlebig.serving.server import TritonServer
 
     repo = build_cascade(paths, work / "cascade", RepositoryOptions(runtime="python", thresholds=tuple(thresholds)))
     conf = [gating_signal("max_softmax", p) for p in collected.stages]

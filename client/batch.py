@@ -27,16 +27,17 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from littlebig.contract import IMAGE, PROBS, GateConfig
+from littlebig.errors import UserError
+from littlebig.labels import ClassLabels
 
 from .images import list_images, to_wire_batch
 from .infer import GATE_MODEL, LittleBigClient
 from .retry import Retrier
-from .labels import ClassLabels
 
 ROUTES = ("little", "big")
 
 
-class BatchError(RuntimeError):
+class BatchError(UserError):
     """The batch job cannot run or cannot resume as asked."""
 
 
@@ -315,7 +316,7 @@ def run_batch(
     """
     from tritonclient.utils import InferenceServerException
 
-    from .admin import admin_headers
+    from littlebig.admin import admin_headers
 
     headers = admin_headers(url) if headers is None else headers  # load/unload are admin calls
     try:
@@ -331,7 +332,7 @@ def served_labels(gate_config: str | None) -> ClassLabels | None:
 
 
 def _run_batch(url, folder: Path, out: Path, threshold, labels, batch_size, concurrency, show_progress, headers, progress) -> BatchResult:
-    from .labels import load_labels
+    from littlebig.labels import load_labels
 
     if batch_size < 1 or concurrency < 1:
         raise BatchError("batch size and concurrency must be >= 1")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from littlebig.contract import ROUTE
-from littlebig.model_repository.gate.config import ladder_text
+from littlebig.gate.config import ladder_text
 
 from .control import switch_threshold
 from .gate_cost import measure_gate_cost

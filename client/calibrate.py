@@ -4,8 +4,11 @@ How T is chosen and the defaults: client/criterion.py."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from scipy import stats
+
+from littlebig.errors import UserError
 
 from . import gears as gear_ladder
 from . import thresholds as th
@@ -16,6 +19,10 @@ from .datasets import ImageSet, load_image_set
 from .infer import LittleBigClient
 from .report import plot_confidence_histogram, plot_curves, table, write_json
 
+# Writes applied thresholds (and the gears' ladder, JSON, or None) into a repository on disk; returns the
+# file written. The command line gives one (model_repository.builder.write_thresholds) for --repo.
+Writer = Callable[[tuple[float, ...], "str | None"], Path]
+
 # Big's accuracy with a p-value above this against guessing (1 / classes) counts as "near chance".
 CHANCE_P_VALUE = 1e-3
 
@@ -23,7 +30,7 @@ CHANCE_P_VALUE = 1e-3
 _NO_GEARS = "an accuracy budget sets the gears, and gears apply to two-stage cascades gated on max_softmax"
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError):
     """Calibration cannot give a trustworthy answer on this data; the message says why and what to do."""
 
 
@@ -128,7 +135,7 @@ def calibrate(
     eval_labels_csv: str | Path | None = None,
     apply: bool = False,
     accuracy_budget: float | None = None,
-    repository: str | Path | None = None,
+    write: Writer | None = None,
     batch_size: int = 16,
     concurrency: int = 4,
     refresh: bool = False,
@@ -140,9 +147,10 @@ def calibrate(
 ) -> dict:
     """Two stages gated on max_softmax: the threshold T as below. More stages (``models``, default: the
     gate's) or another gating signal: calibrate_stages (joint thresholds); both add the signal comparison
-    and, with ``ensemble_weights``, the ensemble sweep."""
+    and, with ``ensemble_weights``, the ensemble sweep. With ``apply`` the running server is switched to
+    the choice, and ``write`` (when given) writes it into a repository on disk too."""
     criterion.validate()
-    _check_options(eval_data, eval_labels_csv, apply, repository)
+    _check_options(eval_data, eval_labels_csv, apply, write)
     if accuracy_budget is not None and signal not in (None, "max_softmax"):
         raise CalibrationError(f"{_NO_GEARS}, not {signal}: leave out --accuracy-budget here")
     for folder in (data, eval_data):
@@ -163,7 +171,7 @@ def calibrate(
             raise CalibrationError(f"{_NO_GEARS}, not {len(collected.stages)} stages: leave out --accuracy-budget here")
         eval_images = image_set(eval_data, eval_labels_csv) if eval_data else None
         return _calibrate_stages(url, collected, images, criterion, out, kwargs=kwargs, eval_images=eval_images, signal=signal,
-                                 ensemble_weights=ensemble_weights, apply=apply, repository=repository, log=log)
+                                 ensemble_weights=ensemble_weights, apply=apply, write=write, log=log)
     s, outcomes, choice = analyse(collected, criterion)
     check_labels_fit(outcomes, collected.little.shape[1], images.mapping)
     budget = gear_ladder.DEFAULT_ACCURACY_BUDGET if accuracy_budget is None else accuracy_budget
@@ -183,19 +191,19 @@ def calibrate(
 
     if apply:
         gears = gear_ladder.Ladder.from_dict(report["gears"]).config_value() if "gears" in report else None
-        report["applied"] = apply_choice(url, report["threshold"], repository, gears)
+        report["applied"] = apply_choice(url, report["threshold"], write, gears)
     write_json(out / "report.json", report)
     log(text)
     log(describe(report))
     return report
 
 
-def _check_options(eval_data, eval_labels_csv, apply: bool, repository) -> None:
+def _check_options(eval_data, eval_labels_csv, apply: bool, write) -> None:
     """Options that would do nothing in this combination are refused rather than ignored."""
     if eval_labels_csv is not None and eval_data is None:
         raise CalibrationError("an evaluation labels CSV (--eval-labels-csv) needs the evaluation images (--eval-data)")
-    if repository is not None and not apply:
-        raise CalibrationError(f"T is written into the repository {repository} only when it is applied: add --apply")
+    if write is not None and not apply:
+        raise CalibrationError("T is written into a repository (--repo) only when it is applied: add --apply")
 
 
 def _evaluate(url: str, image_set, cache: Path, threshold: float, kwargs: dict) -> dict:
@@ -220,7 +228,7 @@ def _two_stage_extras(collected: Collected, criterion: Criterion, ensemble_weigh
     return extras
 
 
-def _calibrate_stages(url, collected, images, criterion, out, *, kwargs, eval_images, signal, ensemble_weights, apply, repository, log) -> dict:
+def _calibrate_stages(url, collected, images, criterion, out, *, kwargs, eval_images, signal, ensemble_weights, apply, write, log) -> dict:
     """K stages or another signal: thresholds chosen jointly (client/calibrate_stages.py)."""
     from . import calibrate_stages as cs
 
@@ -233,17 +241,15 @@ def _calibrate_stages(url, collected, images, criterion, out, *, kwargs, eval_im
     report["labels"] = images.mapping or None
     report["plots"] = cs.write_plots(out, report, collected)
     if apply:
-        report["applied"] = apply_stage_choice(url, report["thresholds"], report["signal"], repository)
+        report["applied"] = apply_stage_choice(url, report["thresholds"], report["signal"], write)
     write_json(out / "report.json", report)
     log(cs.describe(report))
     return report
 
 
-def apply_stage_choice(url: str, thresholds: list[float], signal: str, repository: str | Path | None) -> dict:
-    """Switch the running K-stage gate to ``thresholds`` and, side by side, write them into the repository
-    given; refused when the gate gates on another signal than the one calibrated."""
-    from littlebig.model_repository.builder import gate_config_path, set_thresholds
-
+def apply_stage_choice(url: str, thresholds: list[float], signal: str, write: Writer | None = None) -> dict:
+    """Switch the running K-stage gate to ``thresholds`` and, side by side, ``write`` them into a repository
+    on disk; refused when the gate gates on another signal than the one calibrated."""
     from .control import switch_thresholds
 
     with LittleBigClient(url) as client:
@@ -252,24 +258,16 @@ def apply_stage_choice(url: str, thresholds: list[float], signal: str, repositor
         raise CalibrationError(f"the gate gates on {served!r}, these thresholds are for {signal!r}: calibrate with "
                                f"--signal {served}, or rebuild the repository with the signal {signal}")
     switch_thresholds(url, thresholds)
-    written = None
-    if repository is not None:  # a ladder of gears whose top was the old T goes too
-        set_thresholds(repository, tuple(thresholds))
-        written = str(gate_config_path(repository))
-    return {"thresholds": thresholds, "config": written}
+    written = write(tuple(thresholds), None) if write is not None else None  # a ladder whose top was the old T goes too
+    return {"thresholds": thresholds, "config": None if written is None else str(written)}
 
 
-def apply_choice(url: str, threshold: float, repository: str | Path | None, gears: str | None = None) -> dict:
+def apply_choice(url: str, threshold: float, write: Writer | None = None, gears: str | None = None) -> dict:
     """Switch the running server to T (and its gears, the gate's `gears` parameter) and, side by side,
-    write them into the repository given. Without gears, a ladder made for another T is removed."""
-    from littlebig.model_repository.builder import gate_config_path, set_threshold
-
+    ``write`` them into a repository on disk. Without gears, a ladder made for another T is removed."""
     switch_threshold(url, threshold, gears=gears)
-    written = None
-    if repository is not None:
-        set_threshold(repository, threshold, gears=gears)
-        written = str(gate_config_path(repository))
-    return {"threshold": threshold, "gears": gears, "config": written}
+    written = write((threshold,), gears) if write is not None else None
+    return {"threshold": threshold, "gears": gears, "config": None if written is None else str(written)}
 
 
 def describe_set(images: ImageSet) -> str:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from littlebig.model_repository.gate.signals import DEFAULT_SIGNAL, MULTICLASS_SIGNALS, MULTILABEL_SIGNALS
+from littlebig.gate.signals import DEFAULT_SIGNAL, MULTICLASS_SIGNALS, MULTILABEL_SIGNALS
+from littlebig.errors import UserError
 
 from . import kstage as ks
 from .collect import Collected
 from .criterion import Criterion
+from .report import plot_chains, plot_ensemble, plot_signals
 
 ENSEMBLE_WEIGHTS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -32,7 +34,7 @@ def outcomes_of(collected: Collected, signal: str, task: str = "multiclass", ind
     reference = None
     if ensemble_weight != 1.0:
         if len(stages) != 2:
-            raise ValueError("the ensemble (Eq. 8) is two-stage only")
+            raise UserError("the ensemble (Eq. 8) is two-stage only")
         reference = stages[1]
         stages = [stages[0], (1.0 - ensemble_weight) * stages[0] + ensemble_weight * stages[1]]
     return ks.StageOutcomes.from_probs(stages, collected.labels, macs, signal=signal, task=task, reference=reference)
@@ -92,7 +94,7 @@ def ensemble_sweep(collected: Collected, criterion: Criterion, signal: str = "ma
     rows = []
     for w in weights:
         if not 0.0 < w <= 1.0:
-            raise ValueError(f"ensemble weights must be in (0, 1], got {w}")
+            raise UserError(f"ensemble weights must be in (0, 1], got {w}")
         _, _, block = analyse(outcomes_of(collected, signal, "multiclass", (0, len(collected.stages) - 1), w), criterion)
         block.update(ensemble_weight=float(w), threshold=block["thresholds"][0])
         rows.append(block)
@@ -148,11 +150,9 @@ def describe(report: dict) -> str:
 
 
 def write_plots(out: Path, report: dict, collected: Collected) -> list[str]:
-    from .report import plot_chains, plot_ensemble, plot_signals
-
     written = []
     if report.get("chains"):
-        plot_chains(out / "chains.png", report, collected)
+        plot_chains(out / "chains.png", report, single_points(collected, report["task"]))
         written.append("chains.png")
     if report.get("signals"):
         plot_signals(out / "signals.png", report["signals"], report["metric_name"])

@@ -16,10 +16,12 @@ import json
 import math
 from pathlib import Path
 
+from littlebig.errors import UserError
+
 from .benchmark import ideal_speedup
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """The bench file or the planning options cannot give a plan."""
 
 

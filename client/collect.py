@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from littlebig.contract import IMAGE, PROBS, STAGE_MACS, STAGE_SHA256
+from littlebig.errors import UserError
+from littlebig.labels import ClassLabels
+
 from .datasets import ImageSet
 from .images import to_wire_batch
 from .infer import GateInfo, LittleBigClient
-from .labels import ClassLabels
 from .retry import Retrier
-from littlebig.contract import IMAGE, PROBS, STAGE_MACS, STAGE_SHA256
 
 
 @dataclasses.dataclass
@@ -35,7 +37,7 @@ class Collected:
 
     def __post_init__(self) -> None:
         if len(self.stages) < 2 or len(self.stages) != len(self.macs):
-            raise ValueError(f"need >= 2 stages with one MACs count each, got {len(self.stages)} stages, {len(self.macs)} MACs")
+            raise UserError(f"need >= 2 stages with one MACs count each, got {len(self.stages)} stages, {len(self.macs)} MACs")
 
     @property
     def little(self) -> np.ndarray:
@@ -161,7 +163,7 @@ def served_stages_facts(url: str, models: tuple[str, ...]) -> list[ServedStage]:
         for model in models:
             params = client.model_config(model).get("parameters", {})
             if STAGE_MACS not in params:
-                raise ValueError(f"served model {model!r} states no `{STAGE_MACS}` parameter: build the repository with `littlebig repo`")
+                raise UserError(f"served model {model!r} states no `{STAGE_MACS}` parameter: build the repository with `littlebig repo`")
             digest = params.get(STAGE_SHA256, {}).get("string_value", "")
             facts.append(ServedStage(int(params[STAGE_MACS]["string_value"]), digest))
     return facts
@@ -176,9 +178,9 @@ def collect_stages(
     from tqdm import tqdm
 
     if len(images) == 0:
-        raise ValueError("the image set is empty")
+        raise UserError("the image set is empty")
     if batch_size < 1 or concurrency < 1:
-        raise ValueError("batch size and concurrency must be >= 1")
+        raise UserError("batch size and concurrency must be >= 1")
     served = served_stages_facts(url, models)
     if macs is None:
         macs = [stage.macs for stage in served]

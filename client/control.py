@@ -14,9 +14,10 @@ import json
 
 import tritonclient.grpc as grpcclient
 
-from .admin import admin_headers
+from littlebig.admin import admin_headers
 from littlebig.contract import GateConfig
-from littlebig.model_repository.gate.config import parse_ladder
+from littlebig.gate.config import parse_ladder
+from littlebig.errors import UserError
 
 from .infer import GATE_MODEL, LittleBigClient
 from .retry import Retrier
@@ -39,7 +40,7 @@ def switch_threshold(url: str, threshold: float, *, gears: str | None = None, mo
     with LittleBigClient(url, model=model) as client:
         stages = client.gate_config().stage_models
     if len(stages) != 2:
-        raise ValueError(f"the gate serves {len(stages)} stages ({', '.join(stages)}): it takes "
+        raise UserError(f"the gate serves {len(stages)} stages ({', '.join(stages)}): it takes "
                          f"{len(stages) - 1} thresholds, not one (calibrate --apply, or switch_thresholds)")
     switch_thresholds(url, [threshold], gears=gears, model=model)
 
@@ -54,11 +55,11 @@ def switch_thresholds(url: str, thresholds: list[float], *, gears: str | None = 
     before = GateConfig.from_parameters({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
     count = len(before.stage_models)
     if len(thresholds) != count - 1:
-        raise ValueError(f"the gate serves {count} stages ({', '.join(before.stage_models)}): give {count - 1} thresholds, "
+        raise UserError(f"the gate serves {count} stages ({', '.join(before.stage_models)}): give {count - 1} thresholds, "
                          f"got {len(thresholds)}")
     for value in thresholds:
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {value}")
+            raise UserError(f"threshold must be in [0, 1], got {value}")
     after = before.with_thresholds(thresholds, parse_ladder(gears) if gears else None)
     config["parameters"] = {key: {"string_value": value} for key, value in after.parameters().items()}
     with grpcclient.InferenceServerClient(url) as client:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from littlebig.errors import UserError
+
 DEFAULT_MAX_ACC_DROP = 0.02
 DEFAULT_CONFIDENCE_LEVEL = 0.95
 
@@ -35,13 +37,13 @@ class Criterion:
 
     def validate(self) -> None:
         if self.target_escalation is not None and self.min_agreement is not None:
-            raise ValueError("choose one of --target-escalation and --min-agreement")
+            raise UserError("choose one of --target-escalation and --min-agreement")
         if not 0.0 <= self.max_acc_drop <= 1.0:
-            raise ValueError(f"--max-acc-drop must be in [0, 1], got {self.max_acc_drop}")
+            raise UserError(f"--max-acc-drop must be in [0, 1], got {self.max_acc_drop}")
         if not 0.0 < self.confidence_level < 1.0:
-            raise ValueError(f"--confidence-level must be in (0, 1), got {self.confidence_level}")
+            raise UserError(f"--confidence-level must be in (0, 1), got {self.confidence_level}")
         if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
-            raise ValueError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
+            raise UserError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
 
     @property
     def label_free(self) -> bool:

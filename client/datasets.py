@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from littlebig.errors import UserError
+
 from .images import IMAGE_SUFFIXES, list_images
-from .labels import ClassLabels, LabelError
+from littlebig.labels import ClassLabels, LabelError
 
 
 @dataclasses.dataclass
@@ -54,7 +56,7 @@ def _from_csv(folder: Path, labels_csv: str | Path, class_list: ClassLabels | No
                 continue
             where = f"{labels_csv} line {row_number}"
             if len(row) < 2:
-                raise ValueError(f"{where}: expected file,label")
+                raise UserError(f"{where}: expected file,label")
             path = folder / row[0].strip()
             if not path.is_file():
                 raise FileNotFoundError(f"{where}: {path} does not exist")
@@ -95,12 +97,12 @@ def load_image_set(
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
     paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if subfolders and paths:
-        raise ValueError(f"{folder} has both class folders ({subfolders[0].name}, ...) and {len(paths)} images directly "
+        raise UserError(f"{folder} has both class folders ({subfolders[0].name}, ...) and {len(paths)} images directly "
                          f"inside it ({paths[0].name}, ...), which belong to no class: move them into a class folder or away")
     if subfolders:
         return _from_subfolders(subfolders, class_list, mapping)
     if not paths:
-        raise ValueError(f"no images found in {folder}")
+        raise UserError(f"no images found in {folder}")
     prefixes = [path.name.split("_")[0] for path in paths]
     if classes is None and class_list is model_labels and class_list is not None:
         # Flat folders only count as labelled by the model's own ids when the names use them (any

@@ -21,6 +21,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from littlebig.contract import CLASS, IMAGE
+from littlebig.errors import UserError
 
 from .infer import GATE_MODEL, LittleBigClient
 from .metrics import read_samples, sample_sum
@@ -61,7 +62,7 @@ def measure_gate_cost(
         own_model = gate.gate_model()
         in_gate = gate.gate_config().little_in_gate
     if in_gate and metrics_url is None:
-        raise ValueError("little runs inside this gate: its own time needs the metrics URL (littlebig_in_gate_seconds_total)")
+        raise UserError("little runs inside this gate: its own time needs the metrics URL (littlebig_in_gate_seconds_total)")
     with grpcclient.InferenceServerClient(url) as client:
         tensor = grpcclient.InferInput(IMAGE, list(rows.shape), "UINT8")
         tensor.set_data_from_numpy(rows)

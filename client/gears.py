@@ -21,6 +21,8 @@ import json
 
 import numpy as np
 
+from littlebig.errors import UserError
+
 from . import thresholds as th
 
 DEFAULT_ACCURACY_BUDGET = 0.01  # one point of accuracy below the chosen T's
@@ -78,11 +80,11 @@ def ladder(
 ) -> Ladder:
     """Gears from ``top`` (the chosen T) down to the lowest T within ``budget`` of its accuracy."""
     if not outcomes.has_labels:
-        raise ValueError("gears need labelled calibration images: their drops are measured against the labels")
+        raise UserError("gears need labelled calibration images: their drops are measured against the labels")
     if not 0.0 <= budget <= 1.0:
-        raise ValueError(f"accuracy budget must be in [0, 1], got {budget}")
+        raise UserError(f"accuracy budget must be in [0, 1], got {budget}")
     if count < 1:
-        raise ValueError(f"a ladder needs at least one gear, got {count}")
+        raise UserError(f"a ladder needs at least one gear, got {count}")
     candidates = th.candidate_thresholds(outcomes.confidence)
     s = th.sweep(outcomes, np.unique(np.concatenate([candidates[candidates < top], [top]])))
     top_index = len(s.thresholds) - 1

@@ -13,6 +13,8 @@ from typing import Iterable, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from littlebig.errors import UserError
+
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -39,10 +41,10 @@ def load_image(image: ImageLike) -> Image.Image:
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            raise ValueError(f"image arrays must be uint8, got {image.dtype}")
+            raise UserError(f"image arrays must be uint8, got {image.dtype}")
         if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4)):
             return Image.fromarray(image.squeeze()).convert("RGB")
-        raise ValueError(f"image array must be HxW or HxWxC with C in 1, 3, 4; got shape {image.shape}")
+        raise UserError(f"image array must be HxW or HxWxC with C in 1, 3, 4; got shape {image.shape}")
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
@@ -52,13 +54,13 @@ def load_image(image: ImageLike) -> Image.Image:
     except UnidentifiedImageError:
         raise  # named by the CLI ("not an image Pillow can read")
     except (OSError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
+        raise UserError(f"cannot read image {path}: {err}") from None
 
 
 def to_wire(image: ImageLike, size: int, crop_pct: float = 0.875) -> np.ndarray:
     """One image as uint8 [size, size, 3]: shorter side to size / crop_pct, centre crop."""
     if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}")
     img = load_image(image)
     if img.size == (size, size) and crop_pct == 1.0:
         return np.asarray(img, dtype=np.uint8)
@@ -71,7 +73,7 @@ def to_wire(image: ImageLike, size: int, crop_pct: float = 0.875) -> np.ndarray:
 
 def to_wire_batch(images: Sequence[ImageLike], size: int | None, crop_pct: float = 0.875) -> np.ndarray:
     if size is None:
-        raise ValueError("the served models take no images (their gate states no wire_size): send their own inputs")
+        raise UserError("the served models take no images (their gate states no wire_size): send their own inputs")
     if len(images) == 0:
         return np.zeros((0, size, size, 3), np.uint8)
     return np.stack([to_wire(img, size, crop_pct) for img in images])

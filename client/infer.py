@@ -7,11 +7,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .images import ImageLike, to_wire_batch
-from .labels import ClassLabels
-from .retry import Retrier, RetryPolicy
-
 from littlebig.contract import CLASS, CONFIDENCE, GATE_MODEL, IMAGE, PROBS, ROUTE, GateConfig, route_label  # noqa: F401 - GATE_MODEL is re-exported for the client modules
+from littlebig.errors import UserError
+from littlebig.labels import ClassLabels
+
+from .images import ImageLike, to_wire_batch
+from .retry import Retrier, RetryPolicy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,7 @@ def _module(protocol: str):
     elif protocol == "http":
         import tritonclient.http as module
     else:
-        raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        raise UserError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
     return module
 
 
@@ -123,7 +124,7 @@ class LittleBigClient:
         """One request with a ready wire batch (uint8 [N, S, S, 3]); returns output name -> array."""
         if len(batch) == 0:
             # Triton itself refuses a zero-row tensor with "input byte size mismatch"; say what it means.
-            raise ValueError("empty batch: send at least one image")
+            raise UserError("empty batch: send at least one image")
         tc = self._tc
         image = tc.InferInput(IMAGE, list(batch.shape), _triton_dtype(batch.dtype))
         image.set_data_from_numpy(batch)
@@ -148,7 +149,7 @@ class LittleBigClient:
         """Paths, PIL images or uint8 arrays -> one Prediction each, sent in batches of ``batch_size``
         (images decoded batch by batch; ``progress(n)`` after each)."""
         if isinstance(images, np.ndarray) and images.ndim != 4:
-            raise ValueError(f"classify takes a batch [N, S, S, 3] or a list of images; got one array of shape "
+            raise UserError(f"classify takes a batch [N, S, S, 3] or a list of images; got one array of shape "
                              f"{images.shape}: pass [image] for a single image")
         images = images if isinstance(images, np.ndarray) else list(images)
         info = info or self.gate_info()

@@ -22,7 +22,8 @@ import math
 import numpy as np
 
 from littlebig.contract import MULTILABEL_CUT  # a label is answered when its sigmoid probability is >= this (the gate's LABELS)
-from littlebig.model_repository.gate.signals import signal as gating_signal
+from littlebig.gate.signals import signal as gating_signal
+from littlebig.errors import UserError
 
 from .thresholds import check_finite, drop_upper_bound, escalation_quantile
 
@@ -66,16 +67,16 @@ class StageOutcomes:
     ) -> "StageOutcomes":
         shapes = {p.shape for p in stages} | ({reference.shape} if reference is not None else set())
         if len(stages) < 2 or len(shapes) != 1 or stages[0].ndim != 2:
-            raise ValueError(f"need >= 2 stages of probabilities, all [N, C] of one shape, got {sorted(shapes)}")
+            raise UserError(f"need >= 2 stages of probabilities, all [N, C] of one shape, got {sorted(shapes)}")
         if len(macs) != len(stages):
-            raise ValueError(f"{len(macs)} MACs counts for {len(stages)} stages")
+            raise UserError(f"{len(macs)} MACs counts for {len(stages)} stages")
         if task not in ("multiclass", "multilabel"):
-            raise ValueError(f"task must be multiclass or multilabel, got {task!r}")
+            raise UserError(f"task must be multiclass or multilabel, got {task!r}")
         n = len(stages[0])
         if labels is not None and len(labels) != n:
-            raise ValueError(f"{len(labels)} labels for {n} rows")
+            raise UserError(f"{len(labels)} labels for {n} rows")
         if task == "multilabel" and labels is not None and np.shape(labels) != stages[0].shape:
-            raise ValueError(f"multi-label labels must be multi-hot {stages[0].shape}, got {np.shape(labels)}")
+            raise UserError(f"multi-label labels must be multi-hot {stages[0].shape}, got {np.shape(labels)}")
         check_finite(**{f"stage {i}": p for i, p in enumerate(stages)})
         answer = _answers(task)
         ref_probs = stages[-1] if reference is None else reference
@@ -203,7 +204,7 @@ def sweep_stages(outcomes: StageOutcomes, candidates: list[np.ndarray] | None = 
         candidates, exact = stage_candidates(outcomes)
     candidates = [np.asarray(c, dtype=np.float64) for c in candidates]
     if len(candidates) != outcomes.k - 1:
-        raise ValueError(f"{len(candidates)} threshold lists for {outcomes.k} stages (need {outcomes.k - 1})")
+        raise UserError(f"{len(candidates)} threshold lists for {outcomes.k} stages (need {outcomes.k - 1})")
     last, n, kk = candidates[-1], outcomes.n, outcomes.k
     blocks_t, blocks_sums, blocks_answered = [], [], []
     for combo in itertools.product(*candidates[:-1]):
@@ -281,7 +282,7 @@ def _choice(outcomes: StageOutcomes, s: JointSweep, index: int, criterion: str, 
 def choose_max_drop(outcomes: StageOutcomes, s: JointSweep, max_drop: float) -> JointChoice:
     """The cheapest combination whose measured metric is >= the reference's - max_drop (point estimate)."""
     if s.metric is None:
-        raise ValueError("a metric criterion needs labels")
+        raise UserError("a metric criterion needs labels")
     name = f"max_{'acc' if outcomes.metric == 'accuracy' else 'f1'}_drop={max_drop}"
     ok = s.metric >= outcomes.reference_metric() - max_drop - 1e-12  # ratios of integers: no float noise
     if ok.any():
@@ -296,9 +297,9 @@ def choose_with_bound(outcomes: StageOutcomes, s: JointSweep, max_drop: float, l
     Learn-then-Test rule (the sequence is T from 1 down). K > 2: the sequence is ordered by a measured
     share, so the guarantee is approximate (README, K stages)."""
     if outcomes.metric != "accuracy":
-        raise ValueError("the certified bound is for top-1 accuracy (multi-label: use the point estimate of micro-F1)")
+        raise UserError("the certified bound is for top-1 accuracy (multi-label: use the point estimate of micro-F1)")
     if not 0.0 < level < 1.0:
-        raise ValueError(f"confidence level must be in (0, 1), got {level}")
+        raise UserError(f"confidence level must be in (0, 1), got {level}")
     upper = drop_upper_bound(s.lost, s.gained, outcomes.n, level)
     # Nothing answered before the last stage and it is the reference: the cascade is the reference.
     same = (s.answered[:, -1] >= 1.0) & outcomes.last_is_reference
@@ -339,10 +340,10 @@ def choose_min_agreement(outcomes: StageOutcomes, s: JointSweep, min_agreement: 
 def choose_target_escalation(outcomes: StageOutcomes, s: JointSweep, share: float) -> JointChoice:
     """Label-free, two stages: T = the ``share``-quantile of little's signal (as thresholds.choose_target_escalation)."""
     if outcomes.k != 2:
-        raise ValueError("--target-escalation sets one threshold (two stages): use --min-agreement or a labelled "
+        raise UserError("--target-escalation sets one threshold (two stages): use --min-agreement or a labelled "
                          "criterion for this cascade")
     if not 0.0 <= share <= 1.0:
-        raise ValueError(f"target escalation must be in [0, 1], got {share}")
+        raise UserError(f"target escalation must be in [0, 1], got {share}")
     target = escalation_quantile(outcomes.confidence[0], share)
     index = min(int(np.searchsorted(s.thresholds[:, 0], target, side="left")), len(s.thresholds) - 1)
     return _choice(outcomes, s, index, f"target_escalation={share}", True)
@@ -357,7 +358,7 @@ def choose(outcomes: StageOutcomes, s: JointSweep, criterion) -> JointChoice:
     if criterion.min_agreement is not None:
         return choose_min_agreement(outcomes, s, criterion.min_agreement)
     if not outcomes.has_labels:
-        raise ValueError("the data has no labels: use --min-agreement (label-free)")
+        raise UserError("the data has no labels: use --min-agreement (label-free)")
     if criterion.point_estimate or outcomes.metric != "accuracy":
         return choose_max_drop(outcomes, s, criterion.max_acc_drop)
     return choose_with_bound(outcomes, s, criterion.max_acc_drop, criterion.confidence_level)

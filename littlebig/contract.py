@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import enum
 
-from littlebig.model_repository.gate.config import (  # noqa: F401 - re-exported: the names the package shares with the gate
+from littlebig.errors import UserError
+from littlebig.gate.config import (  # noqa: F401 - re-exported: the names the package shares with the gate
     CLASS, CONFIDENCE, FIRST_PREFIX, GATE_OUTPUTS, LABELS, MULTILABEL_CUT, ON_BIG_FAILURE, PROBS, REQUEST_PARAMETERS, ROUTE,
     ROUTE_BIG, ROUTE_LITTLE, ROUTE_LITTLE_FALLBACK, TASKS, THRESHOLD, ConfigError, GateConfig, RequestError, parse_threshold,
     parse_thresholds, stage_roles,
@@ -27,7 +28,7 @@ def stage_models(count: int) -> tuple[str, ...]:
     try:
         return stage_roles(count)
     except ConfigError as err:
-        raise ValueError(str(err)) from None
+        raise UserError(str(err)) from None
 
 
 def fallback_route(stage: int, count: int) -> int:

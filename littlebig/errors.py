@@ -1,9 +1,12 @@
-"""One-line messages for the failures a user can fix; the CLI prints them instead of tracebacks.
+"""littlebig's errors, and one-line messages for the failures a user can fix.
 
-`describe` maps an exception to its message, or None for an unexpected one (a bug: the CLI names
-it and points to --debug). The errors littlebig raises itself (one type per layer: ExportError,
-RepositoryError, ServerError, ...) already carry a message written for the user; the others come
-from the libraries underneath (tritonclient, Pillow, protobuf) and are recognised by type.
+Every error littlebig raises is a LittlebigError. A UserError (and its kinds: ExportError,
+RepositoryError, ServerError, CalibrationError, ...) is a failure the user can fix, with a message
+written for them: the CLI prints it in one line and exits 2. The gate's own ConfigError and
+RequestError (it imports nothing of littlebig) count as user errors too, and so do the failures of the
+libraries underneath that name a fixable cause (an unreachable server, a file that is not an image),
+recognised by type. Anything else is a bug: the CLI names it in one line, exits 1, and --debug shows
+the traceback. Decided by type, never by where an exception comes from.
 """
 
 from __future__ import annotations
@@ -11,8 +14,19 @@ from __future__ import annotations
 import dataclasses
 import socket
 
+from littlebig.gate.config import ConfigError, RequestError
 
-class UsageError(Exception):
+
+class LittlebigError(Exception):
+    """A failure littlebig itself raises."""
+
+
+class UserError(LittlebigError, ValueError):
+    """A failure the user can fix (a bad option, file, model or server answer); its message says how.
+    A ValueError too, so that callers catching bad values keep catching it."""
+
+
+class UsageError(UserError):
     """A mistake in how a command was called, found by the command itself."""
 
 
@@ -83,11 +97,8 @@ def describe(err: BaseException, endpoint: Endpoint | None = None) -> str | None
     message = _library_message(err, endpoint)
     if message is not None:
         return message
-    # littlebig's own error types carry messages written for the user.
-    if isinstance(err, UsageError) or type(err).__module__.startswith("littlebig."):
+    if isinstance(err, (UserError, ConfigError, RequestError)):  # messages written for the user
         return str(err)
     if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
         return f"{err.strerror}: {err.filename}" if err.filename else str(err)
-    if isinstance(err, ValueError):
-        return str(err)
     return None

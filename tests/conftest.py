@@ -14,8 +14,9 @@ import pytest
 
 from littlebig.client.images import sample_photos, to_wire_batch
 from littlebig.export import export_onnx, load_model, ort_session
-from littlebig.model_repository.builder import RepositoryOptions, build_repository
-from littlebig.server import TritonServer
+from littlebig.model_repository.builder import build_repository
+from littlebig.model_repository.options import RepositoryOptions
+from littlebig.serving.server import TritonServer
 
 WIRE = 64
 NUM_CLASSES = 10

@@ -5,7 +5,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from littlebig.client.admin import admin_headers
+from littlebig.admin import admin_headers
 
 from .conftest import WIRE
 from .test_serving import gate_counts, send_concurrently

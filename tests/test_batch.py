@@ -15,7 +15,7 @@ from PIL import Image
 
 from littlebig.client.batch import BatchError, loaded_models, run_batch
 from littlebig.client.infer import LittleBigClient
-from littlebig.server import TritonServer
+from littlebig.serving.server import TritonServer
 
 from .conftest import NUM_CLASSES, wire_images
 

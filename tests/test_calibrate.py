@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -16,10 +17,12 @@ from littlebig.client.calibrate import CalibrationError, Criterion, calibrate
 from littlebig.client.control import served_threshold
 from littlebig.client.datasets import load_image_set
 from littlebig.client.infer import LittleBigClient
-from littlebig.client.labels import ClassLabels
+from littlebig.labels import ClassLabels
 from littlebig.export import LoadedModel, ModelInfo, export_onnx, ort_session
-from littlebig.model_repository.builder import RepositoryOptions, build_repository, gate_config_path, read_config
-from littlebig.server import TritonServer
+from littlebig.model_repository.builder import build_repository, gate_config_path, write_thresholds
+from littlebig.model_repository.configs import read_config
+from littlebig.model_repository.options import RepositoryOptions
+from littlebig.serving.server import TritonServer
 
 SIZE = 8  # digits are 8x8; the wire images are 8x8x3 and need no resizing
 NAMES = ClassLabels(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
@@ -222,7 +225,7 @@ def test_apply_live_with_no_failed_request_then_served_answers_reproduce_report(
     time.sleep(1.0)
     before = answered[0]
     applied = calibrate(
-        server.grpc_url, root / "calib", root / "out", ZERO_LOSS, apply=True, repository=root / "repository",
+        server.grpc_url, root / "calib", root / "out", ZERO_LOSS, apply=True, write=partial(write_thresholds, root / "repository"),
         show_progress=False, log=lambda *_: None,
     )
     during = answered[0] - before  # answered while calibrate ran, the gate's reload included

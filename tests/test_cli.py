@@ -15,7 +15,7 @@ from PIL import Image
 from littlebig.cli import main
 from littlebig.client.images import sample_photos
 from littlebig.model_repository.builder import gate_config_path
-from littlebig.server import free_port
+from littlebig.serving.server import free_port
 
 LITTLEBIG = [sys.executable, "-m", "littlebig.cli"]
 

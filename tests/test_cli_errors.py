@@ -18,7 +18,7 @@ from PIL import Image
 from littlebig import __version__
 from littlebig.cli import build_parser
 from littlebig.client.images import sample_photos
-from littlebig.server import free_port
+from littlebig.serving.server import free_port
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

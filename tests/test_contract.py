@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from littlebig import contract
-from littlebig.model_repository import gate
-from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config
-from littlebig.model_repository.gate import signals
-from littlebig.model_repository.gate.config import ConfigError, GateConfig
+from littlebig import gate
+from littlebig.model_repository.builder import build_repository
+from littlebig.model_repository.configs import read_config
+from littlebig.model_repository.options import RepositoryOptions
+from littlebig.gate import signals
+from littlebig.gate.config import ConfigError, GateConfig
 
 GATE_DIR = Path(gate.__file__).parent
 # What a module of the gate may import: its own siblings (relatively), the standard library, numpy,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from littlebig.server import TritonServer, find_tritonserver, free_port
+from littlebig.serving.server import TritonServer, find_tritonserver, free_port
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 K8S_CORE = ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "prometheus-adapter-rules.yaml"]
@@ -129,7 +129,7 @@ def test_container_canary_passes_on_a_healthy_server_and_names_a_model_that_does
     assert ok.returncode == 0, ok.stderr
     missing = subprocess.run(canary + ["--models", "little,nosuch"], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "canary: model 'nosuch' did not answer" in missing.stderr
-    from littlebig.server import free_port
+    from littlebig.serving.server import free_port
 
     gone = subprocess.run([sys.executable, str(DOCKER / "canary.py"), "--url", f"127.0.0.1:{free_port()}"],
                           capture_output=True, text=True, timeout=120)

@@ -16,7 +16,7 @@ from littlebig.examples.data import ExampleError, TensorSet, split_rows
 from littlebig.examples.reference import cascade, expected_macs, micro_f1, stage_probs
 from littlebig.export import ExportError, read_metadata
 from littlebig.export.tensor_export import ClassifierHead, TensorModel, export_tensor_model, tensor_parity
-from littlebig.model_repository.gate.signals import signal as gating_signal
+from littlebig.gate.signals import signal as gating_signal
 
 QUIET = dict(log=lambda *_: None)
 
@@ -159,8 +159,8 @@ def test_offline_cascade_routes_on_the_signal_and_pays_per_stage():
 def examples_server(multilabel_pair, text_pair, tmp_path_factory):
     """One server with both pairs: gates `digits` and `debtext`, each at its little's median signal."""
     from littlebig.examples.served import build_example_repository
-    from littlebig.server import TritonServer
-    from littlebig.model_repository.gate.signals import DEFAULT_SIGNAL
+    from littlebig.serving.server import TritonServer
+    from littlebig.gate.signals import DEFAULT_SIGNAL
 
     from .test_stages import add_cascade
 
@@ -181,7 +181,7 @@ def examples_server(multilabel_pair, text_pair, tmp_path_factory):
 @pytest.mark.parametrize("gate, pair_fixture", [("digits", "multilabel_pair"), ("debtext", "text_pair")])
 def test_served_example_equals_the_offline_cascade_row_by_row(examples_server, gate, pair_fixture, request):
     from littlebig.examples.served import compare, served_answers
-    from littlebig.model_repository.gate.signals import DEFAULT_SIGNAL
+    from littlebig.gate.signals import DEFAULT_SIGNAL
 
     server, thresholds = examples_server
     folder, summary = request.getfixturevalue(pair_fixture)

@@ -19,15 +19,17 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from littlebig.client import gears as g
-from littlebig.model_repository.gate.gears import Gears
-from littlebig.model_repository.gate.held import Held
-from littlebig.model_repository.gate.observations import PooledObservations
-from littlebig.model_repository.gate.rows import ChildAnswer, Escalation
+from littlebig.gate.gears import Gears
+from littlebig.gate.held import Held
+from littlebig.gate.observations import PooledObservations
+from littlebig.gate.rows import ChildAnswer, Escalation
 from littlebig.client import thresholds as th
 from littlebig.client.infer import LittleBigClient
 from littlebig.client.metrics import read_samples, sample_sum
-from littlebig.model_repository.builder import RepositoryError, RepositoryOptions, build_repository
-from littlebig.server import TritonServer
+from littlebig.model_repository.builder import build_repository
+from littlebig.model_repository.facts import RepositoryError
+from littlebig.model_repository.options import RepositoryOptions
+from littlebig.serving.server import TritonServer
 
 # ---------------------------------------------------------------- the ladder (pure numpy)
 
@@ -466,7 +468,8 @@ def test_full_queue_is_refused_with_unavailable(gear_server, offline):
 
 def test_repo_command_installs_gears_and_queue_policy(pair, tmp_path):
     from littlebig.cli import main
-    from littlebig.model_repository.builder import gate_config_path, read_config
+    from littlebig.model_repository.builder import gate_config_path
+    from littlebig.model_repository.configs import read_config
 
     ladder = g.Ladder((g.Gear(0.4, 0.2, 1.0, 0.9, 0.0, 0.0), g.Gear(0.3, 0.1, 0.9, 0.895, 0.005, 0.02)), 0.01, 0.95, False)
     (tmp_path / "calib").mkdir()

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from littlebig.client.datasets import load_image_set
-from littlebig.client.labels import ClassLabels, LabelError, imagenet_labels
+from littlebig.labels import ClassLabels, LabelError, imagenet_labels
 
 DIGITS = ClassLabels(tuple(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]))
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from littlebig.balancer import balanced_replicas, find_nginx
-from littlebig.client.failover import PHASES, PROTOCOLS, expected_classes, format_report, kill_and_restart
+from littlebig.serving.balancer import balanced_replicas, find_nginx
+from littlebig.serving.failover import PHASES, PROTOCOLS, expected_classes, format_report, kill_and_restart
 
 from .conftest import wire_images
 

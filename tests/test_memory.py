@@ -1,6 +1,6 @@
 """The server-memory sampler's peak per window."""
 
-from littlebig.memory import MemorySampler, Sample
+from littlebig.serving.memory import MemorySampler, Sample
 
 
 def test_peak_of_a_window_between_two_samples_is_bounded_by_them():

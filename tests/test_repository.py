@@ -5,15 +5,10 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig.export import export_onnx, load_model
-from littlebig.model_repository.builder import (
-    RepositoryError,
-    RepositoryOptions,
-    build_repository,
-    gate_config_path,
-    read_config,
-    set_threshold,
-    set_thresholds,
-)
+from littlebig.model_repository.builder import build_repository, gate_config_path, set_threshold, set_thresholds
+from littlebig.model_repository.configs import read_config
+from littlebig.model_repository.facts import RepositoryError
+from littlebig.model_repository.options import RepositoryOptions
 
 from .conftest import NUM_CLASSES, WIRE, wire_images
 
@@ -154,8 +149,8 @@ def test_plans_are_checked_before_anything_is_written(pair, tmp_path):
 def test_pair_with_different_labels_names_the_first_class_that_differs(pair):
     import dataclasses
 
-    from littlebig.client.labels import ClassLabels
-    from littlebig.model_repository.builder import ModelFacts, check_pair
+    from littlebig.labels import ClassLabels
+    from littlebig.model_repository.facts import ModelFacts, check_pair
 
     little, big = ModelFacts.from_onnx(pair.little), ModelFacts.from_onnx(pair.big)
     names = tuple(f"class{i}" for i in range(NUM_CLASSES))

@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 
 from littlebig.client.infer import LittleBigClient
 from littlebig.client.metrics import read_samples, sample_sum
-from littlebig.server import SHM_DIR, ServerError, TritonServer
+from littlebig.serving.server import SHM_DIR, ServerError, TritonServer
 
 BATCH = 16
 
@@ -224,7 +224,7 @@ def kill_group(server: TritonServer) -> None:
 
 SCRIPT_WITH_A_SERVER = """
 import sys, time
-from littlebig.server import TritonServer
+from littlebig.serving.server import TritonServer
 with TritonServer(sys.argv[1], log_file=sys.argv[2]) as server:
     print(server.process.pid, flush=True)
     time.sleep(600)
@@ -272,7 +272,8 @@ def test_row_whose_confidence_equals_t_stays_with_little(served, offline):
 
 def test_ensemble_weight_mixes_probabilities_of_escalated_rows(pair, offline, tmp_path):
     """Little-Big Ensemble (paper Eq. 8): an escalated row answers (1 - w) p_little + w p_big."""
-    from littlebig.model_repository.builder import RepositoryOptions, build_repository
+    from littlebig.model_repository.builder import build_repository
+    from littlebig.model_repository.options import RepositoryOptions
 
     w = 0.25
     repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(ensemble_weight=w, gate_instances=1))
@@ -294,7 +295,8 @@ SLOW_BIG_SECONDS = 2.0
 
 def slow_big_repository(pair, out, slow="big", **options):
     """A repository with one gate instance in front of a big (or ``slow``) that takes 2 s per call."""
-    from littlebig.model_repository.builder import RepositoryOptions, build_repository
+    from littlebig.model_repository.builder import build_repository
+    from littlebig.model_repository.options import RepositoryOptions
 
     repo = build_repository(pair.little, pair.big, out, RepositoryOptions(gate_instances=1, big_nice=0, **options))
     big_model = repo / slow / "1" / "model.py"
@@ -320,7 +322,8 @@ def test_a_broken_answer_from_big_fails_its_request_with_internal_and_the_gate_s
     """Big answers without CONFIDENCE (a broken model, not a failed call): the gate's own code fails on
     it in the background, and the escalated request still gets an answer, INTERNAL, counted as the
     gate's error; a request little answers is unaffected, and so is the next one."""
-    from littlebig.model_repository.builder import RepositoryOptions, build_repository
+    from littlebig.model_repository.builder import build_repository
+    from littlebig.model_repository.options import RepositoryOptions
 
     repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(gate_instances=1))
     big_model = repo / "big" / "1" / "model.py"
@@ -401,7 +404,9 @@ def test_children_without_in_graph_top1_still_match_offline(pair, offline, serve
     """Files exported before CLASS/CONFIDENCE were in the graph: the gate falls back to reading PROBS."""
     import onnx
 
-    from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config
+    from littlebig.model_repository.builder import build_repository
+    from littlebig.model_repository.configs import read_config
+    from littlebig.model_repository.options import RepositoryOptions
 
     paths = {}
     for role, path in (("little", pair.little), ("big", pair.big)):
@@ -428,7 +433,8 @@ def test_little_in_the_gate_matches_offline_without_calling_little(pair, offline
     asked, and the seconds little spent in the gate are counted."""
     import concurrent.futures
 
-    from littlebig.model_repository.builder import RepositoryOptions, build_repository
+    from littlebig.model_repository.builder import build_repository
+    from littlebig.model_repository.options import RepositoryOptions
 
     options = RepositoryOptions(threshold=served_threshold, intra_op_threads=1, little_in_gate=True)
     repo = build_repository(pair.little, pair.big, tmp_path / "repo", options)

@@ -19,14 +19,15 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from littlebig.model_repository.gate import signals
+from littlebig.gate import signals
 from littlebig.client.metrics import read_samples, sample_sum
 from littlebig.contract import GATE_MODEL, GATE_STEP_MODEL, fallback_route, stage_models
 from littlebig.export import ort_session
-from littlebig.model_repository.builder import (
-    RepositoryError, RepositoryOptions, build_cascade, gate_config_path, read_config, write_config,
-)
-from littlebig.server import TritonServer
+from littlebig.model_repository.builder import build_cascade, gate_config_path
+from littlebig.model_repository.configs import read_config, write_config
+from littlebig.model_repository.facts import RepositoryError
+from littlebig.model_repository.options import RepositoryOptions
+from littlebig.serving.server import TritonServer
 
 ROWS = 64
 CHUNKS = (5, 1, 18, 40)  # requests of these sizes, sent together (the gate batches them into one execute)
@@ -351,7 +352,7 @@ def test_failed_last_stage_falls_back_to_stage1_route_k_plus_k(stage_server, cas
 
 
 def test_supervisor_canary_sends_a_blank_row_of_any_input(stage_server):
-    from littlebig.supervisor import Supervisor
+    from littlebig.serving.supervisor import Supervisor
 
     supervisor = Supervisor(stage_server)
     for model in ("img3_little", "ml3_stage1", "tok2_big"):

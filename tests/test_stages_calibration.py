@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -16,9 +17,9 @@ from littlebig.client import kstage as ks
 from littlebig.client import thresholds as th
 from littlebig.client.collect import Collected
 from littlebig.client.criterion import Criterion
-from littlebig.client.pairs import pairs
+from littlebig.serving.pairs import pairs
 from littlebig.export import LoadedModel, ModelInfo, export_onnx, ort_session
-from littlebig.model_repository.gate.signals import signal as gating_signal
+from littlebig.gate.signals import signal as gating_signal
 from tests.test_calibrate import NAMES, SIZE, digits_as_uint8, train
 
 
@@ -228,7 +229,7 @@ def test_pairs_reuses_its_cache_only_for_the_same_files(digit_models, tmp_path, 
 
     import onnx
 
-    from littlebig.client import pairs as pairs_module
+    from littlebig.serving import pairs as pairs_module
 
     root, paths = digit_models
     files = {name: shutil.copy(paths[name], tmp_path / f"{name}.onnx") for name in ("mlp", "linear")}
@@ -253,8 +254,10 @@ def test_calibrate_three_stage_gate_and_apply_reproduce_offline_routes(digit_mod
     row as Eq. 7 says offline on the collected probabilities."""
     from littlebig.client.calibrate import CalibrationError, calibrate
     from littlebig.client.infer import LittleBigClient
-    from littlebig.model_repository.builder import RepositoryOptions, build_cascade, gate_config_path, read_config
-    from littlebig.server import TritonServer
+    from littlebig.model_repository.builder import build_cascade, gate_config_path, write_thresholds
+    from littlebig.model_repository.configs import read_config
+    from littlebig.model_repository.options import RepositoryOptions
+    from littlebig.serving.server import TritonServer
 
     root, paths = digit_models
     repo = build_cascade([paths["pool"], paths["linear"], paths["mlp"]], root / "cascade",
@@ -264,7 +267,7 @@ def test_calibrate_three_stage_gate_and_apply_reproduce_offline_routes(digit_mod
         with pytest.raises(CalibrationError, match="gates on 'max_softmax'"):
             calibrate(server.grpc_url, root / "calib", root / "out3", signal="margin", apply=True, **kwargs)
         report = calibrate(server.grpc_url, root / "calib", root / "out3", Criterion(max_acc_drop=0.0, point_estimate=True),
-                           apply=True, repository=repo, **kwargs)
+                           apply=True, write=partial(write_thresholds, repo), **kwargs)
         collected = Collected.load(root / "out3" / "calibration.npz")
         assert collected.models == ("little", "stage1", "big") and report["stages"] == list(collected.models)
         thresholds = report["thresholds"]

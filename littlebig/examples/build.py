@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from littlebig.client.labels import ClassLabels
+from littlebig.labels import ClassLabels
 from littlebig.export.tensor_export import TensorModel, export_tensor_model
 
 from . import debtext, digits

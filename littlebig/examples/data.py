@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from littlebig.errors import UserError
+
 LABELS_KEY = "labels"
 
 
-class ExampleError(RuntimeError):
+class ExampleError(UserError):
     """An example cannot be built (its source data is absent, a file does not fit)."""
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from littlebig.client.labels import ClassLabels
+from littlebig.labels import ClassLabels
 
 from .data import ExampleError, TensorSet, split_rows
 

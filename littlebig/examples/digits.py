@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch.nn as nn
 
-from littlebig.client.labels import ClassLabels
+from littlebig.labels import ClassLabels
 
 from .data import ExampleError, TensorSet, split_rows
 

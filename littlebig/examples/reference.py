@@ -10,7 +10,8 @@ import numpy as np
 
 from littlebig.contract import PROBS
 from littlebig.export.onnx_export import ort_session
-from littlebig.model_repository.gate.signals import signal as gating_signal
+from littlebig.gate.signals import signal as gating_signal
+from littlebig.errors import UserError
 
 from .data import TensorSet
 
@@ -42,7 +43,7 @@ class CascadeAnswers:
 def cascade(probs: list[np.ndarray], thresholds: list[float], signal: str) -> CascadeAnswers:
     """Stage k answers the rows still open where its signal >= T_k; the last stage answers the rest."""
     if len(thresholds) != len(probs) - 1:
-        raise ValueError(f"{len(probs)} stages need {len(probs) - 1} thresholds, got {len(thresholds)}")
+        raise UserError(f"{len(probs)} stages need {len(probs) - 1} thresholds, got {len(thresholds)}")
     rows = len(probs[0])
     route = np.full(rows, len(probs) - 1, dtype=np.int32)
     open_rows = np.ones(rows, dtype=bool)

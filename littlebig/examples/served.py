@@ -19,7 +19,8 @@ def build_example_repository(folder: str | Path, out: str | Path, threshold: flo
     """A repository serving ``folder``'s little.onnx and big.onnx behind the gate at ``threshold``."""
     import dataclasses
 
-    from littlebig.model_repository.builder import RepositoryOptions, build_repository
+    from littlebig.model_repository.builder import build_repository
+    from littlebig.model_repository.options import RepositoryOptions
 
     folder = Path(folder)
     settings = dataclasses.replace(RepositoryOptions(), threshold=threshold, signal=signal, **options)

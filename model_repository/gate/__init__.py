@@ -5,5 +5,5 @@ The repository builder copies every module of this folder into the gate model's 
 folder's parent on `sys.path` and imports `model.py` as `1.model`, so the modules import each other
 relatively. They need numpy and `triton_python_backend_utils` only (onnxruntime for little in the
 gate). On the host, the littlebig package imports the modules that need no Triton (config, signals,
-gears, observations, held) as `littlebig.model_repository.gate.*`: one copy of every rule.
+gears, observations, held) as `littlebig.gate.*`: one copy of every rule.
 """

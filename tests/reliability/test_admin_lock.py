@@ -12,8 +12,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from littlebig.client import admin
-from littlebig.server import ServerError, TritonServer
+from littlebig import admin
+from littlebig.serving.server import ServerError, TritonServer
 
 from ..conftest import WIRE
 

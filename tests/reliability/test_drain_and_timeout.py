@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from littlebig.server import ServerError, TritonServer, free_port
+from littlebig.serving.server import ServerError, TritonServer, free_port
 
 from ..test_serving import SLOW_BIG_SECONDS, Arrivals, slow_big_repository
 
@@ -76,8 +76,10 @@ def test_an_interrupted_stop_kills_the_server_and_no_restart_follows(pair, tmp_p
     """A second Ctrl-C (or SIGTERM) during the drain must not leave tritonserver running (it is in its
     own session: nothing else would stop it), and once a stop began the supervisor cannot bring it back.
     little's instance group is named here, so the supervisor's stub names follow Triton's naming."""
-    from littlebig.model_repository.builder import RepositoryOptions, build_repository, read_config, write_config
-    from littlebig.supervisor import Supervisor, stub_processes
+    from littlebig.model_repository.builder import build_repository
+    from littlebig.model_repository.configs import read_config, write_config
+    from littlebig.model_repository.options import RepositoryOptions
+    from littlebig.serving.supervisor import Supervisor, stub_processes
 
     repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(gate_instances=1))
     config = read_config(repo / "little" / "config.pbtxt")

@@ -15,9 +15,9 @@ from tritonclient.utils import InferenceServerException
 
 from littlebig.client.infer import LittleBigClient
 from littlebig.client.retry import RetryPolicy, retryable
-from littlebig.reliability import stub_pid
-from littlebig.server import TritonServer
-from littlebig.supervisor import Supervisor, SupervisorOptions
+from littlebig.serving.reliability import stub_pid
+from littlebig.serving.server import TritonServer
+from littlebig.serving.supervisor import Supervisor, SupervisorOptions
 
 
 def test_only_what_the_server_could_not_answer_is_retryable():

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from littlebig.reliability import Expected, Load, pause, report, stub_pid
-from littlebig.server import TritonServer
-from littlebig.supervisor import Supervisor, SupervisorOptions
+from littlebig.serving.reliability import Expected, Load, pause, report, stub_pid
+from littlebig.serving.server import TritonServer
+from littlebig.serving.supervisor import Supervisor, SupervisorOptions
 
 SOAK_S = 20.0
 RECOVERY_WAIT_S = 90.0  # a bound on waiting, not a measured claim (bench/faults.py measures)

@@ -18,6 +18,8 @@ import secrets
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from littlebig.errors import UserError
+
 KEY_ENV = "LITTLEBIG_ADMIN_KEY"
 HEADER = "littlebig-admin-key"
 GRPC_HEADER = f"triton-grpc-protocol-{HEADER}"
@@ -29,7 +31,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 WILDCARD_HOSTS = ("0.0.0.0",)
 
 
-class AdminKeyError(RuntimeError):
+class AdminKeyError(UserError):
     """The key store cannot be read or written."""
 
 

@@ -30,7 +30,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from littlebig.contract import GATE_MODEL, GateConfig
-from littlebig.server import ServerError, TritonServer
+from littlebig.serving.server import ServerError, TritonServer
 
 SERVER = "tritonserver"  # the target name of a whole-server restart
 

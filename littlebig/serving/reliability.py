@@ -212,7 +212,7 @@ def report(outcomes: list[Outcome], at: float, held_s: float = 2.0, sending: dic
 
 def stub_pid(server_pid: int, instance: str) -> int:
     """The python-backend stub of ``instance`` (e.g. "big_0_0") under the server ``server_pid``."""
-    from littlebig.supervisor import stub_processes
+    from littlebig.serving.supervisor import stub_processes
 
     stubs = stub_processes(server_pid)
     if instance not in stubs:

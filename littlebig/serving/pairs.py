@@ -14,11 +14,17 @@ from pathlib import Path
 
 from littlebig.contract import BIG_MODEL
 
-from . import calibrate_stages as cs
-from .collect import Collected, WireFormat, collect_stages
-from .criterion import Criterion
-from .datasets import load_image_set
-from .report import write_json
+from littlebig.client import calibrate_stages as cs
+from littlebig.client.collect import Collected, WireFormat, collect_stages
+from littlebig.client.criterion import Criterion
+from littlebig.client.datasets import load_image_set
+from littlebig.client.report import write_json
+from littlebig.errors import UserError
+from littlebig.model_repository.builder import build_classifiers
+from littlebig.model_repository.facts import ModelFacts, file_sha256
+from littlebig.model_repository.options import RepositoryOptions
+
+from .server import TritonServer
 
 
 def served_names(candidates: list[Path]) -> list[str]:
@@ -39,15 +45,12 @@ def rank(blocks: list[dict]) -> list[dict]:
 
 def collect_served(big: Path, candidates: list[Path], images, work: Path, *, log=print, **kwargs) -> Collected:
     """Build the repository, serve it with tritonserver, and collect every model in cost order."""
-    from littlebig.model_repository.builder import ModelFacts, RepositoryOptions, build_classifiers
-    from littlebig.server import TritonServer
-
     facts = [ModelFacts.from_onnx(p) for p in candidates]
     big_facts = ModelFacts.from_onnx(big)
     names = served_names(candidates)
     if any(f.macs >= big_facts.macs for f in facts):
         costly = [str(f.path) for f in facts if f.macs >= big_facts.macs]
-        raise ValueError(f"candidates cost at least as much as big ({big}): {', '.join(costly)}; they cannot save anything")
+        raise UserError(f"candidates cost at least as much as big ({big}): {', '.join(costly)}; they cannot save anything")
     order = sorted(range(len(facts)), key=lambda i: facts[i].macs)
     models = {names[i]: facts[i].path for i in order} | {BIG_MODEL: big_facts.path}
     repo = build_classifiers(models, work / "repository", RepositoryOptions(runtime="python", intra_op_threads=0))
@@ -70,15 +73,13 @@ def pairs(
     if not Path(data).is_dir():
         raise FileNotFoundError(f"data folder {data} does not exist")
     if not candidates:
-        raise ValueError("give at least one candidate little model")
+        raise UserError("give at least one candidate little model")
     criterion.validate()
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "collected.npz"
-    from littlebig.model_repository.builder import ModelFacts, file_sha256
-
     images = load_image_set(data, labels_csv=labels_csv, classes=classes, model_labels=ModelFacts.from_onnx(big).labels)
     if images.labels is None:
-        raise ValueError(f"{data} has no labels: ranking candidates needs labelled images")
+        raise UserError(f"{data} has no labels: ranking candidates needs labelled images")
     collected = None
     if cache.is_file() and not refresh:
         cached = Collected.load(cache)
@@ -124,7 +125,7 @@ def describe(report: dict) -> str:
 
 
 def plot(path: Path, report: dict, collected: Collected) -> None:
-    from .report import _pyplot, plot_frontiers
+    from littlebig.client.report import _pyplot, plot_frontiers
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 6))

@@ -13,6 +13,8 @@ import time
 
 import psutil
 
+from littlebig.errors import UserError
+
 
 def tree_rss(pid: int) -> int:
     """Summed RSS in bytes of ``pid`` and its descendants; processes that exit meanwhile are skipped."""
@@ -41,7 +43,7 @@ class MemorySampler:
 
     def __init__(self, pid: int, interval_s: float = 0.05):
         if not psutil.pid_exists(pid):
-            raise ValueError(f"no process with pid {pid}")
+            raise UserError(f"no process with pid {pid}")
         self.pid = pid
         self.interval_s = interval_s
         self.samples: list[Sample] = []

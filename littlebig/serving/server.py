@@ -30,8 +30,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from littlebig.client import admin
+from littlebig import admin
 from littlebig.contract import GATE_MODEL
+from littlebig.errors import UserError
 
 # Python-backend shared memory: each python model instance gets a region of this size that grows in
 # these steps. 64 images of 260x260x3 uint8 are 13 MB; start big enough that a full batch needs no growth.
@@ -47,7 +48,7 @@ SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError):
     """The server could not be found, started or did not become ready."""
 
 

@@ -16,10 +16,10 @@ import urllib.request
 
 import numpy as np
 
-from littlebig.balancer import Balancer, ServeReplica
+from littlebig.serving.balancer import Balancer, ServeReplica
 from littlebig.contract import CLASS, IMAGE
 
-from .infer import GATE_MODEL
+from littlebig.client.infer import GATE_MODEL
 
 PROTOCOLS = ("http", "grpc")
 PHASES = ("before", "down", "after")
@@ -173,7 +173,7 @@ def format_report(report: FailoverReport) -> str:
 
 def expected_classes(url: str, images: np.ndarray) -> np.ndarray:
     """The gate's answer for each image, asked directly (one image per request, like the load)."""
-    from .infer import LittleBigClient
+    from littlebig.client.infer import LittleBigClient
 
     with LittleBigClient(url) as client:
         return np.asarray([int(client.infer(images[i : i + 1])[CLASS][0, 0]) for i in range(len(images))])

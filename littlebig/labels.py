@@ -9,8 +9,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+from littlebig.errors import UserError
 
-class LabelError(ValueError):
+
+class LabelError(UserError):
     """A label that does not name one of the model's classes, or a label file that does not fit."""
 
 
@@ -114,7 +116,7 @@ def imagenet_names() -> list[str]:
 
 def load_labels(path: str | Path | None, num_classes: int, served: ClassLabels | None = None) -> list[str]:
     """Names to print: a label file (one per line, in class order), else the served model's own labels,
-    else ImageNet names for 1000 classes, else indices."""
+    else ImageNet names for 1000 classes (where timm, of the export extra, is installed), else indices."""
     if path is not None:
         names = list(ClassLabels.from_file(path).names)
         if len(names) != num_classes:
@@ -123,5 +125,8 @@ def load_labels(path: str | Path | None, num_classes: int, served: ClassLabels |
     if served is not None:
         return list(served.names)
     if num_classes == 1000:
-        return imagenet_names()
+        try:
+            return imagenet_names()
+        except ImportError:  # a light install: the served labels are the usual source anyway
+            pass
     return [str(i) for i in range(num_classes)]

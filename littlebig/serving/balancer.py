@@ -31,6 +31,8 @@ from pathlib import Path
 
 import psutil
 
+from littlebig.errors import UserError
+
 from .server import free_port
 
 NGINX_CONF = """\
@@ -122,7 +124,7 @@ backend triton_grpc
 """
 
 
-class BalancerError(RuntimeError):
+class BalancerError(UserError):
     """nginx or a replica could not be started."""
 
 

@@ -1,0 +1,3 @@
+from littlebig.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""`littlebig classify`: Classify images through the served cascade."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import sys
+
+from littlebig.errors import UsageError
+
+from .options import GRPC_URL, HTTP_URL, command, positive_int, probability, server_address
+
+def print_predictions(names, predictions, labels, little_confidence=None) -> None:
+    """One row per image; ``conf`` is the answering model's confidence, ``little`` little's (when given)."""
+    width = max([len(str(n)) for n in names] + [5])
+    little_head = f"{'little':>6}  " if little_confidence is not None else ""
+    print(f"{'image':<{width}}  {'class':>5}  {'name':<32}  {little_head}{'conf':>6}  route")
+    for row, (name, p) in enumerate(zip(names, predictions)):
+        little = f"{little_confidence[row]:6.3f}  " if little_confidence is not None else ""
+        print(f"{str(name):<{width}}  {p.class_index:>5}  {labels[p.class_index][:32]:<32}  {little}{p.confidence:6.3f}  {p.route_name}")
+
+
+def _image_paths(arguments: list[str]) -> list[Path]:
+    """Files as given, folders expanded to the images inside; unreadable ones named before any request."""
+    from PIL import Image, UnidentifiedImageError
+
+    from littlebig.client.images import list_images
+
+    paths = []
+    for argument in map(Path, arguments):
+        if argument.is_dir():
+            found = list_images(argument)
+            if not found:
+                raise UsageError(f"no images (.jpg, .png, ...) under the folder {argument}")
+            paths += found
+        elif argument.is_file():
+            paths.append(argument)
+        else:
+            raise UsageError(f"image {argument} does not exist")
+    for path in paths:
+        try:
+            with Image.open(path):  # reads the header only: a file that is not an image fails here
+                pass
+        except UnidentifiedImageError:
+            raise UsageError(f"{path} is not an image Pillow can read (JPEG, PNG, BMP, GIF, WebP, TIFF)") from None
+    return paths
+
+
+def run(args) -> None:
+    from littlebig.client.infer import LittleBigClient
+    from littlebig.labels import load_labels
+
+    paths = _image_paths(args.images)
+    args.url = args.url or (HTTP_URL if args.http else GRPC_URL)  # before the first request: errors name it
+    from tqdm import tqdm
+
+    with LittleBigClient(args.url, "http" if args.http else "grpc") as client:
+        info = client.gate_info()
+        # On stderr, shown only for work long enough to watch: the answers on stdout stay a clean table.
+        with tqdm(total=len(paths), desc="classify", unit="img", file=sys.stderr, disable=len(paths) <= 4 * args.batch_size) as bar:
+            predictions = client.classify(paths, threshold=args.threshold, batch_size=args.batch_size, info=info,
+                                          progress=bar.update)
+        print_predictions(paths, predictions, load_labels(args.labels, info.num_classes, info.labels))
+
+
+def add(sub) -> None:
+    p = command(sub, "classify", help="classify images through the served gate")
+    p.add_argument("images", nargs="+", help="image files, or folders of images")
+    p.add_argument("--url", type=server_address, help=f"server HOST:PORT (default: {GRPC_URL}, or {HTTP_URL} with --http)")
+    p.add_argument("--http", action="store_true", help="use HTTP instead of gRPC")
+    p.add_argument("--threshold", type=probability, help="override T for these requests")
+    p.add_argument("--labels", help="class names, one per line (default: ImageNet names for 1000 classes)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per request")
+    p.set_defaults(func=run)

