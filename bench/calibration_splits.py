@@ -7,7 +7,7 @@ collected through the server once (or read from a calibration.npz cache) and han
 as its cache, so the 40 splits need no more server time.
 
     .venv/bin/python bench/calibration_splits.py --url 127.0.0.1:8001 --data ../shared/data/imagenet-sample \
-        --out bench/results/calibration_splits
+        --out bench/results/calibration
 
 Prints, per criterion, in how many splits the unseen half's drop stayed within what the choice
 promised (the certified default: its stated bound; a point estimate: its tolerance) and the mean MACs

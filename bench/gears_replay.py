@@ -11,8 +11,8 @@ variant still needs `bench/overload.py`.
 The replay sees each answer's whole latency (send to answer), more than the gate sees, and takes
 the oldest request still unanswered as the oldest escalation waiting for big. It is a first filter,
 not a verdict: a variant that looked two decisions ahead on a growing backlog moved in none of the 11
-replayed runs where the fixed T met the target, and live it moved in all five 1.0x rounds
-(bench/results/overload_steep/rejected_lead_forecast.json).
+replayed runs where the fixed T met the target, and live it moved in all five 1.0x rounds (that run's
+record, rejected_lead_forecast.json, is in git history; docs/gears.md lists it under what did not work).
 
     .venv/bin/python bench/gears_replay.py runs/overload/traces.json runs/overload/overload.json --set LATE_SHARE=0.1
 """

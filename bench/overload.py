@@ -15,8 +15,11 @@ Both gates have Triton's bounded queue: what they cannot take is refused (UNAVAI
 With --floor a third variant pins the ladder's last T: the p99 a gate in the last gear from the first
 second would have, the floor for any controller moving along this ladder.
 
-    .venv/bin/python bench/overload.py --little runs/lite/little.onnx --big runs/lite/big.onnx \\
-        --report runs/lite/calib/report.json --data /work/shared/data/imagenet-sample --out bench/results/overload
+The steep pair of docs/gears.md (bench/results/overload/ keeps its ladder and the runs the docs cite):
+
+    .venv/bin/python bench/overload.py --little runs/steep/little192.onnx --big runs/steep/big.onnx \\
+        --report bench/results/overload/calibration_report.json --data ../shared/data/imagenet-sample \\
+        --capacity-seconds 20 --lead-in-seconds 3 --rounds 3 --seconds 30 --loads 0.8,1.0,1.2 --traces --out runs/overload
 """
 
 from __future__ import annotations

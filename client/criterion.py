@@ -3,7 +3,7 @@
 The default choice is certified: the cheapest T whose exact upper bound on the accuracy drop against
 big, at DEFAULT_CONFIDENCE_LEVEL, is within DEFAULT_MAX_ACC_DROP (Learn-then-Test, see
 thresholds.choose_with_bound). Measured on 40 splits of 500 ImageNet photos into 250 + 250
-(bench/calibration_splits.py, bench/results/calibration_splits/splits.json): the stated bound held on the
+(bench/calibration_splits.py, bench/results/calibration/splits.json): the stated bound held on the
 unseen half in at least 95% of splits and the mean MACs saving stayed above 20%. A 2-point tolerance
 is the smallest round one that a few hundred images can certify at 95% (250 images cannot certify
 less than about 1.5 points, whatever the models).

@@ -1,7 +1,8 @@
 """Gears: a ladder of thresholds from the chosen T down, each with the accuracy it gives up (pure numpy).
 
-Under overload the gate may lower T one gear at a time (fewer rows go to big, so more images per
-second), and raise it again when the load passes (model_repository/littlebig/1/model.py, class Gears).
+Under overload the gate lowers T along the ladder (fewer rows go to big, so more images per second),
+and raises it again one gear at a time when the load passes (model_repository/gate/gears.py, class
+Gears; docs/gears.md).
 What each step costs was measured at calibration: the drop of a gear is the chosen T's accuracy minus
 the gear's, on the calibration images. Going down from the chosen T, the first threshold whose drop
 exceeds the budget ends the ladder (a fixed-sequence scan, so a lucky low T below a bad one is never

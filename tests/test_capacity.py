@@ -11,7 +11,7 @@ import pytest
 from littlebig.cli import main
 from littlebig.client.capacity import PlanError, load_bench, plan
 
-RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "bench_at_T.json"
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "throughput" / "bench_at_T.json"
 
 
 def run(concurrency, big, little, gate, p99):

@@ -72,7 +72,7 @@ def _little_confidence(client, wire, little_model: str, batch_size: int = 16):
 
 
 # What `littlebig calibrate` (default: certified 2 points at 95%) measured for this pair on 500 ImageNet
-# photos (README, Calibration; bench/results/calibration_splits/splits.json, "full_set_default").
+# photos (docs/calibration.md; bench/results/calibration/splits.json, "full_set_default").
 IMAGENET_CALIBRATION = (
     "T=0.36, p=0.128: 0.495 GMACs per image against 0.860 for big alone (42% fewer), accuracy 0.908 vs big's 0.900, "
     "drop <= 1.9 points at 95% confidence"

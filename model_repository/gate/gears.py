@@ -26,7 +26,7 @@ class Gears:
     the target (a backlog already built up, before its answers are in). A gate that meets a p99 target
     near its capacity has bursts in which a few answers are late; once load exceeds what gear 0
     sustains, most answers are. A rule on the slowest answers of each interval moved on such bursts and
-    changed answers where the fixed T met the target (bench/results/overload_steep). When
+    changed answers where the fixed T met the target (docs/gears.md, "What did not work"). When
     the miss is real, big's queue already holds a backlog that only the fewest escalations drain
     quickly, so half-measures (one gear per interval) let it grow for several more intervals. Up
     slowly: after ``raise_after`` intervals in a row with the horizon's p99 and the oldest escalation
