@@ -10,8 +10,8 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from littlebig.gate.signals import DEFAULT_SIGNAL, MULTICLASS_SIGNALS, MULTILABEL_SIGNALS
 from littlebig.errors import UserError
+from littlebig.gate.signals import DEFAULT_SIGNAL, MULTICLASS_SIGNALS, MULTILABEL_SIGNALS
 
 from . import kstage as ks
 from .collect import Collected

@@ -16,8 +16,8 @@ import tritonclient.grpc as grpcclient
 
 from littlebig.admin import admin_headers
 from littlebig.contract import GateConfig
-from littlebig.gate.config import parse_ladder
 from littlebig.errors import UserError
+from littlebig.gate.config import parse_ladder
 
 from .infer import GATE_MODEL, LittleBigClient
 from .retry import Retrier
@@ -70,6 +70,6 @@ def switch_thresholds(url: str, thresholds: list[float], *, gears: str | None = 
 def _reload(client: grpcclient.InferenceServerClient, url: str, model: str, config: dict, what: str) -> None:
     """Load ``model`` with ``config`` as an override (it replaces the whole config; everything else
     stays as served) and check it is ready."""
-    Retrier().call(lambda: client.load_model(model, config=json.dumps(config), headers=admin_headers(url)), f"reload of {model}")
+    Retrier(reached=True).call(lambda: client.load_model(model, config=json.dumps(config), headers=admin_headers(url)), f"reload of {model}")
     if not client.is_model_ready(model):
         raise RuntimeError(f"model {model!r} is not ready after switching to {what}")

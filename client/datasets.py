@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from littlebig.errors import UserError
+from littlebig.labels import ClassLabels, LabelError
 
 from .images import IMAGE_SUFFIXES, list_images
-from littlebig.labels import ClassLabels, LabelError
 
 
 @dataclasses.dataclass

@@ -22,8 +22,8 @@ import math
 import numpy as np
 
 from littlebig.contract import MULTILABEL_CUT  # a label is answered when its sigmoid probability is >= this (the gate's LABELS)
-from littlebig.gate.signals import signal as gating_signal
 from littlebig.errors import UserError
+from littlebig.gate.signals import signal as gating_signal
 
 from .thresholds import check_finite, drop_upper_bound, escalation_quantile
 

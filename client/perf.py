@@ -22,7 +22,6 @@ from littlebig.errors import UserError
 from .retry import RETRY_MESSAGES, Retrier
 
 
-
 class BenchmarkError(UserError):
     pass
 
@@ -80,9 +79,10 @@ def run_perf_analyzer(
     batch_size: int = 1,
 ) -> PerfResult:
     def once(window_ms: int) -> PerfResult:
-        # A server that restarts meanwhile is measured again once it answers (client/retry.py).
+        # A server that restarts meanwhile is measured again once it answers (client/retry.py); the bench
+        # has talked to it before this run.
         try:
-            return Retrier().call(lambda: _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, window_ms, batch_size),
+            return Retrier(reached=True).call(lambda: _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, window_ms, batch_size),
                                   f"perf_analyzer on {model}")
         except ConnectionError as err:
             raise BenchmarkError(str(err)) from None

@@ -2,8 +2,9 @@
 overloaded (UNAVAILABLE), the connection dropped, or the Python process that held the request died.
 
 A classification is idempotent, so sending it again is safe; a client mistake (INVALID_ARGUMENT and
-the like) is never retried: it would fail the same way. Delays grow exponentially, bounded, and every
-attempt fits in one total deadline. Each retry is counted and logged.
+the like) is never retried: it would fail the same way. Nor is a refused connection before the server
+ever answered this client: that is a wrong address (or no server), told at once, not 30 s later. Delays
+grow exponentially, bounded, and every attempt fits in one total deadline. Each retry is counted and logged.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ RETRY_MESSAGES = (
     "stub process is not healthy", "server not ready", "is not ready", "has no available versions", "unknown model",
     "end of tcp stream", "network is unreachable",
 )
+# ... of which these say no server answered at all.
+UNREACHED = ("failed to connect", "connection refused", "connect failed", "network is unreachable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,20 +50,32 @@ def retryable(err: BaseException) -> bool:
     return isinstance(err, (ConnectionError, TimeoutError))
 
 
-class Retrier:
-    """Runs calls under a RetryPolicy; ``retries`` counts the calls sent again."""
+def unreached(err: BaseException) -> bool:
+    """Whether ``err`` says no server answered (refused, unreachable), not that one failed mid-way."""
+    if isinstance(err, ConnectionRefusedError):
+        return True
+    return isinstance(err, InferenceServerException) and any(text in str(err.message() or "").lower() for text in UNREACHED)
 
-    def __init__(self, policy: RetryPolicy = RetryPolicy()):
+
+class Retrier:
+    """Runs calls under a RetryPolicy; ``retries`` counts the calls sent again. ``reached``: the server has
+    answered this client (a refused connection is retried only then: it restarts)."""
+
+    def __init__(self, policy: RetryPolicy = RetryPolicy(), reached: bool = False):
         self.policy = policy
         self.retries = 0
+        self.reached = reached
 
     def call(self, send: Callable[[], T], what: str = "inference") -> T:
         deadline, attempt = time.monotonic() + self.policy.deadline_s, 0
         while True:
             try:
-                return send()
+                answer = send()
             except Exception as err:
                 wait = self._wait(err, what, deadline, attempt)
+            else:
+                self.reached = True
+                return answer
             attempt += 1
             time.sleep(wait)
 
@@ -68,16 +83,19 @@ class Retrier:
         deadline, attempt = time.monotonic() + self.policy.deadline_s, 0
         while True:
             try:
-                return await send()
+                answer = await send()
             except Exception as err:
                 wait = self._wait(err, what, deadline, attempt)
+            else:
+                self.reached = True
+                return answer
             attempt += 1
             await asyncio.sleep(wait)
 
     def _wait(self, err: Exception, what: str, deadline: float, attempt: int) -> float:
         """How long to wait before sending again; re-raises ``err`` when it is not worth another attempt."""
         wait = min(self.policy.first_delay_s * 2**attempt, self.policy.max_delay_s)
-        if not retryable(err) or time.monotonic() + wait > deadline:
+        if not retryable(err) or (unreached(err) and not self.reached) or time.monotonic() + wait > deadline:
             raise err
         self.retries += 1
         log.warning("littlebig: %s failed (%s); sending it again in %.2f s (retry %d)", what, _short(err), wait, self.retries)

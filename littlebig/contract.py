@@ -11,9 +11,27 @@ import enum
 
 from littlebig.errors import UserError
 from littlebig.gate.config import (  # noqa: F401 - re-exported: the names the package shares with the gate
-    CLASS, CONFIDENCE, FIRST_PREFIX, GATE_OUTPUTS, LABELS, MULTILABEL_CUT, ON_BIG_FAILURE, PROBS, REQUEST_PARAMETERS, ROUTE,
-    ROUTE_BIG, ROUTE_LITTLE, ROUTE_LITTLE_FALLBACK, TASKS, THRESHOLD, ConfigError, GateConfig, RequestError, parse_threshold,
-    parse_thresholds, stage_roles,
+    CLASS,
+    CONFIDENCE,
+    FIRST_PREFIX,
+    GATE_OUTPUTS,
+    LABELS,
+    MULTILABEL_CUT,
+    ON_BIG_FAILURE,
+    PROBS,
+    REQUEST_PARAMETERS,
+    ROUTE,
+    ROUTE_BIG,
+    ROUTE_LITTLE,
+    ROUTE_LITTLE_FALLBACK,
+    TASKS,
+    THRESHOLD,
+    ConfigError,
+    GateConfig,
+    RequestError,
+    parse_threshold,
+    parse_thresholds,
+    stage_roles,
 )
 
 # Clients call GATE_MODEL: the ensemble (stage 0, then the gate step GATE_STEP_MODEL), or with little in

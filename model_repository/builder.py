@@ -17,7 +17,15 @@ from littlebig.gate.config import ConfigError, GateConfig, parse_ladder
 from littlebig.labels import ClassLabels
 
 from .configs import (
-    LABEL_FILE, _droppable_queue, _parameters, _queue_policy, classifier_config, config_text, gate_configs, read_config, write_config,
+    LABEL_FILE,
+    _droppable_queue,
+    _parameters,
+    _queue_policy,
+    classifier_config,
+    config_text,
+    gate_configs,
+    read_config,
+    write_config,
 )
 from .facts import ModelFacts, RepositoryError, check_pair
 from .options import RepositoryOptions

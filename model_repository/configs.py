@@ -10,7 +10,17 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig.contract import (
-    CLASS, CONFIDENCE, FIRST_PREFIX, GATE_MODEL, GATE_STEP_MODEL, LABELS, PROBS, ROUTE, STAGE_MACS, STAGE_SHA256, THRESHOLD,
+    CLASS,
+    CONFIDENCE,
+    FIRST_PREFIX,
+    GATE_MODEL,
+    GATE_STEP_MODEL,
+    LABELS,
+    PROBS,
+    ROUTE,
+    STAGE_MACS,
+    STAGE_SHA256,
+    THRESHOLD,
     stage_models,
 )
 from littlebig.gate.config import ConfigError, GateConfig, parse_ladder
@@ -19,7 +29,6 @@ from littlebig.labels import ClassLabels
 
 from .facts import ModelFacts, RepositoryError, file_sha256
 from .options import RepositoryOptions
-
 
 LABEL_FILE = "labels.txt"
 

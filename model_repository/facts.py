@@ -11,9 +11,9 @@ from onnx import TensorProto
 from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig.contract import BIG_MODEL, CLASS, CONFIDENCE, LITTLE_MODEL, TASKS
+from littlebig.errors import UserError
 from littlebig.export.metadata import graph_inputs, output_names, read_metadata
 from littlebig.labels import ClassLabels
-from littlebig.errors import UserError
 
 
 class RepositoryError(UserError):

@@ -9,7 +9,6 @@ from littlebig.gate.config import GateConfig
 
 from .facts import RepositoryError
 
-
 RUNTIMES = ("python", "onnxruntime", "tensorrt")
 
 

@@ -238,7 +238,7 @@ def test_every_option_has_help_and_shows_its_default():
 
 
 def test_demo_summary_explains_a_costly_run(capsys):
-    from littlebig.cli import _print_demo_summary
+    from littlebig.cli.demo import _print_demo_summary
     from littlebig.client.infer import GateInfo, Prediction
 
     info = GateInfo(wire_size=260, crop_pct=0.875, num_classes=1000, threshold=0.26, macs_little=385_187_552,

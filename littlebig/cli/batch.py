@@ -6,6 +6,7 @@ import contextlib
 
 from .options import command, positive_int, probability, server_address
 
+
 def run(args) -> None:
     from littlebig.client.batch import run_batch
     from littlebig.serving.memory import MemorySampler

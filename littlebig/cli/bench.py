@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .options import command, positive_int, positive_int_list, probability, server_address
 
+
 def run(args) -> None:
     from littlebig.client.benchmark import bench
 

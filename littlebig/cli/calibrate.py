@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from littlebig.errors import UsageError
+
 from .options import command, positive_int, server_address
 from .repo import repository_writer
+
 
 def run(args) -> None:
     from littlebig.client.calibrate import Criterion, calibrate
 
+    if args.repo and not args.apply:
+        raise UsageError(f"T is written into the repository {args.repo} only when it is applied: add --apply")
     criterion = Criterion(
         max_acc_drop=args.max_acc_drop,
         confidence_level=args.confidence_level,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 import sys
+from pathlib import Path
 
 from littlebig.errors import UsageError
 
 from .options import GRPC_URL, HTTP_URL, command, positive_int, probability, server_address
+
 
 def print_predictions(names, predictions, labels, little_confidence=None) -> None:
     """One row per image; ``conf`` is the answering model's confidence, ``little`` little's (when given)."""

@@ -11,12 +11,13 @@ from .classify import print_predictions
 from .export import parity_images
 from .options import command, probability, require_export_extra
 
+
 def run(args) -> None:
     require_export_extra("demo")
     from littlebig.client.images import list_images, sample_photos, to_wire_batch
     from littlebig.client.infer import LittleBigClient
-    from littlebig.labels import load_labels
     from littlebig.export import export_onnx, load_model
+    from littlebig.labels import load_labels
     from littlebig.model_repository.builder import build_repository
     from littlebig.model_repository.options import RepositoryOptions
     from littlebig.serving.server import TritonServer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .options import command, require_export_extra
 
+
 def run(args) -> None:
     require_export_extra("example")
     from littlebig.examples.build import build_example

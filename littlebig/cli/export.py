@@ -6,6 +6,7 @@ from littlebig.errors import UsageError
 
 from .options import command, positive_int, require_export_extra
 
+
 def parity_images(data: str | None, wire_size: int, crop_pct: float):
     from littlebig.client.images import list_images, sample_photos, to_wire_batch
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .options import command, positive_int
 
+
 def _criterion(args):
     from littlebig.client.criterion import Criterion
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .options import command
 
+
 def run(args) -> None:
     from littlebig.client.capacity import format_plan, load_bench, plan
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from littlebig.contract import parse_threshold
 from littlebig.errors import UsageError
 
 from .options import command, probability
+
 
 def _repository_options(args):
     from littlebig.model_repository.options import RepositoryOptions

@@ -12,6 +12,7 @@ from littlebig.errors import UsageError
 
 from .options import command, port_number, positive_float
 
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .options import command, probability, server_address
 from .repo import repository_writer
 
+
 def run(args) -> None:
     from littlebig.client.calibrate import apply_choice
     from littlebig.client.control import served_threshold, served_thresholds

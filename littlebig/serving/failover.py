@@ -16,10 +16,9 @@ import urllib.request
 
 import numpy as np
 
-from littlebig.serving.balancer import Balancer, ServeReplica
-from littlebig.contract import CLASS, IMAGE
-
 from littlebig.client.infer import GATE_MODEL
+from littlebig.contract import CLASS, IMAGE
+from littlebig.serving.balancer import Balancer, ServeReplica
 
 PROTOCOLS = ("http", "grpc")
 PHASES = ("before", "down", "after")

@@ -12,13 +12,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from littlebig.contract import BIG_MODEL
-
 from littlebig.client import calibrate_stages as cs
 from littlebig.client.collect import Collected, WireFormat, collect_stages
 from littlebig.client.criterion import Criterion
 from littlebig.client.datasets import load_image_set
 from littlebig.client.report import write_json
+from littlebig.contract import BIG_MODEL
 from littlebig.errors import UserError
 from littlebig.model_repository.builder import build_classifiers
 from littlebig.model_repository.facts import ModelFacts, file_sha256

@@ -14,7 +14,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from littlebig.client.infer import LittleBigClient
-from littlebig.client.retry import RetryPolicy, retryable
+from littlebig.client.retry import Retrier, RetryPolicy, retryable
 from littlebig.serving.reliability import stub_pid
 from littlebig.serving.server import TritonServer
 from littlebig.serving.supervisor import Supervisor, SupervisorOptions
@@ -29,6 +29,25 @@ def test_only_what_the_server_could_not_answer_is_retryable():
                                                   status="StatusCode.INVALID_ARGUMENT"))
     assert not retryable(InferenceServerException("the gate failed: KeyError('x')", status="StatusCode.INTERNAL"))
     assert not retryable(ValueError("empty batch"))
+
+
+def test_a_refused_connection_is_retried_only_once_the_server_has_answered():
+    """A wrong address fails at once; a server that answered and then refuses (it restarts) is asked again."""
+    refused = InferenceServerException("failed to connect to all addresses; Connection refused", status="StatusCode.UNAVAILABLE")
+    calls = []
+
+    def send():
+        calls.append(1)
+        if len(calls) < 3:
+            raise refused
+        return "answer"
+
+    with pytest.raises(InferenceServerException):
+        Retrier(RetryPolicy(first_delay_s=0.01)).call(send)
+    assert len(calls) == 1
+    calls.clear()
+    retrier = Retrier(RetryPolicy(first_delay_s=0.01), reached=True)
+    assert retrier.call(send) == "answer" and retrier.retries == 2
 
 
 def test_a_client_mistake_is_not_sent_again(server, offline):
