@@ -30,11 +30,11 @@ from .perf import BenchmarkError, median_result, run_perf_analyzer, write_input_
 __all__ = ["BenchmarkError", "bench", "ideal_speedup"]
 
 
-def data_share(url: str, images, threshold: float) -> float:
-    """The share of ``images`` the gate sends to big at ``threshold`` (its answers' ROUTE)."""
+def data_routes(url: str, images, threshold: float) -> np.ndarray:
+    """Whether the gate sends each of ``images`` to big at ``threshold`` (its answers' ROUTE)."""
     with LittleBigClient(url) as client:
         routes = [client.infer(images[i : i + 16], threshold=threshold, outputs=[ROUTE])[ROUTE][:, 0] for i in range(0, len(images), 16)]
-    return float(np.mean(np.concatenate(routes) != 0))
+    return np.concatenate(routes) != 0
 
 
 def mix_tolerance(share: float, rows: int) -> float:
@@ -107,7 +107,6 @@ def bench(
     if not paths:
         raise BenchmarkError(f"no images under {data}")
     images = to_wire_batch(paths, info.wire_size, info.crop_pct)
-    input_data = write_input_data(images, out / "input_data.json")
     shape = (info.wire_size, info.wire_size, 3)
 
     original = info.threshold
@@ -115,7 +114,9 @@ def bench(
         switch_threshold(url, threshold)
     t = original if threshold is None else threshold
     try:
-        data = data_share(url, images, t)
+        escalates = data_routes(url, images, t)
+        data = float(np.mean(escalates))
+        input_data = write_input_data(images, out / "input_data.json", escalates)
         log(f"benchmarking on {len(images)} images (escalation share of the data at T: {data:.3f}), T={t:.6f}, "
             f"concurrency {concurrencies}")
         runs = measure_rounds(url, (little_model, big_model), input_data, shape, concurrencies, rounds,

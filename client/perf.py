@@ -45,12 +45,23 @@ def perf_analyzer_command() -> tuple[str, dict[str, str]]:
     return binary, env
 
 
-def write_input_data(images: np.ndarray, path: Path, draws: int = 256, seed: int = 0) -> Path:
+def write_input_data(images: np.ndarray, path: Path, escalates: np.ndarray | None = None, draws: int = 256,
+                     seed: int = 0) -> Path:
     """perf_analyzer --input-data JSON: ``draws`` images drawn at random from ``images`` (with replacement),
-    raw bytes in base64. perf_analyzer sends the entries in order; a random sequence, not the images in
-    their order, keeps the served mix the data's (see client/closed_loop.py)."""
+    raw bytes in base64. perf_analyzer's contexts each walk the entries from the first, so at high
+    concurrency a run sends only a prefix of them: a random prefix held 0.02 escalating images where the
+    data holds 0.125, an easier mix than the data's. With ``escalates`` (each image's route at the
+    benchmarked T) the sequence is balanced instead: every prefix of n entries holds the data's share of
+    escalating images to within one image, each drawn at random from its kind."""
     encoded = [base64.b64encode(np.ascontiguousarray(img).tobytes()).decode() for img in images]
-    order = np.random.default_rng(seed).integers(0, len(images), size=max(draws, len(images)))
+    rng = np.random.default_rng(seed)
+    size = max(draws, len(images))
+    if escalates is None or not 0 < np.mean(escalates) < 1:
+        order = rng.integers(0, len(images), size=size)
+    else:
+        share, up, down = float(np.mean(escalates)), np.flatnonzero(escalates), np.flatnonzero(~np.asarray(escalates, bool))
+        steps = np.floor(np.arange(1, size + 1) * share) - np.floor(np.arange(size) * share)
+        order = np.where(steps > 0, rng.choice(up, size=size), rng.choice(down, size=size))
     path.write_text(json.dumps({"data": [{IMAGE: {"b64": encoded[i]}} for i in order]}))
     return path
 

@@ -3,17 +3,19 @@ metrics, and its early answers."""
 
 from __future__ import annotations
 
+import base64
 import json
 import queue
 import time
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
 from littlebig.client.benchmark import bench, ideal_speedup
 from littlebig.client.metrics import read_samples
-from littlebig.client.perf import perf_analyzer_command
+from littlebig.client.perf import perf_analyzer_command, write_input_data
 
 from .test_serving import gate_counts
 
@@ -22,6 +24,19 @@ def test_ideal_speedup_formula():
     # c_little = 1/100 s, c_big = 1/25 s, p = 0.25: S* = 0.04 / (0.01 + 0.01) = 2
     assert ideal_speedup(100.0, 25.0, 0.25) == pytest.approx(2.0)
     assert ideal_speedup(100.0, 25.0, 1.0) == pytest.approx(0.8)  # escalating all is slower than big
+
+
+def test_perf_input_data_holds_the_datas_mix_in_every_prefix(tmp_path):
+    """perf_analyzer's contexts send prefixes of the entries: each prefix must hold the data's escalation share."""
+    images = np.arange(40 * 2 * 2 * 3).reshape(40, 2, 2, 3).astype(np.uint8)
+    escalates = np.zeros(40, bool)
+    escalates[[3, 17, 30, 31, 38]] = True  # 0.125
+    entries = json.loads(write_input_data(images, tmp_path / "in.json", escalates).read_text())["data"]
+    index = {base64.b64encode(img.tobytes()).decode(): i for i, img in enumerate(images)}
+    drawn = np.array([index[e["IMAGE"]["b64"]] for e in entries])
+    for n in (8, 20, 50, 256):
+        assert abs(escalates[drawn[:n]].sum() - 0.125 * n) <= 1, n
+    assert len(set(drawn[escalates[drawn]])) == 5 and len(set(drawn)) > 30  # drawn from every image
 
 
 def test_bench_writes_report_and_plot(server, offline, tmp_path):
