@@ -37,6 +37,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tqdm import tqdm
 
+from littlebig.client.closed_loop import closed_loop, image_inputs
 from littlebig.client.gears import Ladder
 from littlebig.client.images import list_images, to_wire_batch
 from littlebig.client.infer import LittleBigClient
@@ -46,13 +47,12 @@ from littlebig.gate.config import parse_ladder
 from littlebig.model_repository.builder import build_repository
 from littlebig.model_repository.options import RepositoryOptions
 from littlebig.serving.server import TritonServer
-from littlebig.client.closed_loop import closed_loop, image_inputs
+from overload_plots import plot, plot_timeline  # beside this script
 
 VARIANTS = ("fixed", "adaptive")
 # --floor adds a third variant whose requests pin the ladder's last T: what the gate does when every row is
 # answered in the last gear from the first second, the lowest p99 any schedule along the ladder can reach.
 FLOOR = "last_gear"
-STYLE = {"fixed": ("o-", "tab:blue"), "adaptive": ("s-", "tab:green"), FLOOR: ("^-", "tab:orange")}  # marker, colour
 SLOWEST = ("big", "little_at_config_t", "little_at_lower_gear")  # who gave an answer, for slowest()
 # A request unanswered this long counts as failed, so a lost answer (a gate stub that died: the
 # 2.51 python backend does not restart it) stops the run instead of hanging it.
@@ -321,68 +321,6 @@ def summarise(runs: list[Run], loads, ladder, drops, reference: dict[int, int], 
 
 def variants_in(runs: list[Run]) -> list[str]:
     return [v for v in VARIANTS + (FLOOR,) if any(r.variant == v for r in runs)]
-
-
-def plot(rows: list[dict], ladder: list[float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    loads = [r["load"] for r in rows]
-    for variant, (marker, colour) in STYLE.items():
-        if variant not in rows[0]:
-            continue
-        left.plot(loads, [r[variant]["p99_ms"] for r in rows], marker, color=colour, label=f"{variant} p99")
-        left.plot(loads, [r[variant]["p50_ms"] for r in rows], marker, color=colour, alpha=0.4, label=f"{variant} p50")
-    left.set_yscale("log")
-    left.set_xlabel("offered load (x the fixed gate's capacity)")
-    left.set_ylabel("latency (ms)")
-    left.legend()
-    bottom = np.zeros(len(rows))
-    for k, t in enumerate(ladder):
-        share = np.array([r["adaptive"]["gear_seconds"][k] for r in rows])
-        right.bar([str(x) for x in loads], share, bottom=bottom, label=f"gear {k} (T={t:.3f})")
-        bottom += share
-    right.set_xlabel("offered load")
-    right.set_ylabel("seconds in gear (adaptive)")
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_timeline(runs: list[Run], target_ms: float, path: Path) -> None:
-    """Round 1 of each load over time: each second's p99 for both gates, and the adaptive gate's T."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    loads = sorted({r.load for r in runs})
-    fig, axes = plt.subplots(len(loads), 1, figsize=(10, 2.6 * len(loads)), sharex=True, squeeze=False)
-    for ax, load in zip(axes[:, 0], loads):
-        first = [r for r in runs if r.load == load and r.round == 0]
-        for run in first:
-            sent, latency = np.array(run.send_times), np.array(run.latencies_ms)
-            seconds = np.arange(int(np.ceil(run.seconds)))
-            p99 = [np.percentile(latency[(sent >= t) & (sent < t + 1)], 99) if np.any((sent >= t) & (sent < t + 1)) else np.nan
-                   for t in seconds]
-            marker, colour = STYLE[run.variant]
-            ax.plot(seconds + 0.5, p99, marker, color=colour, ms=3, label=f"{run.variant} p99 per second")
-            if run.variant == "adaptive":
-                twin = ax.twinx()
-                twin.step(sent, run.thresholds, where="post", color="grey", alpha=0.5, lw=1)
-                twin.set_ylabel("adaptive T", color="grey")
-        ax.axhline(target_ms, color="red", ls="--", lw=1, label="target")
-        ax.set_yscale("log")
-        ax.set_ylabel(f"{load:.1f}x: ms")
-        ax.legend(loc="upper left", fontsize=8)
-    axes[-1, 0].set_xlabel("seconds into the run (by send time)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def parse_args() -> argparse.Namespace:
