@@ -37,3 +37,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {
         p.key.removeprefix(METADATA_PREFIX): p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)
     }
+
+
+def torchscript_path(onnx_path: str | Path) -> Path:
+    """Where the TorchScript twin of a serving ONNX file lies (`export --torchscript`; the torch runtime)."""
+    return Path(onnx_path).with_suffix(".pt")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from littlebig.contract import CLASS, CONFIDENCE, IMAGE, PROBS
 
 from .macs import count_macs
-from .metadata import METADATA_PREFIX
+from .metadata import METADATA_PREFIX, torchscript_path
 from .specs import ExportError, LoadedModel, ModelInfo
 
 # Triton 24.10 (the NGC release docker/ names) ships onnxruntime 1.19, which reads IR <= 10 and
@@ -168,15 +168,38 @@ def _write_graph(wrapper: torch.nn.Module, example: torch.Tensor, out: Path) -> 
     return model
 
 
+def _write_torchscript(wrapper: ServingWrapper, images: np.ndarray, path: Path) -> dict:
+    """The same serving module (PROBS, CLASS, CONFIDENCE) as TorchScript at ``path``, checked against eager
+    PyTorch on ``images`` as the ONNX graph is."""
+    module = WithTop1(wrapper).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.jit.trace is deprecated in favour of torch.export, but a TorchScript file loads onto any
+        # device (map_location) in any torch 2.x, with no Python code of the model's; the graph has
+        # no device constants (checked for the EfficientNets), so a CPU trace serves on a GPU.
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(module, (torch.from_numpy(images[:2]),), check_trace=False)
+        eager = [module(torch.from_numpy(images[i : i + 8])) for i in range(0, len(images), 8)]
+        scripted = [traced(torch.from_numpy(images[i : i + 8])) for i in range(0, len(images), 8)]
+    t, s = torch.cat([e[0] for e in eager]).numpy(), torch.cat([x[0] for x in scripted]).numpy()
+    parity = {"images": len(images), "argmax_agreement": float(np.mean(t.argmax(1) == s.argmax(1))),
+              "max_abs_diff": float(np.abs(t - s).max()), "max_abs_diff_limit": PARITY_MAX_ABS_DIFF}
+    if parity["argmax_agreement"] < 1.0 or parity["max_abs_diff"] > PARITY_MAX_ABS_DIFF:
+        raise ExportError(f"the TorchScript trace disagrees with PyTorch: {parity}")
+    traced.save(str(path))
+    return parity
+
+
 def export_onnx(
     loaded: LoadedModel,
     out: str | Path,
     *,
     wire_size: int,
     parity_images: np.ndarray,
+    torchscript: bool = False,
     log=print,
 ) -> ExportResult:
-    """Export ``loaded`` to ``out``, count its MACs, check parity, and record both in the file."""
+    """Export ``loaded`` to ``out``, count its MACs, check parity, and record both in the file; with
+    ``torchscript``, also the same module as TorchScript beside it (torchscript_path), for the torch runtime."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if wire_size < 1:
@@ -201,5 +224,11 @@ def export_onnx(
             raise ExportError(f"ONNX export of {loaded.info.spec} disagrees with PyTorch: {parity}")
         onnx.helper.set_model_props(model, {METADATA_PREFIX + k: v for k, v in result.metadata().items()})
         onnx.save(model, str(partial))
-    out.with_suffix(".json").write_text(json.dumps(result.metadata() | {"parity": parity}, indent=2) + "\n")
+    report = result.metadata() | {"parity": parity}
+    if torchscript:
+        with replaced_on_success(torchscript_path(out)) as partial:
+            report["torchscript_parity"] = _write_torchscript(wrapper, parity_images, partial)
+        log(f"wrote {torchscript_path(out)} (TorchScript, same outputs; max |dprob| vs PyTorch "
+            f"{report['torchscript_parity']['max_abs_diff']:.2e})")
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     return result

@@ -83,6 +83,8 @@ class Route(enum.IntEnum):
 # The python-backend onnxruntime runtime's config parameters (model_repository/python_runtime/1/model.py):
 # its ONNX file in the version folder, onnxruntime's intra-op threads, and the nice value its stub takes.
 RUNTIME_PARAMETERS = ("onnx_file", "intra_op_threads", "nice")
+# The torch runtime's (model_repository/torch_runtime/1/model.py): its TorchScript file and torch's threads.
+TORCH_RUNTIME_PARAMETERS = ("torchscript_file", "intra_op_threads")
 # Every stage model's config (any runtime) states its MACs per image, for the clients' cost figures,
 # and the sha256 of the ONNX file it was built from, so a cache of its answers can tell other weights.
 STAGE_MACS = "macs"

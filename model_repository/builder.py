@@ -13,6 +13,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig.contract import GATE_MODEL, stage_models
+from littlebig.export.metadata import torchscript_path
 from littlebig.gate.config import ConfigError, GateConfig, parse_ladder
 from littlebig.labels import ClassLabels
 
@@ -71,10 +72,24 @@ def _write_stage(model_dir: Path, config: mc.ModelConfig, facts: ModelFacts, opt
         shutil.copyfile(facts.path, model_dir / "model.onnx")
         if plan:
             shutil.copyfile(plan, model_dir / "1" / "model.plan")
+    elif options.runtime == "torch":
+        # The TorchScript twin written beside the ONNX file (export --torchscript); the ONNX file stays
+        # beside the version folder as the source of the stage's facts.
+        shutil.copyfile(torchscript_path(facts.path), model_dir / "1" / "model.pt")
+        shutil.copyfile(facts.path, model_dir / "model.onnx")
+        shutil.copyfile(_template("torch_runtime"), model_dir / "1" / "model.py")
     else:
         shutil.copyfile(facts.path, model_dir / "1" / "model.onnx")
         if options.runtime == "python":
             shutil.copyfile(_template("python_runtime"), model_dir / "1" / "model.py")
+
+
+def _check_torchscript(onnx_files: list[str | Path], runtime: str) -> None:
+    """Before anything is written: the torch runtime serves the TorchScript twin of every file."""
+    missing = [str(torchscript_path(f)) for f in onnx_files if runtime == "torch" and not torchscript_path(f).is_file()]
+    if missing:
+        raise RepositoryError(f"--runtime torch serves the TorchScript beside each ONNX file; missing: {', '.join(missing)} "
+                              "(export with --torchscript)")
 
 
 def _check_plans(plans: list[str | Path | None] | None, runtime: str) -> None:
@@ -107,6 +122,7 @@ def build_cascade(
     if len(onnx_files) < 2:
         raise RepositoryError(f"a cascade needs at least two models, got {len(onnx_files)}")
     _check_plans(plans, options.runtime)
+    _check_torchscript(onnx_files, options.runtime)
     stages = [ModelFacts.from_onnx(path) for path in onnx_files]
     names = stage_models(len(stages))
     for k in range(len(stages) - 1):

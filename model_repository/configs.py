@@ -69,6 +69,10 @@ def classifier_config(
         config.backend = "python"
         group.kind = mc.ModelInstanceGroup.KIND_CPU
         _parameters(config, {"onnx_file": "model.onnx", "intra_op_threads": options.intra_op_threads, "nice": nice})
+    elif options.runtime == "torch":
+        config.backend = "python"
+        group.kind = mc.ModelInstanceGroup.KIND_GPU if options.gpu else mc.ModelInstanceGroup.KIND_CPU
+        _parameters(config, {"torchscript_file": "model.pt", "intra_op_threads": options.intra_op_threads})
     elif options.runtime == "onnxruntime":
         config.platform = "onnxruntime_onnx"
         config.default_model_filename = "model.onnx"

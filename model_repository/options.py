@@ -9,7 +9,7 @@ from littlebig.gate.config import GateConfig
 
 from .facts import RepositoryError
 
-RUNTIMES = ("python", "onnxruntime", "tensorrt")
+RUNTIMES = ("python", "onnxruntime", "tensorrt", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,9 @@ class RepositoryOptions:
     # step would add a second Python hop per request; a step with the native runtimes. The `little`
     # model is served either way (calibration, the supervisor's canary, clients ask it directly).
     little_in_gate: bool | None = None
+    # The torch runtime's stage instances on GPUs (KIND_GPU, one per GPU Triton sees and per count);
+    # without, on the CPU. The other runtimes choose for themselves.
+    gpu: bool = False
 
     @property
     def in_gate(self) -> bool:
@@ -80,6 +83,9 @@ class RepositoryOptions:
                 raise RepositoryError(f"{name.replace('_', ' ')} must be >= 1")
         if not 0 <= self.big_nice <= 19:
             raise RepositoryError(f"big nice must be in 0..19, got {self.big_nice}")
+        if self.gpu and self.runtime != "torch":
+            raise RepositoryError(f"--gpu places the torch runtime's instances; --runtime {self.runtime} chooses its own device "
+                                  "(onnxruntime: a GPU where there is one; tensorrt: the GPU)")
         if self.little_in_gate and self.runtime != "python":
             raise RepositoryError(
                 f"--little-in-gate runs little with onnxruntime inside the gate and needs --runtime python; with "

@@ -70,7 +70,9 @@ def pair(tmp_path_factory) -> Pair:
         torch_seeded(seed)
         loaded = load_model(spec, random_init=True, num_classes=NUM_CLASSES, resolution=WIRE)
         sharpen_head(loaded.module, HEAD_GAIN[role])
-        results[role] = export_onnx(loaded, out / f"{role}.onnx", wire_size=WIRE, parity_images=parity, log=lambda *_: None)
+        # With the TorchScript twins, for the torch runtime (tests/test_torch_runtime.py).
+        results[role] = export_onnx(loaded, out / f"{role}.onnx", wire_size=WIRE, parity_images=parity, torchscript=True,
+                                    log=lambda *_: None)
     return Pair(results["little"].path, results["big"].path, results["little"].macs, results["big"].macs)
 
 

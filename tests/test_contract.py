@@ -139,18 +139,22 @@ def test_gate_config_refuses_what_cannot_work():
     assert moved.gears == () and moved.latency_target_ms == 0.0  # a ladder from another T goes
 
 
-RUNTIME_FILE = GATE_DIR.parent / "python_runtime" / "1" / "model.py"
+RUNTIME_FILES = {
+    "python": (GATE_DIR.parent / "python_runtime" / "1" / "model.py", contract.RUNTIME_PARAMETERS),
+    "torch": (GATE_DIR.parent / "torch_runtime" / "1" / "model.py", contract.TORCH_RUNTIME_PARAMETERS),
+}
 
 
-def test_runtime_parameters_agree(pair, tmp_path):
-    """What the builder writes into a python-runtime stage's config is what the runtime reads."""
-    runtime = ast.parse(RUNTIME_FILE.read_text())
+@pytest.mark.parametrize("runtime", sorted(RUNTIME_FILES))
+def test_runtime_parameters_agree(pair, tmp_path, runtime):
+    """What the builder writes into a python-backend stage's config is what its runtime reads."""
+    source, parameters = RUNTIME_FILES[runtime]
     read = {
-        node.args[0].value for node in ast.walk(runtime)
+        node.args[0].value for node in ast.walk(ast.parse(source.read_text()))
         if isinstance(node, ast.Call) and ast.unparse(node.func) == "params.get" and isinstance(node.args[0], ast.Constant)
     }
-    assert read == set(contract.RUNTIME_PARAMETERS)
-    repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(runtime="python"))
+    assert read == set(parameters)
+    repo = build_repository(pair.little, pair.big, tmp_path / "repo", RepositoryOptions(runtime=runtime))
     for stage in (contract.LITTLE_MODEL, contract.BIG_MODEL):
         written = set(read_config(repo / stage / "config.pbtxt").parameters)
-        assert written == {*contract.RUNTIME_PARAMETERS, contract.STAGE_MACS, contract.STAGE_SHA256}, stage
+        assert written == {*parameters, contract.STAGE_MACS, contract.STAGE_SHA256}, stage

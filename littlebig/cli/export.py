@@ -33,7 +33,7 @@ def run(args) -> None:
     )
     wire_size = args.wire_size or loaded.info.resolution
     images = parity_images(args.parity_data, wire_size, loaded.info.crop_pct)
-    result = export_onnx(loaded, args.out, wire_size=wire_size, parity_images=images)
+    result = export_onnx(loaded, args.out, wire_size=wire_size, parity_images=images, torchscript=args.torchscript)
     print(f"wrote {result.path} (wire size {wire_size}, {result.info.num_classes} classes, {result.macs / 1e9:.3f} GMACs)")
 
 
@@ -55,4 +55,6 @@ def add(sub) -> None:
                    "file so the server and calibration use them (default: ImageNet-1k labels for 1000-class models)")
     p.add_argument("--parity-data", help="folder of real images for the PyTorch parity check "
                    "(default: photographs bundled with scikit-image)")
+    p.add_argument("--torchscript", action="store_true", help="also write the same serving module as TorchScript "
+                   "beside the .onnx (same name, .pt), parity-checked too: what `repo --runtime torch` serves")
     p.set_defaults(func=run)

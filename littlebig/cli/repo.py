@@ -21,6 +21,7 @@ def _repository_options(args):
         threshold = gears[1] if gears else 0.5
     return RepositoryOptions(
         runtime=args.runtime,
+        gpu=args.gpu,
         max_batch_size=args.max_batch_size,
         threshold=threshold,
         thresholds=getattr(args, "thresholds", None),
@@ -124,11 +125,14 @@ def run(args) -> None:
 
 
 def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
-    from littlebig.model_repository.options import RepositoryOptions
+    from littlebig.model_repository.options import RUNTIMES, RepositoryOptions
 
-    parser.add_argument("--runtime", choices=["python", "onnxruntime", "tensorrt"], default="python",
+    parser.add_argument("--runtime", choices=RUNTIMES, default="python",
                         help="how little/big run: python (onnxruntime in the python backend; the bundled CPU "
-                        "server), onnxruntime (native backend, NGC container), tensorrt (plans built on a GPU)")
+                        "server), onnxruntime (native backend, NGC container), tensorrt (plans built on a GPU), "
+                        "torch (the TorchScript export --torchscript wrote, PyTorch in the python backend)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="--runtime torch: little's and big's instances on the GPUs (KIND_GPU); without, on the CPU")
     parser.add_argument("--max-batch-size", type=int, default=64, help="largest batch Triton forms for each model")
     parser.add_argument("--threshold", type=probability,
                         help="confidence threshold T in [0, 1]: little answers when its max softmax >= T "

@@ -15,6 +15,7 @@ calls find it. Binding anything but loopback needs ``allow_remote=True``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import os
 import secrets
@@ -67,23 +68,21 @@ class TritonInstall:
     env: dict[str, str]
 
 
-def _pytriton_install() -> TritonInstall | None:
-    # Only the wheel's bundled server files are used; importing pytriton itself would pull in its
-    # own dependencies (installed without them on purpose), so it is located, not imported.
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+def _wheel_layout_install(root: Path, where: str) -> TritonInstall:
+    """The server laid out as the nvidia-pytriton wheel lays it out under ``root`` (bin/, backends/python/,
+    python_backend_stubs/<version>/, and its libraries in ../../nvidia_pytriton.libs, where the binaries'
+    RPATHs look): the wheel itself, or the GPU bundle unpacked (scripts/gpu_bundle.sh)."""
     binary = root / "bin" / "tritonserver"
     if not binary.exists():
-        return None
+        raise ServerError(f"{where} has no tritonserver at {binary}")
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
-        raise ServerError(f"nvidia-pytriton has no python backend stub for Python {version} ({stub})")
+        raise ServerError(f"{where} has no python backend stub for Python {version} ({stub})")
     # The wheel keeps the python backend and its per-Python-version stubs apart; Triton wants them
     # in one folder. Links, not copies: a copied stub cannot find the libcudart it is linked with.
-    backend_dir = Path(tempfile.gettempdir()) / f"littlebig-backends-{os.getuid()}-py{version}"
+    token = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    backend_dir = Path(tempfile.gettempdir()) / f"littlebig-backends-{os.getuid()}-py{version}-{token}"
     python_dir = backend_dir / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     links = {
@@ -98,13 +97,33 @@ def _pytriton_install() -> TritonInstall | None:
         if link.exists() or link.is_symlink():
             link.unlink()
         link.symlink_to(target)
-    # The stub embeds Python and takes its packages from the first python on PATH: this venv's.
+    # The stub embeds Python and takes its packages from the first python on PATH: this one's.
     env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return TritonInstall(binary=binary, backend_dir=backend_dir, env=env)
 
 
+def _pytriton_install() -> TritonInstall | None:
+    # Only the wheel's bundled server files are used; importing pytriton itself would pull in its
+    # own dependencies (installed without them on purpose), so it is located, not imported.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    if not (root / "bin" / "tritonserver").exists():
+        return None
+    return _wheel_layout_install(root, "nvidia-pytriton")
+
+
+# A server unpacked from the GPU bundle (scripts/gpu_unpack.sh writes it into the environment it prints).
+TRITON_HOME_ENV = "LITTLEBIG_TRITON_HOME"
+
+
 def find_tritonserver() -> TritonInstall:
-    """Locate a server: PATH first, then the NGC container's location, then the pytriton wheel."""
+    """Locate a server: $LITTLEBIG_TRITON_HOME (an unpacked bundle) first, then PATH, the NGC container's
+    location, and the pytriton wheel."""
+    home = os.environ.get(TRITON_HOME_ENV)
+    if home:
+        return _wheel_layout_install(Path(home), f"${TRITON_HOME_ENV} ({home})")
     on_path = shutil.which("tritonserver")
     if on_path:
         return TritonInstall(Path(on_path), None, {})
@@ -347,15 +366,18 @@ class TritonServer:
         calls still work); only then is the server stopped. Returns whether the gate was gone within
         the exit timeout.
         """
-        import tritonclient.http as httpclient
+        # gRPC, not HTTP: tritonclient's HTTP client needs gevent, which a bare GPU machine lacks.
+        import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
         deadline = time.monotonic() + self.exit_timeout_s
+        headers = self.admin_headers("grpc")
         try:
-            with httpclient.InferenceServerClient(self.http_url, network_timeout=self.exit_timeout_s) as client:
-                client.unload_model(gate, headers=self.admin_headers("http"))
+            with grpcclient.InferenceServerClient(self.grpc_url) as client:
+                client.unload_model(gate, headers=headers, client_timeout=self.exit_timeout_s)
                 while time.monotonic() < deadline:
-                    states = {m["name"]: m.get("state") for m in client.get_model_repository_index(headers=self.admin_headers("http"))}
+                    index = client.get_model_repository_index(headers=headers, as_json=True)
+                    states = {m["name"]: m.get("state") for m in index.get("models", [])}
                     if states.get(gate) in (None, "UNAVAILABLE"):
                         return True
                     time.sleep(0.1)
