@@ -356,3 +356,16 @@ def test_video_calibrates_through_the_server(served, tmp_path):
     assert report["threshold"] == pytest.approx(sweep.thresholds[choice.index]) and report["accuracy"]["big"] == 1.0
     assert served_threshold(served.server.grpc_url) == pytest.approx(report["threshold"])
     switch_threshold(served.server.grpc_url, served.thresholds["video"])  # as the other tests expect it
+
+
+def test_pairs_ranks_video_candidates_from_a_clip_folder(exported, served, tmp_path):
+    """`pairs` serves its own repository of the video files and collects them from the clip folder."""
+    from littlebig.serving.pairs import pairs
+
+    criterion = Criterion(max_acc_drop=0.0, point_estimate=True)
+    report = pairs(exported.files["video"]["big"], [exported.files["video"]["little"]], served.video_dir, tmp_path, criterion,
+                   show_progress=False, log=lambda *_: None)
+    cached = Collected.load(tmp_path / "collected.npz")
+    assert cached.frames == FRAMES and report["images"] == len(served.video_paths)
+    for got, expected in zip(cached.stages, served.video_probs):
+        np.testing.assert_allclose(got, expected, atol=1e-6)
