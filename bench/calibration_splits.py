@@ -150,7 +150,7 @@ def main() -> None:
 
     out, data = Path(args.out), Path(args.data)
     out.mkdir(parents=True, exist_ok=True)
-    collected, _ = collect_cached(args.url, lambda labels: load_image_set(data, model_labels=labels), out / "calibration.npz")
+    collected, _ = collect_cached(args.url, lambda labels, clips: load_image_set(data, model_labels=labels, clips=clips), out / "calibration.npz")
     splits = split_indices(collected.labels, args.random_splits, args.seed)
     results: dict[str, list[SplitResult]] = {}
     with tempfile.TemporaryDirectory() as tmp:

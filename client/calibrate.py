@@ -162,7 +162,8 @@ def calibrate(
                   models=models)
 
     def image_set(folder, csv_file):
-        return lambda model_labels: load_image_set(folder, labels_csv=csv_file, classes=classes, model_labels=model_labels)
+        return lambda model_labels, clips: load_image_set(folder, labels_csv=csv_file, classes=classes, model_labels=model_labels,
+                                                          clips=clips)
 
     collected, images = collect_cached(url, image_set(data, labels_csv), out / "calibration.npz", **kwargs)
     log(f"calibration set: {len(images)} images ({describe_set(images)})")
@@ -271,9 +272,10 @@ def apply_choice(url: str, threshold: float, write: Writer | None = None, gears:
 
 
 def describe_set(images: ImageSet) -> str:
+    kind = "video clips, " if images.clips else ""
     if images.labels is None:
-        return f"{images.layout}, unlabelled"
-    return f"{images.layout}, labels mapped {images.mapping}"
+        return f"{kind}{images.layout}, unlabelled"
+    return f"{kind}{images.layout}, labels mapped {images.mapping}"
 
 
 def _saving(reduction: float) -> str:

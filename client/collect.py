@@ -1,4 +1,5 @@
-"""Run an image set through the served `little` and `big` models and keep both probabilities.
+"""Run an image set (or a set of video clips) through the served `little` and `big` models and keep both
+probabilities.
 
 Calibration calls the two classifiers directly (not the gate): every image needs both answers, and
 the gate stays a pure serving path. Async gRPC with a bounded number of requests in flight; the
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from littlebig.contract import IMAGE, PROBS, STAGE_MACS, STAGE_SHA256
+from littlebig.contract import PROBS, STAGE_MACS, STAGE_SHA256, wire_input
 from littlebig.errors import UserError
 from littlebig.labels import ClassLabels
 
+from .clips import to_wire_clips
 from .datasets import ImageSet
 from .images import to_wire_batch
 from .infer import GateInfo, LittleBigClient
@@ -34,6 +36,7 @@ class Collected:
     model_labels: ClassLabels | None = None  # the served model's labels the data labels were mapped through
     models: tuple[str, ...] = ()  # the served names the stages were asked under
     digests: tuple[str, ...] = ()  # per stage, the sha256 of the ONNX it was built from ("": not stated)
+    frames: int = 0  # video cascades: frames per clip (the paths are clips); 0: images
 
     def __post_init__(self) -> None:
         if len(self.stages) < 2 or len(self.stages) != len(self.macs):
@@ -73,6 +76,7 @@ class Collected:
             models=np.asarray(self.models, dtype=str),
             digests=np.asarray(self.digests, dtype=str),
             model_labels=np.asarray("" if self.model_labels is None else self.model_labels.to_json()),
+            frames=np.asarray(self.frames),
         )
 
     @classmethod
@@ -88,6 +92,7 @@ class Collected:
                 model_labels=_labels_of(data),
                 models=tuple(str(m) for m in data["models"]) if "models" in data.files else (),
                 digests=tuple(str(d) for d in data["digests"]) if "digests" in data.files else (),
+                frames=int(data["frames"]) if "frames" in data.files else 0,
             )
 
 
@@ -109,8 +114,8 @@ async def _collect(url: str, images: ImageSet, models: tuple[str, ...], wire: "W
         async with gate:
             paths = images.paths[start : start + batch_size]
             # Decoding and resizing are CPU work: off the event loop, so requests keep flowing.
-            batch = await loop.run_in_executor(None, to_wire_batch, paths, wire.size, wire.crop_pct)
-            image = grpcaio.InferInput(IMAGE, list(batch.shape), "UINT8")
+            batch = await loop.run_in_executor(None, wire.batch, paths)
+            image = grpcaio.InferInput(wire.input_name, list(batch.shape), "UINT8")
             image.set_data_from_numpy(batch)
             output = [grpcaio.InferRequestedOutput(PROBS)]
             answers = await asyncio.gather(
@@ -129,10 +134,26 @@ async def _collect(url: str, images: ImageSet, models: tuple[str, ...], wire: "W
 
 @dataclasses.dataclass(frozen=True)
 class WireFormat:
-    """How images are sent: uint8 [N, size, size, 3], centre-cropped by crop_pct."""
+    """How images are sent: IMAGE uint8 [N, size, size, 3], centre-cropped by crop_pct; video clips:
+    VIDEO uint8 [N, frames, size, size, 3] (client/clips.py)."""
 
     size: int
     crop_pct: float
+    frames: int = 0  # frames per clip; 0: images
+
+    @property
+    def input_name(self) -> str:
+        return wire_input(self.frames)
+
+    def batch(self, items: list) -> np.ndarray:
+        """Image (or clip) paths as one wire batch."""
+        if self.frames:
+            return to_wire_clips(items, self.frames, self.size, self.crop_pct)
+        return to_wire_batch(items, self.size, self.crop_pct)
+
+    @classmethod
+    def of(cls, info: GateInfo) -> WireFormat:
+        return cls(info.wire_size, info.crop_pct, info.frames)
 
 
 def collect(
@@ -143,7 +164,7 @@ def collect(
         with LittleBigClient(url) as client:
             info = client.gate_info()
     return collect_stages(
-        url, images, (info.little_model, info.big_model), WireFormat(info.wire_size, info.crop_pct),
+        url, images, (info.little_model, info.big_model), WireFormat.of(info),
         macs=[info.macs_little, info.macs_big], model_labels=info.labels,
         batch_size=batch_size, concurrency=concurrency, show_progress=show_progress,
     )
@@ -179,6 +200,9 @@ def collect_stages(
 
     if len(images) == 0:
         raise UserError("the image set is empty")
+    if images.clips != bool(wire.frames):
+        served, given = ("video clips", "images") if wire.frames else ("images", "video clips")
+        raise UserError(f"the served models take {served}, the data set holds {given}")
     if batch_size < 1 or concurrency < 1:
         raise UserError("batch size and concurrency must be >= 1")
     served = served_stages_facts(url, models)
@@ -194,6 +218,7 @@ def collect_stages(
         model_labels=model_labels,
         models=tuple(models),
         digests=tuple(stage.digest for stage in served),
+        frames=wire.frames,
     )
 
 
@@ -234,25 +259,25 @@ def _same_models(url: str, cached: Collected, models: tuple[str, ...] | None, lo
 def collect_cached(
     url: str, load_images, cache: Path, *, refresh: bool = False, log=print, models: tuple[str, ...] | None = None, **kwargs
 ) -> tuple[Collected, ImageSet]:
-    """Reuse ``cache`` when it holds exactly the images ``load_images(model_labels)`` lists, with the
-    same labels, from the models the server serves now (same names, MACs and ONNX files: a repository
+    """Reuse ``cache`` when it holds exactly the images ``load_images(model_labels, clips)`` lists, with
+    the same labels, from the models the server serves now (same names, MACs and ONNX files: a repository
     rebuilt with other weights is asked again); otherwise ask the server (its gate's labels map the
-    data's labels; ``models`` default: the stages the gate serves) and write it."""
+    data's labels, and its wire format says whether the data are clips; ``models`` default: the stages
+    the gate serves) and write it."""
     if cache.is_file() and not refresh:
         cached = Collected.load(cache)
-        images = load_images(cached.model_labels)
+        images = load_images(cached.model_labels, cached.frames > 0)
         if cached.holds(images) and _same_models(url, cached, models, log):
             log(f"using cached probabilities {cache} (--recollect to ask the server again)")
             return cached, images
     with LittleBigClient(url) as client:
         info = client.gate_info()
-    images = load_images(info.labels)
+    images = load_images(info.labels, bool(info.frames))
     models = tuple(models) if models is not None else gate_stage_models(url)
     if models == (info.little_model, info.big_model):
         collected = collect(url, images, info=info, **kwargs)
     else:
-        wire = WireFormat(info.wire_size, info.crop_pct)
-        collected = collect_stages(url, images, models, wire, model_labels=info.labels, **kwargs)
+        collected = collect_stages(url, images, models, WireFormat.of(info), model_labels=info.labels, **kwargs)
     cache.parent.mkdir(parents=True, exist_ok=True)
     collected.save(cache)
     return collected, images

@@ -7,10 +7,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from littlebig.contract import CLASS, CONFIDENCE, GATE_MODEL, IMAGE, PROBS, ROUTE, GateConfig, route_label  # noqa: F401 - GATE_MODEL is re-exported for the client modules
+from littlebig.contract import CLASS, CONFIDENCE, GATE_MODEL, IMAGE, PROBS, ROUTE, VIDEO, GateConfig, route_label  # noqa: F401 - GATE_MODEL is re-exported for the client modules
 from littlebig.errors import UserError
 from littlebig.labels import ClassLabels
 
+from .clips import to_wire_clips
 from .images import ImageLike, to_wire_batch
 from .retry import Retrier, RetryPolicy
 
@@ -42,6 +43,13 @@ class GateInfo:
     big_model: str
     labels: ClassLabels | None = None  # the model's own class labels, where the export recorded them
     thresholds: tuple[float, ...] = ()  # T_0 .. T_{K-2} (two stages: (threshold,))
+    frames: int = 0  # video models: frames per clip (they take VIDEO [N, frames, S, S, 3]); 0: images
+
+    def to_wire(self, items: list) -> np.ndarray:
+        """Images (or, for video models, clips: client/clips.py) as one wire batch."""
+        if self.frames:
+            return to_wire_clips(items, self.frames, self.wire_size, self.crop_pct)
+        return to_wire_batch(items, self.wire_size, self.crop_pct)
 
 
 def _module(protocol: str):
@@ -110,6 +118,7 @@ class LittleBigClient:
             big_model=config.stage_models[-1],
             labels=ClassLabels.from_json(config.labels) if config.labels else None,
             thresholds=config.thresholds,
+            frames=config.frames,
         )
 
     def infer(
@@ -121,12 +130,13 @@ class LittleBigClient:
         model: str | None = None,
         outputs: Sequence[str] | None = None,
     ) -> dict[str, np.ndarray]:
-        """One request with a ready wire batch (uint8 [N, S, S, 3]); returns output name -> array."""
+        """One request with a ready wire batch (IMAGE uint8 [N, S, S, 3], or VIDEO [N, F, S, S, 3] for video
+        models); returns output name -> array."""
         if len(batch) == 0:
             # Triton itself refuses a zero-row tensor with "input byte size mismatch"; say what it means.
             raise UserError("empty batch: send at least one image")
         tc = self._tc
-        image = tc.InferInput(IMAGE, list(batch.shape), _triton_dtype(batch.dtype))
+        image = tc.InferInput(VIDEO if batch.ndim == 5 else IMAGE, list(batch.shape), _triton_dtype(batch.dtype))
         image.set_data_from_numpy(batch)
         if outputs is None:
             outputs = [CLASS, CONFIDENCE, ROUTE] + ([PROBS] if return_probs else [])
@@ -147,17 +157,18 @@ class LittleBigClient:
         progress: Callable[[int], None] | None = None,
     ) -> list[Prediction]:
         """Paths, PIL images or uint8 arrays -> one Prediction each, sent in batches of ``batch_size``
-        (images decoded batch by batch; ``progress(n)`` after each)."""
-        if isinstance(images, np.ndarray) and images.ndim != 4:
-            raise UserError(f"classify takes a batch [N, S, S, 3] or a list of images; got one array of shape "
-                             f"{images.shape}: pass [image] for a single image")
-        images = images if isinstance(images, np.ndarray) else list(images)
+        (images decoded batch by batch; ``progress(n)`` after each). Video models take clips: .npy paths,
+        frame folders or uint8 [T, H, W, 3] arrays, or a ready batch [N, F, S, S, 3]."""
         info = info or self.gate_info()
+        if isinstance(images, np.ndarray) and images.ndim != (5 if info.frames else 4):
+            what, one = ("[N, F, S, S, 3] or a list of clips", "clip") if info.frames else ("[N, S, S, 3] or a list of images", "image")
+            raise UserError(f"classify takes a batch {what}; got one array of shape {images.shape}: pass [{one}] for a single {one}")
+        images = images if isinstance(images, np.ndarray) else list(images)
         stages = len(info.thresholds) + 1 if info.thresholds else 2
         predictions = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            wire = chunk if isinstance(chunk, np.ndarray) else to_wire_batch(list(chunk), info.wire_size, info.crop_pct)
+            wire = chunk if isinstance(chunk, np.ndarray) else info.to_wire(list(chunk))
             out = self.infer(wire, threshold=threshold, return_probs=return_probs)
             for row in range(len(out[CLASS])):
                 predictions.append(

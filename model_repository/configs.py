@@ -141,6 +141,7 @@ def gate_settings(*stages: ModelFacts, options: RepositoryOptions, labels: Class
             **gears,
             wire_size=first.wire_size or 0,
             crop_pct=first.crop_pct,
+            frames=first.frames,
             num_classes=first.num_classes,
             # The client reads the model's own labels from here (calibration maps data labels through them).
             labels=labels.to_json() if labels is not None else "",

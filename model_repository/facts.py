@@ -70,6 +70,7 @@ class ModelFacts:
     top1: bool = False  # the graph also answers CLASS and CONFIDENCE (in-graph top-1)
     inputs: tuple[InputFacts, ...] = ()  # the graph inputs, declared on the stage and on the gate
     task: str = "multiclass"  # or multilabel: PROBS are sigmoid probabilities, no in-graph top-1
+    frames: int = 0  # video models: frames per clip of the VIDEO [F, S, S, 3] input; 0: others
 
     @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelFacts":
@@ -90,7 +91,7 @@ class ModelFacts:
         wire_size = int(meta["wire_size"]) if "wire_size" in meta else None
         return cls(
             path, wire_size, int(meta["num_classes"]), int(meta["macs"]), float(meta.get("crop_pct", 0.875)),
-            labels, top1, read_inputs(path), task,
+            labels, top1, read_inputs(path), task, int(meta.get("frames", 0)),
         )
 
     def input_configs(self) -> list[mc.ModelInput]:
@@ -102,10 +103,19 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _takes(facts: ModelFacts) -> str:
+    return f"clips of {facts.frames} frames" if facts.frames else "no clips (not a video model)"
+
+
 def check_pair(little: ModelFacts, big: ModelFacts, roles: tuple[str, str] = (LITTLE_MODEL, BIG_MODEL)) -> None:
     """Two stages of one cascade must take the same inputs and answer the same classes and task;
     ``roles`` names them in the messages."""
     first, second = roles
+    if little.frames != big.frames:
+        raise RepositoryError(
+            f"frames per clip differ: {first} {little.path} takes {_takes(little)}, {second} {big.path} takes "
+            f"{_takes(big)}; a cascade's models take the same input: export video models with the same --frames"
+        )
     if little.wire_size is not None and big.wire_size is not None and little.wire_size != big.wire_size:
         raise RepositoryError(
             f"wire sizes differ: {first} {little.path} takes {little.wire_size}px, {second} {big.path} takes "

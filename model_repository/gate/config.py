@@ -113,9 +113,11 @@ class GateConfig:
     latency_target_ms: float = 0.0
     gear_interval_ms: float = 500.0
     gear_deadline_ms: float = 0.0
-    # For clients, not read by the gate: the wire format, the class count and the class labels (JSON).
+    # For clients, not read by the gate: the wire format (video models: frames per clip), the class count
+    # and the class labels (JSON).
     wire_size: int = 0
     crop_pct: float = 0.875
+    frames: int = 0
     num_classes: int = 0
     labels: str = ""
 
@@ -212,7 +214,7 @@ class GateConfig:
         out = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value in ("", ()) or (field.name in ("wire_size", "num_classes") and not value):
+            if value in ("", ()) or (field.name in ("wire_size", "num_classes", "frames") and not value):
                 continue
             out[field.name] = _format(field.name, value)
         return out
