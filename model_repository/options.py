@@ -61,6 +61,13 @@ class RepositoryOptions:
     # step would add a second Python hop per request; a step with the native runtimes. The `little`
     # model is served either way (calibration, the supervisor's canary, clients ask it directly).
     little_in_gate: bool | None = None
+    # The audit (docs/operating.md#the-audit): this share of the rows little answers also goes to big after
+    # its answer left (0: off), at most audit_in_flight calls per gate instance, each dropped from big's
+    # queue after audit_timeout_ms; audit_promise: the drop against big the live bound is checked against.
+    audit_rate: float = GateConfig.audit_rate
+    audit_in_flight: int = GateConfig.audit_in_flight
+    audit_timeout_ms: float = GateConfig.audit_timeout_ms
+    audit_promise: float = GateConfig.audit_promise
 
     @property
     def in_gate(self) -> bool:
