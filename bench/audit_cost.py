@@ -64,7 +64,8 @@ def counts(metrics_url: str, gate: str) -> dict:
     return {"rows": sample_sum(samples, "littlebig_rows_total", model=gate),
             "escalated": sample_sum(samples, "littlebig_rows_total", model=gate, route="big"),
             "audited": sample_sum(samples, "littlebig_audit_rows_total", model=gate),
-            "big_rows": sample_sum(samples, "nv_inference_count", model="big")}
+            # prometheus_client names a counter's samples NAME_total, whatever Triton calls them.
+            "big_rows": sample_sum(samples, "nv_inference_count_total", model="big")}
 
 
 def measure(url: str, metrics_url: str, inputs, concurrency: int, rounds: int, seconds: float) -> dict:
