@@ -3,6 +3,7 @@ How T is chosen and the defaults: client/criterion.py."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -11,6 +12,7 @@ from scipy import stats
 from littlebig.errors import UserError
 
 from . import gears as gear_ladder
+from . import labelfree
 from . import thresholds as th
 from .collect import Collected, collect_cached
 from .control import switch_threshold
@@ -19,9 +21,10 @@ from .datasets import ImageSet, load_image_set
 from .infer import LittleBigClient
 from .report import plot_confidence_histogram, plot_curves, table, write_json
 
-# Writes applied thresholds (and the gears' ladder, JSON, or None) into a repository on disk; returns the
-# file written. The command line gives one (model_repository.builder.write_thresholds) for --repo.
-Writer = Callable[[tuple[float, ...], "str | None"], Path]
+# Writes applied thresholds (and the gears' ladder, JSON, or None; keyword audit_promise: the promised drop,
+# or None to keep it) into a repository on disk; returns the file written. The command line gives one
+# (model_repository.builder.write_thresholds) for --repo.
+Writer = Callable[..., Path]
 
 # Big's accuracy with a p-value above this against guessing (1 / classes) counts as "near chance".
 CHANCE_P_VALUE = 1e-3
@@ -38,21 +41,24 @@ def outcomes_of(collected: Collected) -> th.Outcomes:
     return th.Outcomes.from_probs(collected.little, collected.big, collected.labels, collected.macs_little, collected.macs_big)
 
 
-def analyse(collected: Collected, criterion: Criterion) -> tuple[th.Sweep, th.Outcomes, th.Choice]:
+def analyse(collected: Collected, criterion: Criterion, unlabelled: Collected | None = None) -> tuple[th.Sweep, th.Outcomes, th.Choice]:
+    """Sweep T and choose. ``unlabelled``: more images without labels, whose disagreement with big joins
+    the evidence (client/labelfree.py); the sweep is then over both sets' confidences."""
     criterion.validate()
     outcomes = outcomes_of(collected)
-    s = th.sweep(outcomes)
+    union = None if unlabelled is None else labelfree.union(collected.stages, unlabelled.stages, collected.macs)
+    s = th.sweep(outcomes, None if union is None else th.candidate_thresholds(union.confidence))
+    tolerance = criterion.disagreement_tolerance(outcomes.has_labels)
     if criterion.target_escalation is not None:
         choice = th.choose_target_escalation(s, outcomes.confidence, criterion.target_escalation)
-    elif criterion.min_agreement is not None:
+    elif criterion.min_agreement is not None and criterion.point_estimate:
         choice = th.choose_min_agreement(s, criterion.min_agreement)
+    elif tolerance is not None or union is not None:
+        choice = labelfree.certified(s, outcomes, union, criterion, tolerance)
+    elif criterion.point_estimate:
+        choice = th.choose_max_acc_drop(s, float(outcomes.big_correct.mean()), criterion.max_acc_drop)
     else:
-        if not outcomes.has_labels:
-            raise CalibrationError("the data has no labels: use --target-escalation or --min-agreement (label-free)")
-        if criterion.point_estimate:
-            choice = th.choose_max_acc_drop(s, float(outcomes.big_correct.mean()), criterion.max_acc_drop)
-        else:
-            choice = th.choose_with_bound(s, outcomes.n, criterion.max_acc_drop, criterion.confidence_level)
+        choice = th.choose_with_bound(s, outcomes.n, criterion.max_acc_drop, criterion.confidence_level)
     return s, outcomes, choice
 
 
@@ -101,9 +107,10 @@ def not_met_warning(block: dict, criterion: Criterion) -> str:
 
 def build_report(
     s: th.Sweep, outcomes: th.Outcomes, choice: th.Choice, criterion: Criterion, mapping: str,
-    accuracy_budget: float = gear_ladder.DEFAULT_ACCURACY_BUDGET,
+    accuracy_budget: float = gear_ladder.DEFAULT_ACCURACY_BUDGET, union: th.Outcomes | None = None,
 ) -> dict:
-    """The report; with labels it also holds the gears below the chosen T (client/gears.py)."""
+    """The report; with labels it also holds the gears below the chosen T (client/gears.py). ``union``: every
+    image calibration saw (with more unlabelled ones), for the share of answers differing from big's."""
     report = th.summary(s, outcomes, choice.index)
     report["criterion"] = choice.criterion
     report["criterion_met"] = choice.met
@@ -111,16 +118,43 @@ def build_report(
     report["labels"] = mapping or None
     tolerance = None if criterion.label_free else criterion.max_acc_drop
     report["uncertainty"] = th.uncertainty(outcomes, report["threshold"], criterion.confidence_level, tolerance)
+    report["agreement"] = labelfree.agreement_block(union or outcomes, report["threshold"], criterion.confidence_level, criterion.promise)
+    report["promise"] = criterion.promise
     warnings = []
     if criterion.point_estimate and not criterion.label_free:
         warnings.append(point_estimate_warning(report["uncertainty"], criterion))
-    if not choice.met and not criterion.label_free and not criterion.point_estimate:
+    certified = criterion.disagreement_tolerance(outcomes.has_labels) is not None or union is not None
+    if not choice.met and certified:
+        warnings.append(not_met_label_free_warning(report["agreement"], criterion))
+    elif not choice.met and not criterion.label_free and not criterion.point_estimate:
         warnings.append(not_met_warning(report["uncertainty"], criterion))
     report["warnings"] = [w for w in warnings if w]
     if outcomes.has_labels:
         report["corrected_mistakes"] = th.corrected_mistakes(outcomes)
         report["gears"] = gear_ladder.ladder(outcomes, report["threshold"], accuracy_budget, criterion.confidence_level).as_dict()
     return report
+
+
+def audit_promise(report: dict, criterion: Criterion) -> float | None:
+    """The level the live audit checks its bound against (the gate's audit_promise). Certified on disagreement,
+    it is the promised drop itself. Certified with labels, the answers little keeps may differ from big's more
+    often than the promised drop (where little is right and big wrong, or both wrong): then it is the bound on
+    disagreement this calibration states at T, and the audit watches for traffic drifting beyond it."""
+    promise = criterion.promise
+    if promise is None or not report["criterion_met"]:
+        return promise
+    labelled = report["uncertainty"].get("upper_drop") is not None and criterion.disagreement_tolerance(True) is None
+    return max(promise, report["agreement"]["upper"]) if labelled else promise
+
+
+def not_met_label_free_warning(block: dict, criterion: Criterion) -> str:
+    needed = block.get("images_to_certify_tolerance")
+    return (
+        f"no T certifies a drop against big <= {criterion.promise:.1%} at {criterion.confidence_level:.0%} from "
+        f"{block['images']} images (the smallest share of differing answers they can certify is {block['certifiable']:.1%}); "
+        "the T returned sends every image to big. Use more images" + (f" (about {needed})" if needed else "")
+        + " or a larger tolerance."
+    )
 
 
 def calibrate(
@@ -144,16 +178,20 @@ def calibrate(
     signal: str | None = None,
     models: tuple[str, ...] | None = None,
     ensemble_weights: tuple[float, ...] | None = None,
+    unlabelled: bool = False,
+    unlabelled_data: str | Path | None = None,
 ) -> dict:
     """Two stages gated on max_softmax: the threshold T as below. More stages (``models``, default: the
     gate's) or another gating signal: calibrate_stages (joint thresholds); both add the signal comparison
     and, with ``ensemble_weights``, the ensemble sweep. With ``apply`` the running server is switched to
-    the choice, and ``write`` (when given) writes it into a repository on disk too."""
+    the choice, and ``write`` (when given) writes it into a repository on disk too. ``unlabelled``: the
+    labels of ``data`` are not used; ``unlabelled_data``: more images whose labels are not used
+    (client/labelfree.py)."""
     criterion.validate()
     _check_options(eval_data, eval_labels_csv, apply, write)
     if accuracy_budget is not None and signal not in (None, "max_softmax"):
         raise CalibrationError(f"{_NO_GEARS}, not {signal}: leave out --accuracy-budget here")
-    for folder in (data, eval_data):
+    for folder in (data, eval_data, unlabelled_data):
         if folder is not None and not Path(folder).is_dir():  # before asking the server anything
             raise FileNotFoundError(f"data folder {folder} does not exist")
     out = Path(out)
@@ -161,22 +199,27 @@ def calibrate(
     kwargs = dict(batch_size=batch_size, concurrency=concurrency, show_progress=show_progress, refresh=refresh, log=log,
                   models=models)
 
-    def image_set(folder, csv_file):
-        return lambda model_labels, clips: load_image_set(folder, labels_csv=csv_file, classes=classes, model_labels=model_labels,
-                                                          clips=clips)
+    def image_set(folder, csv_file, withheld=False):
+        return lambda model_labels, clips: _withheld(
+            load_image_set(folder, labels_csv=csv_file, classes=classes, model_labels=model_labels, clips=clips), withheld)
 
-    collected, images = collect_cached(url, image_set(data, labels_csv), out / "calibration.npz", **kwargs)
+    collected, images = collect_cached(url, image_set(data, labels_csv, unlabelled), out / "calibration.npz", **kwargs)
     log(f"calibration set: {len(images)} images ({describe_set(images)})")
+    extra = None
+    if unlabelled_data is not None:
+        extra, more = collect_cached(url, image_set(unlabelled_data, None, True), out / "unlabelled.npz", **kwargs)
+        log(f"unlabelled set: {len(more)} images (labels not used)")
     if len(collected.stages) > 2 or signal not in (None, "max_softmax"):
         if accuracy_budget is not None:  # known only now: the served stages are counted by collecting
             raise CalibrationError(f"{_NO_GEARS}, not {len(collected.stages)} stages: leave out --accuracy-budget here")
         eval_images = image_set(eval_data, eval_labels_csv) if eval_data else None
         return _calibrate_stages(url, collected, images, criterion, out, kwargs=kwargs, eval_images=eval_images, signal=signal,
                                  ensemble_weights=ensemble_weights, apply=apply, write=write, log=log)
-    s, outcomes, choice = analyse(collected, criterion)
+    s, outcomes, choice = analyse(collected, criterion, extra)
     check_labels_fit(outcomes, collected.little.shape[1], images.mapping)
     budget = gear_ladder.DEFAULT_ACCURACY_BUDGET if accuracy_budget is None else accuracy_budget
-    report = build_report(s, outcomes, choice, criterion, images.mapping, budget)
+    report = build_report(s, outcomes, choice, criterion, images.mapping, budget,
+                          None if extra is None else labelfree.union(collected.stages, extra.stages, collected.macs))
     report.update(_two_stage_extras(collected, criterion, ensemble_weights, out))
 
     evaluation = None
@@ -192,11 +235,18 @@ def calibrate(
 
     if apply:
         gears = gear_ladder.Ladder.from_dict(report["gears"]).config_value() if "gears" in report else None
-        report["applied"] = apply_choice(url, report["threshold"], write, gears)
+        report["applied"] = apply_choice(url, report["threshold"], write, gears, audit_promise(report, criterion))
     write_json(out / "report.json", report)
     log(text)
     log(describe(report))
     return report
+
+
+def _withheld(images: ImageSet, withheld: bool) -> ImageSet:
+    """The set, its labels left out when ``withheld`` (label-free calibration of a labelled set)."""
+    if not withheld or images.labels is None:
+        return images
+    return dataclasses.replace(images, labels=None, layout=f"{images.layout}, labels withheld", mapping="")
 
 
 def _check_options(eval_data, eval_labels_csv, apply: bool, write) -> None:
@@ -263,12 +313,14 @@ def apply_stage_choice(url: str, thresholds: list[float], signal: str, write: Wr
     return {"thresholds": thresholds, "config": None if written is None else str(written)}
 
 
-def apply_choice(url: str, threshold: float, write: Writer | None = None, gears: str | None = None) -> dict:
-    """Switch the running server to T (and its gears, the gate's `gears` parameter) and, side by side,
-    ``write`` them into a repository on disk. Without gears, a ladder made for another T is removed."""
-    switch_threshold(url, threshold, gears=gears)
-    written = write((threshold,), gears) if write is not None else None
-    return {"threshold": threshold, "gears": gears, "config": None if written is None else str(written)}
+def apply_choice(url: str, threshold: float, write: Writer | None = None, gears: str | None = None,
+                 promise: float | None = None) -> dict:
+    """Switch the running server to T (and its gears, the gate's `gears` parameter; and the promised drop the
+    audit checks, audit_promise, when given) and, side by side, ``write`` them into a repository on disk.
+    Without gears, a ladder made for another T is removed."""
+    switch_threshold(url, threshold, gears=gears, audit_promise=promise)
+    written = write((threshold,), gears, audit_promise=promise) if write is not None else None
+    return {"threshold": threshold, "gears": gears, "promise": promise, "config": None if written is None else str(written)}
 
 
 def describe_set(images: ImageSet) -> str:
@@ -305,6 +357,26 @@ def describe_uncertainty(block: dict) -> list[str]:
     return lines
 
 
+def describe_agreement(report: dict) -> list[str]:
+    """The label-free lines: each source's bound when the choice used several, and the share of answers
+    that differ from big's at T (what the live audit checks)."""
+    lines = []
+    bound = report.get("bound") or {}
+    for source in bound.get("sources", []) if len(bound.get("sources", [])) > 1 else []:
+        lines.append(f"  {source['name']} ({source['images']}): {source['on']} measured {source['measured']:+.1%}, "
+                     f"<= {source['upper']:.1%} at {source['level']:.1%}")
+    block = report.get("agreement")
+    if block:
+        line = (f"answers differing from big's ({block['images']} images): {block['measured']:.1%}, <= {block['upper']:.1%} at "
+                f"{block['level']:.0%} (exact bound on the drop against big, not against the truth)")
+        if block.get("tolerance") is not None:
+            needed = block.get("images_to_certify_tolerance")
+            line += (f"; about {needed} unlabelled images would certify <= {block['tolerance']:.1%} at this share" if needed
+                     else f"; no number of unlabelled images certifies <= {block['tolerance']:.1%} at this share")
+        lines.append(line)
+    return lines
+
+
 def describe(report: dict) -> str:
     acc = report["accuracy"]
     lines = [
@@ -315,6 +387,7 @@ def describe(report: dict) -> str:
     if acc["cascade"] is not None:
         lines.append(f"accuracy: little {acc['little']:.4f}, big {acc['big']:.4f}, cascade {acc['cascade']:.4f}")
     lines += describe_uncertainty(report["uncertainty"])
+    lines += describe_agreement(report)
     if "eval" in report:
         ev = report["eval"]
         if ev["accuracy"]["cascade"] is not None:
@@ -328,7 +401,9 @@ def describe(report: dict) -> str:
     if "applied" in report:
         where = report["applied"]["config"]
         lines.append(
-            f"applied T = {report['applied']['threshold']:.6f} to the running server"
+            f"applied T = {report['applied']['threshold']:.6f}"
+            + (f" (promise: drop against big <= {report['applied']['promise']:.1%})" if report["applied"].get("promise") is not None else "")
+            + " to the running server"
             + (f" and {where}" if where else "; the repository on disk keeps its old T (pass --repo DIR to write it there too)")
         )
     return "\n".join(lines)

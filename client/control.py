@@ -10,6 +10,7 @@ client writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import tritonclient.grpc as grpcclient
@@ -33,7 +34,8 @@ def served_thresholds(url: str, model: str = GATE_MODEL) -> tuple[float, ...]:
         return client.gate_info().thresholds
 
 
-def switch_threshold(url: str, threshold: float, *, gears: str | None = None, model: str = GATE_MODEL) -> None:
+def switch_threshold(url: str, threshold: float, *, gears: str | None = None, model: str = GATE_MODEL,
+                     audit_promise: float | None = None) -> None:
     """Switch a running two-stage gate to ``threshold`` (a reload with a config override; no downtime), and to
     ``gears`` (the gate's ladder parameter, starting at ``threshold``) when given; without, a ladder made
     for another T is dropped (GateConfig.with_thresholds)."""
@@ -42,13 +44,14 @@ def switch_threshold(url: str, threshold: float, *, gears: str | None = None, mo
     if len(stages) != 2:
         raise UserError(f"the gate serves {len(stages)} stages ({', '.join(stages)}): it takes "
                          f"{len(stages) - 1} thresholds, not one (calibrate --apply, or switch_thresholds)")
-    switch_thresholds(url, [threshold], gears=gears, model=model)
+    switch_thresholds(url, [threshold], gears=gears, model=model, audit_promise=audit_promise)
 
 
-def switch_thresholds(url: str, thresholds: list[float], *, gears: str | None = None, model: str = GATE_MODEL) -> GateConfig:
-    """Switch a running gate to ``thresholds`` (T_0 .. T_{K-2}; and ``gears`` when given) by reloading the
-    model that holds its parameters (the ensemble's gate step, or the gate). Returns its parameters as
-    served before the switch."""
+def switch_thresholds(url: str, thresholds: list[float], *, gears: str | None = None, model: str = GATE_MODEL,
+                      audit_promise: float | None = None) -> GateConfig:
+    """Switch a running gate to ``thresholds`` (T_0 .. T_{K-2}; and ``gears`` when given; the drop the audit
+    checks, ``audit_promise``, when given) by reloading the model that holds its parameters (the ensemble's
+    gate step, or the gate). Returns its parameters as served before the switch."""
     with LittleBigClient(url, model=model) as client:
         holder = client.gate_model()
         config = client.model_config(holder)
@@ -61,6 +64,8 @@ def switch_thresholds(url: str, thresholds: list[float], *, gears: str | None = 
         if not 0.0 <= value <= 1.0:
             raise UserError(f"threshold must be in [0, 1], got {value}")
     after = before.with_thresholds(thresholds, parse_ladder(gears) if gears else None)
+    if audit_promise is not None:
+        after = dataclasses.replace(after, audit_promise=float(audit_promise))
     config["parameters"] = {key: {"string_value": value} for key, value in after.parameters().items()}
     with grpcclient.InferenceServerClient(url) as client:
         _reload(client, url, holder, config, f"thresholds {list(thresholds)}")

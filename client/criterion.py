@@ -48,3 +48,21 @@ class Criterion:
     @property
     def label_free(self) -> bool:
         return self.target_escalation is not None or self.min_agreement is not None
+
+    def disagreement_tolerance(self, has_labels: bool) -> float | None:
+        """Certified without labels (client/labelfree.py): the tolerance on the share of answers that differ
+        from big's, which bounds the drop against big. ``--min-agreement A`` certifies 1 - A (with
+        --point-estimate: the measured share, as before); unlabelled data under the default criterion
+        certifies --max-acc-drop. None: not certified on disagreement."""
+        if self.target_escalation is not None or (self.min_agreement is not None and self.point_estimate):
+            return None
+        if self.min_agreement is not None:
+            return 1.0 - self.min_agreement
+        return None if has_labels else self.max_acc_drop
+
+    @property
+    def promise(self) -> float | None:
+        """The drop against big this criterion promises (the gate's audit_promise), if it promises one."""
+        if self.target_escalation is not None:
+            return None
+        return 1.0 - self.min_agreement if self.min_agreement is not None else self.max_acc_drop

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import numpy as np
 from scipy import stats
@@ -298,6 +299,11 @@ def images_to_certify(lost_rate: float, gained_rate: float, tolerance: float, le
         lost, gained = np.floor(lost_rate * n), np.floor(gained_rate * n)
         return bool(drop_upper_bound(np.array([lost]), np.array([gained]), n, level)[0] <= tolerance)
 
+    return smallest_count(certifies, max_n)
+
+
+def smallest_count(certifies: Callable[[int], bool], max_n: int = 10**8) -> int | None:
+    """About the smallest n (within 1%) for which ``certifies(n)``, assumed monotone; None beyond ``max_n``."""
     high = 16
     while not certifies(high):
         high *= 2

@@ -5,6 +5,7 @@ folder, and the ensemble `littlebig` clients call; and edit a written repository
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from importlib import resources
@@ -143,7 +144,8 @@ def build_cascade(
         )
         if first and not options.in_gate:  # requests queue at little, the ensemble's first step
             _queue_policy(config, options)
-        if k == len(stages) - 1 and options.gears and options.deadline_ms():
+        # Big's queue drops a call past its own timeout: the gears' deadline, the audit's audit_timeout_ms.
+        if k == len(stages) - 1 and ((options.gears and options.deadline_ms()) or options.audit_rate):
             _droppable_queue(config, options)
         _write_stage(out / name, config, facts, options, labels, plans[k])
     _remove_stale_stages(out, names)
@@ -179,9 +181,11 @@ def read_gate(repository: str | Path) -> tuple[Path, mc.ModelConfig, GateConfig]
         raise RepositoryError(f"{path}: {err}") from None
 
 
-def set_thresholds(repository: str | Path, thresholds: tuple[float, ...], gears: str | None = None) -> mc.ModelConfig:
-    """Write T_0 .. T_{K-2} (and, when given, the gears from T_0 down) into the gate's config.pbtxt; without
-    gears, a ladder that starts at another T is removed (GateConfig.with_thresholds). Returns the new config."""
+def set_thresholds(repository: str | Path, thresholds: tuple[float, ...], gears: str | None = None,
+                   audit_promise: float | None = None) -> mc.ModelConfig:
+    """Write T_0 .. T_{K-2} (and, when given, the gears from T_0 down and the drop the audit checks) into the
+    gate's config.pbtxt; without gears, a ladder that starts at another T is removed
+    (GateConfig.with_thresholds). Returns the new config."""
     path, config, settings = read_gate(repository)
     if len(thresholds) != len(settings.stage_models) - 1:
         count = len(settings.stage_models)
@@ -189,6 +193,8 @@ def set_thresholds(repository: str | Path, thresholds: tuple[float, ...], gears:
                               f"thresholds, got {len(thresholds)}")
     try:
         settings = settings.with_thresholds(thresholds, parse_ladder(gears) if gears else None)
+        if audit_promise is not None:
+            settings = dataclasses.replace(settings, audit_promise=float(audit_promise))
     except ConfigError as err:
         raise RepositoryError(str(err)) from None
     config.ClearField("parameters")
@@ -202,9 +208,10 @@ def set_threshold(repository: str | Path, threshold: float, gears: str | None = 
     return set_thresholds(repository, (threshold,), gears)
 
 
-def write_thresholds(repository: str | Path, thresholds: tuple[float, ...], gears: str | None = None) -> Path:
+def write_thresholds(repository: str | Path, thresholds: tuple[float, ...], gears: str | None = None,
+                     audit_promise: float | None = None) -> Path:
     """set_thresholds, returning the file written (what `calibrate --apply --repo` and `threshold --repo` need)."""
-    set_thresholds(repository, thresholds, gears)
+    set_thresholds(repository, thresholds, gears, audit_promise)
     return gate_config_path(repository)
 
 

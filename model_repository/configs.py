@@ -139,6 +139,8 @@ def gate_settings(*stages: ModelFacts, options: RepositoryOptions, labels: Class
             **({"little_in_gate": True, "little_onnx": f"{names[0]}/1/model.onnx", "little_intra_op_threads": options.intra_op_threads}
                if options.in_gate else {}),
             **gears,
+            audit_rate=float(options.audit_rate), audit_in_flight=int(options.audit_in_flight),
+            audit_timeout_ms=float(options.audit_timeout_ms), audit_promise=float(options.audit_promise),
             wire_size=first.wire_size or 0,
             crop_pct=first.crop_pct,
             frames=first.frames,

@@ -63,6 +63,13 @@ class RepositoryOptions:
     # The torch runtime's stage instances on GPUs (KIND_GPU, one per GPU Triton sees and per count);
     # without, on the CPU. The other runtimes choose for themselves.
     gpu: bool = False
+    # The audit (docs/operating.md#the-audit): this share of the rows little answers also goes to big after
+    # its answer left (0: off), at most audit_in_flight calls per gate instance, each dropped from big's
+    # queue after audit_timeout_ms; audit_promise: the drop against big the live bound is checked against.
+    audit_rate: float = GateConfig.audit_rate
+    audit_in_flight: int = GateConfig.audit_in_flight
+    audit_timeout_ms: float = GateConfig.audit_timeout_ms
+    audit_promise: float = GateConfig.audit_promise
 
     @property
     def in_gate(self) -> bool:

@@ -303,3 +303,24 @@ def test_class_count_answers_carry_the_model_labels(digits_setup):
         client.close()
     with LittleBigClient(server.grpc_url) as client:
         assert client.gate_info().labels == NAMES
+
+
+def test_label_free_certification_states_what_it_bounds_and_combines_with_labels(digits_setup, report):
+    root, server, _ = digits_setup
+    quiet = dict(show_progress=False, log=lambda *_: None)
+    free = calibrate(server.grpc_url, root / "calib", root / "free", Criterion(), unlabelled=True, **quiet)
+    assert free["criterion"] == "max_disagreement=0.02@0.95" and free["accuracy"]["cascade"] is None  # labels withheld
+    assert free["bound"]["on"] == "the drop against big, not against the truth"
+    assert free["criterion_met"] and free["bound"]["upper_drop"] <= 0.02
+    assert free["agreement"]["upper"] == pytest.approx(free["bound"]["upper_drop"])
+    assert free["agreement"]["images_to_certify_tolerance"] <= free["images"]
+    # Every answer that loses accuracy against big differs from big's: on these images the drop (labels) is
+    # at most the measured share of differing answers.
+    labelled = calibrate(server.grpc_url, root / "calib", root / "out", Criterion(target_escalation=free["escalation"]), **quiet)
+    assert labelled["accuracy"]["big"] - labelled["accuracy"]["cascade"] <= labelled["agreement"]["measured"] + 1e-12
+    both = calibrate(server.grpc_url, root / "calib", root / "both", Criterion(), unlabelled_data=root / "eval", **quiet)
+    sources = both["bound"]["sources"]
+    assert [(s["on"], s["images"]) for s in sources] == [("drop", 600), ("disagreement", 600 + len(list((root / "eval").rglob("*.png"))))]
+    assert all(s["level"] == pytest.approx(0.975) for s in sources) and both["criterion_met"]
+    assert min(s["upper"] for s in sources) == pytest.approx(both["bound"]["upper_drop"])
+    assert both["bound"]["upper_drop"] <= 0.02

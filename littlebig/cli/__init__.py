@@ -10,10 +10,10 @@ import sys
 from littlebig import __version__
 from littlebig.errors import Endpoint, describe
 
-from . import batch, bench, calibrate, classify, demo, example, export, pairs, plan, repo, serve, threshold
+from . import audit, batch, bench, calibrate, classify, demo, example, export, pairs, plan, repo, serve, threshold
 from .options import add_debug
 
-COMMANDS = (export, repo, serve, classify, calibrate, pairs, threshold, bench, batch, plan, example, demo)
+COMMANDS = (export, repo, serve, classify, calibrate, audit, pairs, threshold, bench, batch, plan, example, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

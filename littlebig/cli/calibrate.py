@@ -22,6 +22,10 @@ def run(args) -> None:
         target_escalation=args.target_escalation,
         min_agreement=args.min_agreement,
     )
+    if args.from_audit is not None:
+        return _from_audit(args, criterion)
+    if args.data is None:
+        raise UsageError("give --data DIR (images to calibrate on), or --from-audit (the live audit)")
     calibrate(
         args.url,
         args.data,
@@ -40,7 +44,25 @@ def run(args) -> None:
         signal=args.signal,
         models=tuple(args.models) if args.models else None,
         ensemble_weights=tuple(args.ensemble_weights) if args.ensemble_weights else None,
+        unlabelled=args.unlabelled,
+        unlabelled_data=args.unlabelled_data,
     )
+
+
+def _from_audit(args, criterion) -> None:
+    """T chosen on the audit recorded from live traffic (client/recalibrate.py)."""
+    from littlebig.client.recalibrate import calibrate_from_audit
+
+    from .audit import metrics_address
+
+    if args.data is not None or args.unlabelled_data is not None:
+        raise UsageError("--from-audit chooses T on the live audit alone: leave out --data and --unlabelled-data")
+    calibrate_from_audit(args.url, args.out, criterion, source=None if args.from_audit == LIVE else args.from_audit,
+                         metrics_url=metrics_address(args.url, args.metrics_url), apply=args.apply,
+                         write=repository_writer(args.repo))
+
+
+LIVE = "live"
 
 
 def weight(text: str) -> float:
@@ -66,7 +88,16 @@ def add(sub) -> None:
 
     p = command(sub, "calibrate", help="choose T on a labelled image set through the running server")
     p.add_argument("--url", type=server_address, default="127.0.0.1:8001", help="server gRPC address")
-    p.add_argument("--data", required=True, help="image folder (ImageFolder, wnid files + classes.tsv, or with --labels-csv)")
+    p.add_argument("--data", help="image folder (ImageFolder, wnid files + classes.tsv, or with --labels-csv; unlabelled: "
+                   "T is certified on disagreement with big, docs/calibration.md#without-labels)")
+    p.add_argument("--unlabelled", action="store_true", help="do not use the labels of --data (certify on disagreement "
+                   "with big: a bound on the drop against big, not against the truth)")
+    p.add_argument("--unlabelled-data", metavar="DIR", help="more images whose labels are not used: their disagreement "
+                   "with big joins the evidence (the error level is split between the sources)")
+    p.add_argument("--from-audit", nargs="?", const=LIVE, metavar="FILE",
+                   help="choose T on the audit of live traffic: the served gate's (no value), or a snapshot FILE from "
+                   "`littlebig audit --save`")
+    p.add_argument("--metrics-url", help="with --from-audit: server metrics URL (default http://HOST:8002/metrics)")
     p.add_argument("--labels-csv", help="CSV of file,label for --data")
     p.add_argument("--classes", help="class list (one name per line, or a classes.tsv) to map label names to indices "
                    "(default: the served model's own labels)")

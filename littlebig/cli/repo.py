@@ -42,6 +42,7 @@ def _repository_options(args):
         max_queue_size=args.max_queue_size,
         queue_timeout_ms=args.queue_timeout_ms,
         little_in_gate=args.little_in_gate,
+        **{name: getattr(args, name) for name in AUDIT_OPTIONS if getattr(args, name, None) is not None},
     )
 
 
@@ -124,6 +125,23 @@ def run(args) -> None:
           f"{where}; runtime {args.runtime})")
 
 
+AUDIT_OPTIONS = ("audit_rate", "audit_in_flight", "audit_timeout_ms", "audit_promise")
+
+
+def add_audit_arguments(parser: argparse.ArgumentParser, defaults) -> None:
+    """The audit's options (docs/operating.md#the-audit)."""
+    parser.add_argument("--audit-rate", type=probability, default=defaults.audit_rate,
+                        help="share of the rows little answers that also go to big after their answer left, to bound "
+                        "live how often little's answers differ from big's (e.g. 0.01; default 0: off)")
+    parser.add_argument("--audit-in-flight", type=int, default=defaults.audit_in_flight,
+                        help="audit calls in flight per gate instance; batches beyond it are not audited")
+    parser.add_argument("--audit-timeout-ms", type=float, default=defaults.audit_timeout_ms,
+                        help="an audit call waiting this long in big's queue is dropped (escalations wait up to "
+                        "--child-timeout-ms)")
+    parser.add_argument("--audit-promise", type=probability, default=defaults.audit_promise,
+                        help="the drop against big the live bound is checked against (calibrate --apply sets it)")
+
+
 def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     from littlebig.model_repository.options import RUNTIMES, RepositoryOptions
 
@@ -170,6 +188,7 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run little with onnxruntime inside the gate's process, or (--no-little-in-gate) as the "
                         "ensemble's step before the gate (default: inside with --runtime python, where a step would add "
                         "a second Python hop per request; a step with the native runtimes)")
+    add_audit_arguments(parser, defaults)
 
 
 def add(sub) -> None:

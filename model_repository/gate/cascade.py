@@ -24,6 +24,7 @@ class Cascade:
         self.weight = config.ensemble_weight
         self.blend = config.ensemble_weight != 1.0  # Eq. 8: escalated rows blend little's and big's probabilities
         self.adaptive = None  # the gears (adaptive.Adaptive), when on
+        self.audit = None  # the audit (audit.Audit), when on
         # Escalations still running after their execute returned; a strong reference keeps each task alive
         # until it ends (the event loop holds tasks only weakly). Triton keeps an instance until every
         # response it owes is sent, so finalize need not wait for them.
@@ -54,6 +55,9 @@ class Cascade:
             failed, escalation.waiting = escalation.waiting, []
             for wait in failed:
                 self.replies.send(wait.sender, self.replies.error(err))
+        finally:
+            if self.audit is not None:
+                self.audit.ended(escalation.audit)
 
     async def _run_stages(self, escalation):
         for stage in self.stages[1:]:
@@ -85,6 +89,8 @@ class Cascade:
         if self.blend:  # Eq. 8 (two stages): the blend decides the class and the confidence
             answer = self.reader.of_probs((1.0 - self.weight) * answers.probs[pending] + self.weight * answer.probs)
         still = escalation.open[pending]
+        if self.audit is not None and stage is self.stages[-1]:
+            self.audit.escalated(escalation.audit, pending, still, answer.label)
         unsure = self.unsure(stage, answer, escalation.thresholds) & still
         answers.fill(pending[still], answer if still.all() else answer.rows(still), stage.index)
         escalation.open[pending[still & ~unsure]] = False

@@ -27,6 +27,13 @@ TASKS = ("multiclass", "multilabel")
 MULTILABEL_CUT = 0.5  # multi-label answers: the labels with p >= this
 ON_BIG_FAILURE = ("fail", "little")
 REQUEST_PARAMETERS = ("threshold", "thresholds", "on_big_failure")
+# The audit's signal bins: bin k holds the rows whose stage-0 signal is in [k / AUDIT_BINS, (k + 1) / AUDIT_BINS)
+# (the last one includes 1); metrics label each bin by its lower edge, bin_label(k).
+AUDIT_BINS = 100
+
+
+def bin_label(k: int) -> str:
+    return f"{k / AUDIT_BINS:.2f}"
 
 
 class ConfigError(ValueError):
@@ -113,6 +120,14 @@ class GateConfig:
     latency_target_ms: float = 0.0
     gear_interval_ms: float = 500.0
     gear_deadline_ms: float = 0.0
+    # The audit (two stages, opt-in): each row little answers is also sent to big with probability
+    # audit_rate, after its answer left; at most audit_in_flight such calls per gate instance, each dropped
+    # from big's queue after audit_timeout_ms (0: the child timeout). audit_promise: the calibrated level the
+    # live bound on answers differing from big's is checked against (0: none; calibrate --apply sets it).
+    audit_rate: float = 0.0
+    audit_in_flight: int = 1
+    audit_timeout_ms: float = 1000.0
+    audit_promise: float = 0.0
     # For clients, not read by the gate: the wire format (video models: frames per clip), the class count
     # and the class labels (JSON).
     wire_size: int = 0
@@ -127,6 +142,7 @@ class GateConfig:
         self._check_stages()
         self._check_numbers()
         self._check_gears()
+        self._check_audit()
 
     def _check_stages(self) -> None:
         count = len(self.stage_models)
@@ -177,6 +193,18 @@ class GateConfig:
         if self.child_timeout_ms and self.gear_deadline_ms >= self.child_timeout_ms:
             raise ConfigError(f"the gear deadline ({self.gear_deadline_ms:g} ms) must be below the child timeout "
                               f"({self.child_timeout_ms:g} ms), the longest a call to big may wait")
+
+    def _check_audit(self) -> None:
+        for name in ("audit_rate", "audit_promise"):
+            if not (math.isfinite(getattr(self, name)) and 0.0 <= getattr(self, name) <= 1.0):
+                raise ConfigError(f"{name} must be a share in [0, 1], got {getattr(self, name)}")
+        if self.audit_in_flight < 1:
+            raise ConfigError(f"audit_in_flight must be >= 1, got {self.audit_in_flight}")
+        if not (math.isfinite(self.audit_timeout_ms) and self.audit_timeout_ms >= 0):
+            raise ConfigError(f"audit_timeout_ms must be a number of ms >= 0 (0: the child timeout), got {self.audit_timeout_ms}")
+        if self.audit_rate and (len(self.stage_models) != 2 or self.task != "multiclass" or self.ensemble_weight != 1.0):
+            raise ConfigError("the audit compares little's answers with big's: it needs a two-stage multi-class cascade "
+                              "without an ensemble weight")
 
     @property
     def adaptive(self) -> bool:

@@ -41,6 +41,25 @@ GEAR_FAMILIES = (
 )
 
 
+AUDIT_FAMILIES = (
+    ("littlebig_audit_rate", "Share of the rows little answers that the audit also sends to big (audit_rate)", GAUGE),
+    ("littlebig_audit_promise", "The calibrated level the live bound on answers differing from big's is checked "
+     "against (audit_promise: the promised drop when T was certified without labels; 0: none)", GAUGE),
+    ("littlebig_audit_covered_rows_total", "Rows of the batches the audit covered: each row little answered "
+     "there had its chance audit_rate of being audited, and every audited one got big's answer", COUNTER),
+    ("littlebig_audit_skipped_rows_total", "Rows of the batches the audit skipped, by reason: busy (audit calls in "
+     "flight at audit_in_flight), gears (below gear 0), failed (big dropped or failed a call)", COUNTER),
+    ("littlebig_audit_rows_total", "Rows little answered that the audit sent to big (in covered batches)", COUNTER),
+    ("littlebig_audit_disagree_rows_total", "Audited rows whose answer (little's) differs from big's; divided by "
+     "audit_rate x covered rows it estimates the share of answers that differ from big's", COUNTER),
+    ("littlebig_audit_kept_rows_total", "Audited rows by little's signal bin (lower edge)", COUNTER),
+    ("littlebig_audit_kept_differ_total", "Audited rows whose answer differs from big's, by little's signal bin", COUNTER),
+    ("littlebig_audit_escalated_rows_total", "Escalated rows of covered batches, by little's signal bin", COUNTER),
+    ("littlebig_audit_escalated_differ_total", "Escalated rows of covered batches where little's class differs from "
+     "big's, by little's signal bin", COUNTER),
+)
+
+
 class Counters:
     """The gate's counts, kept here and handed to Triton at most once per interval.
 
@@ -123,6 +142,13 @@ def gear_metrics(model_name, instance, ladder, keep):
     metrics.gear.set(0)
     metrics.threshold.set(ladder[0][0])
     return metrics
+
+
+def audit_families(keep):
+    """The audit's metric families by name; appended to ``keep`` (alive as long as their metrics)."""
+    families = {name: _family(name, text, kind) for name, text, kind in AUDIT_FAMILIES}
+    keep.extend(families.values())
+    return families
 
 
 def _family(name, description, kind):

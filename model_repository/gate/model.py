@@ -32,10 +32,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from .adaptive import Adaptive
+from .audit import FLUSH_S, Audit, AuditMetrics, rows_of
 from .cascade import Cascade
 from .children import Children, LocalStage, Reader
 from .config import ConfigError, GateConfig, RequestError, stage_roles
-from .metrics import Counters, GateMetrics, gear_metrics
+from .metrics import Counters, GateMetrics, audit_families, gear_metrics
 from .requests import Parser, first_inputs, input_specs
 from .responses import Replies, response
 from .rows import Answers, Batch, ChildError, Escalation, Stage, Waiting
@@ -64,6 +65,8 @@ class TritonPythonModel:
             # args["model_repository"] is this model's folder; the path is relative to the repository.
             path = os.path.join(os.path.dirname(args["model_repository"]), config.little_onnx)
             self.local = LocalStage(self.stages[0], path, config.little_intra_op_threads, self.reader)
+        self.audit = self._audit(args["model_name"], children) if config.audit_rate else None
+        self.cascade.audit = self.audit
         self.adaptive = None
         if config.adaptive:
             self._gear_families = []  # alive as long as their metrics
@@ -71,6 +74,13 @@ class TritonPythonModel:
             instances = sum(int(group.get("count", 1)) for group in model_config.get("instance_group", [])) or 1
             self.adaptive = Adaptive(config, self.cascade, metrics, args["model_name"], instances,
                                      int(model_config["max_batch_size"]), pb_utils.Logger.log_warn)
+
+    def _audit(self, model_name, children):
+        """The audit (audit.py); its per-bin counts reach /metrics every FLUSH_S, not every metrics interval."""
+        self._audit_families = []  # alive as long as their metrics
+        metrics = AuditMetrics(audit_families(self._audit_families), {"model": model_name}, self.config)
+        counters = Counters(max(self.config.metrics_interval_ms / 1000.0, FLUSH_S))
+        return Audit(self.config, self.stages[-1], children, counters, metrics)
 
     @staticmethod
     def _first_names(model_config, config):
@@ -87,6 +97,8 @@ class TritonPythonModel:
 
     def finalize(self):
         self.counters.flush()  # the last interval's counts; the timer does not outlive the instance
+        if self.audit is not None:
+            self.audit.counters.flush()
         if self.adaptive is not None:
             self.adaptive.close()
 
@@ -102,6 +114,8 @@ class TritonPythonModel:
     async def _on_loop(self, requests):
         if self.counters.loop is None:
             self.counters.attach(asyncio.get_running_loop())
+            if self.audit is not None:
+                self.audit.counters.attach(self.counters.loop)
         now = time.monotonic()
         started = self.adaptive.start(now) if self.adaptive is not None else now
         batch = self._prepare(requests, self.adaptive.in_force if self.adaptive is not None else self.config.thresholds)
@@ -171,21 +185,44 @@ class TritonPythonModel:
                 responses[index] = response(answers, rows, request.want_probs)
         if gears:
             gears.answered(started, len(accepted) - len(waiting), time.monotonic())
+        audit = self._audit_begin(batch, unsure)
         if not waiting:
+            if audit is not None and audit.inputs is not None:
+                return self._answer_then_audit(batch, audit)
             return [self.replies.count(r) for r in responses]  # one message back for the whole batch
         # Fancy indexing copies the rows out of the requests' input buffers, which Triton may free once
         # execute returns.
         adaptive = np.repeat([not a.pinned for _, a in accepted], batch.counts)[pending]
         escalation = Escalation([x[pending] for x in batch.arrays()], pending, batch.thresholds[pending], waiting, unsure,
-                                answers, adaptive, started)
+                                answers, adaptive, started, audit=audit)
         return self._escalate(batch, escalation)
 
     async def _escalate(self, batch, escalation):
         """On the event loop: what is decided leaves now; the later stages run as a task."""
-        for request, answer in zip(batch.requests, batch.responses):
-            if answer is not None:
+        try:
+            for request, answer in zip(batch.requests, batch.responses):
+                if answer is not None:
+                    self.replies.send(request.get_response_sender(), answer)
+            self.cascade.launch(escalation)
+            if self.adaptive is not None and self.adaptive.gears.threshold < batch.applied[0]:
+                self.adaptive.shed(self.adaptive.gears.threshold)  # stepped down while little ran: this batch's rows too
+        finally:
+            if escalation.audit is not None:
+                self.audit.launch(escalation.audit)  # after the answers that could leave: no client waits for it
+        return None
+
+    def _audit_begin(self, batch, unsure):
+        """The batch's audit (audit.py), or None (audit off, or the batch skipped)."""
+        if self.audit is None:
+            return None
+        gears_down = self.adaptive is not None and (self.adaptive.gears.gear > 0 or bool(self.adaptive.held and self.adaptive.held.queue))
+        return self.audit.begin(batch.first.confidence, batch.first.label, unsure, lambda rows: rows_of(batch, rows), gears_down)
+
+    async def _answer_then_audit(self, batch, audit):
+        """On the event loop: every answer of the batch leaves, then the audit's call to big."""
+        try:
+            for request, answer in zip(batch.requests, batch.responses):
                 self.replies.send(request.get_response_sender(), answer)
-        self.cascade.launch(escalation)
-        if self.adaptive is not None and self.adaptive.gears.threshold < batch.applied[0]:
-            self.adaptive.shed(self.adaptive.gears.threshold)  # stepped down while little ran: this batch's rows too
+        finally:
+            self.audit.launch(audit)
         return None

@@ -94,6 +94,7 @@ class Escalation:
     observed: bool = False  # the gears count it among the escalations waiting for big
     early: int = 0  # waiting requests answered before big (a step down of the gears, the deadline)
     deadline: object = None  # the timer of its deadline (gear_deadline_ms)
+    audit: object = None  # the batch's part in the audit (audit.AuditBatch), when covered
 
     def leave(self):
         """The waiting requests whose rows are all settled, no longer waiting."""
