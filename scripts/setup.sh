@@ -25,7 +25,7 @@ fi
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch first with exact pins (the CPU machines here serve these two from local disk).
 "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
-"${PIP[@]}" -e ".[export,test]"
+"${PIP[@]}" -e ".[export,clip,test]"
 # Only the tritonserver binary and python backend inside this wheel are used; its own Python
 # dependencies (tritonclient~=2.50, numpy<2, ...) would fight the pinned tritonclient 2.48.0.
 "${PIP[@]}" --no-deps nvidia-pytriton==0.7.0
