@@ -152,3 +152,22 @@ def test_calibration_through_the_server_matches_the_offline_cascade(seg_pair, se
     assert report["escalation"] == pytest.approx(expected.route.mean())
     assert report["miou"]["cascade"] == pytest.approx(scores(expected.mask, labels)["miou"], abs=1e-9)
     assert report["miou"]["cascade"] >= report["miou"]["big"] - 0.05
+
+
+def test_classify_writes_the_served_masks(seg_pair, seg_server, tmp_path, capsys):
+    """`littlebig classify --masks DIR` on a segmentation gate: one mask PNG per image, the gate's mask."""
+    from littlebig.client.segmentation import read_mask
+
+    from littlebig.cli import main
+
+    folder, images = seg_pair
+    server, _ = seg_server
+    paths = [str(folder / "calib" / "images" / f"{index:05d}.png") for index in range(3)]
+    main(["classify", "--url", server.grpc_url, "--masks", str(tmp_path / "masks"), *paths])
+    served = infer(server.grpc_url, "littlebig", images[:3])
+    for index in range(3):
+        np.testing.assert_array_equal(read_mask(tmp_path / "masks" / f"{index:05d}.png"), served[MASK][index])
+    assert capsys.readouterr().out.count("masks") >= 3
+    with pytest.raises(SystemExit) as refused:  # without --masks: nowhere to put the answers
+        main(["classify", "--url", server.grpc_url, paths[0]])
+    assert refused.value.code == 2 and "--masks" in capsys.readouterr().err
