@@ -171,3 +171,22 @@ def test_classify_writes_the_served_masks(seg_pair, seg_server, tmp_path, capsys
     with pytest.raises(SystemExit) as refused:  # without --masks: nowhere to put the answers
         main(["classify", "--url", server.grpc_url, paths[0]])
     assert refused.value.code == 2 and "--masks" in capsys.readouterr().err
+
+
+def test_export_takes_torchvision_segmentation_models(tmp_path, capsys):
+    """`littlebig export torchvision:lraspp_mobilenet_v3_large` (random init, no download): a segmentation
+    graph the builder reads; a grid that does not divide the wire size is refused."""
+    from littlebig.model_repository.facts import ModelFacts
+
+    from littlebig.cli import main
+
+    common = ["export", "torchvision:lraspp_mobilenet_v3_large", "--random-init", "--num-classes", "5", "--resolution", "64",
+              "--wire-size", "64"]
+    main([*common, "--regions", "4", "--out", str(tmp_path / "little.onnx")])
+    facts = ModelFacts.from_onnx(tmp_path / "little.onnx")
+    assert facts.task == "segmentation" and facts.num_classes == 5 and facts.macs > 0
+    assert {o.name: o.dims for o in facts.outputs} == {MASK: (64, 64), CONFIDENCE: (1,), "PIXEL_CONFIDENCE": (64, 64),
+                                                       PROBS: (5, 64, 64)}
+    with pytest.raises(SystemExit) as refused:
+        main([*common, "--regions", "5", "--out", str(tmp_path / "bad.onnx")])
+    assert refused.value.code == 2 and "--regions 5" in capsys.readouterr().err
