@@ -194,6 +194,15 @@ def calibrate(
     for folder in (data, eval_data, unlabelled_data):
         if folder is not None and not Path(folder).is_dir():  # before asking the server anything
             raise FileNotFoundError(f"data folder {folder} does not exist")
+    info = _served_segmentation(url)
+    if info is not None:
+        _check_segmentation_options(labels_csv=labels_csv, classes=classes, accuracy_budget=accuracy_budget, signal=signal,
+                                    models=models, ensemble_weights=ensemble_weights)
+        from .seg_calibrate import calibrate_segmentation
+
+        return calibrate_segmentation(url, data, out, criterion, info=info, eval_data=eval_data, apply=apply, write=write,
+                                      batch_size=batch_size, concurrency=concurrency, refresh=refresh,
+                                      show_progress=show_progress, log=log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kwargs = dict(batch_size=batch_size, concurrency=concurrency, show_progress=show_progress, refresh=refresh, log=log,
@@ -247,6 +256,29 @@ def _withheld(images: ImageSet, withheld: bool) -> ImageSet:
     if not withheld or images.labels is None:
         return images
     return dataclasses.replace(images, labels=None, layout=f"{images.layout}, labels withheld", mapping="")
+def _served_segmentation(url: str):
+    """The served gate's GateInfo when it serves a segmentation cascade; None otherwise, and when the
+    server cannot be asked (a classifier calibration may still run from its cache)."""
+    from tritonclient.utils import InferenceServerException
+
+    from .retry import RetryPolicy
+
+    try:
+        with LittleBigClient(url, retry=RetryPolicy(deadline_s=0.0)) as client:  # not asked again: the cache may serve
+            info = client.gate_info()
+    except (InferenceServerException, OSError, UserError):
+        return None
+    return info if info.task == "segmentation" else None
+
+
+def _check_segmentation_options(**given) -> None:
+    """Options made for class labels, K stages, gears or the ensemble do not apply to segmentation."""
+    options = {"labels_csv": "--labels-csv", "classes": "--classes", "accuracy_budget": "--accuracy-budget",
+               "signal": "--signal", "models": "--models", "ensemble_weights": "--ensemble-weights"}
+    used = [flag for name, flag in options.items() if given[name] is not None]
+    if used:
+        raise CalibrationError(f"the served gate segments images: {', '.join(used)} do not apply (masks label the "
+                               "pixels, T is chosen on mIoU; the gate routes on the graph's region confidence)")
 
 
 def _check_options(eval_data, eval_labels_csv, apply: bool, write) -> None:

@@ -25,8 +25,22 @@ from .infer import GateInfo, LittleBigClient
 from .retry import Retrier
 
 
+class StageMacs:
+    """``macs_little`` and ``macs_big`` of a collection with ``macs`` per stage, in cost order."""
+
+    macs: list[int]
+
+    @property
+    def macs_little(self) -> int:
+        return self.macs[0]
+
+    @property
+    def macs_big(self) -> int:
+        return self.macs[-1]
+
+
 @dataclasses.dataclass
-class Collected:
+class Collected(StageMacs):
     """Every stage's probabilities on the same images, in cost order (two stages: little, big)."""
 
     stages: list[np.ndarray]  # float32 [N, C] per stage
@@ -56,14 +70,6 @@ class Collected:
     @property
     def big(self) -> np.ndarray:
         return self.stages[-1]
-
-    @property
-    def macs_little(self) -> int:
-        return self.macs[0]
-
-    @property
-    def macs_big(self) -> int:
-        return self.macs[-1]
 
     def save(self, path: str | Path) -> None:
         np.savez_compressed(
@@ -229,7 +235,7 @@ def gate_stage_models(url: str) -> tuple[str, ...]:
         return client.gate_config().stage_models
 
 
-def _same_models(url: str, cached: Collected, models: tuple[str, ...] | None, log) -> bool:
+def same_models(url: str, cached: Collected, models: tuple[str, ...] | None, log) -> bool:
     """Whether the server serves the models ``cached`` was collected from (same names, MACs and, where
     the served configs state them, the same ONNX files by sha256); True when it cannot be asked (a
     cache is also for calibrating again offline), said in the log."""
@@ -267,7 +273,7 @@ def collect_cached(
     if cache.is_file() and not refresh:
         cached = Collected.load(cache)
         images = load_images(cached.model_labels, cached.frames > 0)
-        if cached.holds(images) and _same_models(url, cached, models, log):
+        if cached.holds(images) and same_models(url, cached, models, log):
             log(f"using cached probabilities {cache} (--recollect to ask the server again)")
             return cached, images
     with LittleBigClient(url) as client:

@@ -61,14 +61,18 @@ def to_wire(image: ImageLike, size: int, crop_pct: float = 0.875) -> np.ndarray:
     """One image as uint8 [size, size, 3]: shorter side to size / crop_pct, centre crop."""
     if not 0.0 < crop_pct <= 1.0:
         raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    img = load_image(image)
+    return np.asarray(wire_geometry(load_image(image), size, crop_pct, Image.BICUBIC), dtype=np.uint8)
+
+
+def wire_geometry(img: Image.Image, size: int, crop_pct: float, resample) -> Image.Image:
+    """Shorter side to size / crop_pct, centre crop size x size (segmentation masks: with NEAREST)."""
     if img.size == (size, size) and crop_pct == 1.0:
-        return np.asarray(img, dtype=np.uint8)
+        return img
     scale = size / crop_pct / min(img.size)
     resized = (max(size, round(img.width * scale)), max(size, round(img.height * scale)))
-    img = img.resize(resized, Image.BICUBIC)
+    img = img.resize(resized, resample)
     left, top = (img.width - size) // 2, (img.height - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return img.crop((left, top, left + size, top + size))
 
 
 def to_wire_batch(images: Sequence[ImageLike], size: int | None, crop_pct: float = 0.875) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from littlebig.contract import CLASS, CONFIDENCE, GATE_MODEL, IMAGE, PROBS, ROUTE, VIDEO, GateConfig, route_label  # noqa: F401 - GATE_MODEL is re-exported for the client modules
+from littlebig.contract import CLASS, CONFIDENCE, GATE_MODEL, IMAGE, MASK, PROBS, ROUTE, VIDEO, GateConfig, route_label  # noqa: F401 - GATE_MODEL is re-exported for the client modules
 from littlebig.errors import UserError
 from littlebig.labels import ClassLabels
 
@@ -18,11 +18,12 @@ from .retry import Retrier, RetryPolicy
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-    class_index: int
+    class_index: int | None  # None for segmentation: the answer is ``mask``
     confidence: float
     route: int  # 0: little answered, 1: escalated to big, 2: escalated, big failed, little answered
-    probs: np.ndarray | None = None
+    probs: np.ndarray | None = None  # [C] (segmentation: [C, S, S])
     stages: int = 2  # of the cascade that answered (K stages: ROUTE is the answering stage, or K + k)
+    mask: np.ndarray | None = None  # segmentation: int32 [S, S], each pixel's class, at the wire size
 
     @property
     def route_name(self) -> str:
@@ -44,6 +45,7 @@ class GateInfo:
     labels: ClassLabels | None = None  # the model's own class labels, where the export recorded them
     thresholds: tuple[float, ...] = ()  # T_0 .. T_{K-2} (two stages: (threshold,))
     frames: int = 0  # video models: frames per clip (they take VIDEO [N, frames, S, S, 3]); 0: images
+    task: str = "multiclass"  # or multilabel, segmentation (the gate answers LABELS, MASK instead of CLASS)
 
     def to_wire(self, items: list) -> np.ndarray:
         """Images (or, for video models, clips: client/clips.py) as one wire batch."""
@@ -119,6 +121,7 @@ class LittleBigClient:
             labels=ClassLabels.from_json(config.labels) if config.labels else None,
             thresholds=config.thresholds,
             frames=config.frames,
+            task=config.task,
         )
 
     def infer(
@@ -165,19 +168,22 @@ class LittleBigClient:
             raise UserError(f"classify takes a batch {what}; got one array of shape {images.shape}: pass [{one}] for a single {one}")
         images = images if isinstance(images, np.ndarray) else list(images)
         stages = len(info.thresholds) + 1 if info.thresholds else 2
+        segmentation = info.task == "segmentation"
+        answer = MASK if segmentation else CLASS
         predictions = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             wire = chunk if isinstance(chunk, np.ndarray) else info.to_wire(list(chunk))
-            out = self.infer(wire, threshold=threshold, return_probs=return_probs)
-            for row in range(len(out[CLASS])):
+            out = self.infer(wire, threshold=threshold, outputs=[answer, CONFIDENCE, ROUTE] + ([PROBS] if return_probs else []))
+            for row in range(len(out[answer])):
                 predictions.append(
                     Prediction(
-                        class_index=int(out[CLASS][row, 0]),
+                        class_index=None if segmentation else int(out[CLASS][row, 0]),
                         confidence=float(out[CONFIDENCE][row, 0]),
                         route=int(out[ROUTE][row, 0]),
                         probs=out[PROBS][row] if return_probs else None,
                         stages=stages,
+                        mask=out[MASK][row] if segmentation else None,
                     )
                 )
             if progress is not None:

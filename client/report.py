@@ -48,14 +48,7 @@ def plot_curves(path: Path, s: Sweep, outcomes: Outcomes, chosen: int, evaluatio
     panels = 3 if s.accuracy is not None else 2
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     t = s.thresholds
-    axes[0].plot(t, s.escalation)
-    axes[0].set(xlabel="threshold T", ylabel="p(T): share sent to big", title="Escalation share")
-    axes[1].plot(t, s.relative_macs)
-    axes[1].axhline(1.0, color="grey", lw=0.8, ls="--")
-    axes[1].set(xlabel="threshold T", ylabel="MACs / MACs of big", title="Relative MACs")
-    for ax in axes[:2]:
-        ax.axvline(t[chosen], color="tab:red", lw=0.8, ls=":", label=f"chosen T={t[chosen]:.3f}")
-        ax.legend(loc="best")
+    plot_cost_panels(axes[:2], s, chosen)
     if s.accuracy is not None:
         ax = axes[2]
         band = bootstrap(outcomes, BAND_GRID, level, replicates=400)
@@ -81,6 +74,20 @@ def plot_curves(path: Path, s: Sweep, outcomes: Outcomes, chosen: int, evaluatio
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_cost_panels(axes, s, chosen: int) -> None:
+    """The first two panels of Figure 3 on two axes: p(T) and relative MACs against T (``s``: a sweep with
+    thresholds, escalation, relative_macs), the chosen T marked."""
+    t = s.thresholds
+    axes[0].plot(t, s.escalation)
+    axes[0].set(xlabel="threshold T", ylabel="p(T): share sent to big", title="Escalation share")
+    axes[1].plot(t, s.relative_macs)
+    axes[1].axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[1].set(xlabel="threshold T", ylabel="MACs / MACs of big", title="Relative MACs")
+    for ax in axes:
+        ax.axvline(t[chosen], color="tab:red", lw=0.8, ls=":", label=f"chosen T={t[chosen]:.3f}")
+        ax.legend(loc="best")
 
 
 def plot_confidence_histogram(path: Path, outcomes: Outcomes, bins: int = 10) -> None:

@@ -15,6 +15,7 @@ _WHERE = {
     "export_onnx": ".onnx_export",
     "ort_session": ".onnx_export",
     "read_metadata": ".metadata",
+    "export_segmentation": ".segmentation",
     "ExportError": ".specs",
     "LoadedModel": ".specs",
     "ModelInfo": ".specs",

@@ -31,6 +31,16 @@ def graph_inputs(path: str | Path) -> list[tuple[str, int, list[int | None]]]:
     return found
 
 
+def graph_outputs(path: str | Path) -> list[tuple[str, int, list[int | None]]]:
+    """(name, ONNX element type, dims with None for a symbolic dim) of each graph output."""
+    model = onnx.load(str(path), load_external_data=False)
+    found = []
+    for value in model.graph.output:
+        tensor = value.type.tensor_type
+        found.append((value.name, tensor.elem_type, [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]))
+    return found
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The littlebig.* metadata of an exported file (without the prefix)."""
     model = onnx.load(str(path), load_external_data=False)

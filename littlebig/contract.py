@@ -11,27 +11,9 @@ import enum
 
 from littlebig.errors import UserError
 from littlebig.gate.config import (  # noqa: F401 - re-exported: the names the package shares with the gate
-    CLASS,
-    CONFIDENCE,
-    FIRST_PREFIX,
-    GATE_OUTPUTS,
-    LABELS,
-    MULTILABEL_CUT,
-    ON_BIG_FAILURE,
-    PROBS,
-    REQUEST_PARAMETERS,
-    ROUTE,
-    ROUTE_BIG,
-    ROUTE_LITTLE,
-    ROUTE_LITTLE_FALLBACK,
-    TASKS,
-    THRESHOLD,
-    ConfigError,
-    GateConfig,
-    RequestError,
-    parse_threshold,
-    parse_thresholds,
-    stage_roles,
+    ANSWER_OF_TASK, CLASS, CONFIDENCE, FIRST_PREFIX, GATE_OUTPUTS, LABELS, MASK, MULTILABEL_CUT, ON_BIG_FAILURE, PROBS,
+    REQUEST_PARAMETERS, ROUTE, ROUTE_BIG, ROUTE_LITTLE, ROUTE_LITTLE_FALLBACK, TASKS, THRESHOLD, ConfigError, GateConfig,
+    RequestError, parse_threshold, parse_thresholds, stage_roles,
 )
 
 # Clients call GATE_MODEL: the ensemble (stage 0, then the gate step GATE_STEP_MODEL), or with little in
@@ -40,6 +22,10 @@ GATE_MODEL, GATE_STEP_MODEL, LITTLE_MODEL, BIG_MODEL = "littlebig", "gate", "lit
 # The wire images in: uint8 [N, S, S, 3]; video models take clips, uint8 [N, F, S, S, 3].
 IMAGE = "IMAGE"
 VIDEO = "VIDEO"
+# Segmentation stages also answer each pixel's max softmax probability (float32 [H, W]), which the gate
+# does not read: calibration aggregates it over other regions (SLIC superpixels) to compare with the
+# graph's own region confidence.
+PIXEL_CONFIDENCE = "PIXEL_CONFIDENCE"
 
 
 def wire_input(frames: int) -> str:

@@ -10,18 +10,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig.contract import (
-    CLASS,
-    CONFIDENCE,
-    FIRST_PREFIX,
-    GATE_MODEL,
-    GATE_STEP_MODEL,
-    LABELS,
-    PROBS,
-    ROUTE,
-    STAGE_MACS,
-    STAGE_SHA256,
-    THRESHOLD,
-    stage_models,
+    CLASS, CONFIDENCE, FIRST_PREFIX, GATE_MODEL, GATE_STEP_MODEL, LABELS, MASK, PROBS, ROUTE, STAGE_MACS, STAGE_SHA256,
+    THRESHOLD, stage_models,
 )
 from littlebig.gate.config import ConfigError, GateConfig, parse_ladder
 from littlebig.gate.signals import DEFAULT_SIGNAL, SIGNALS_OF_TASK
@@ -53,6 +43,15 @@ def _top1_outputs() -> list[mc.ModelOutput]:
     return [_tensor(mc.ModelOutput, CLASS, mc.TYPE_INT64, [1]), _tensor(mc.ModelOutput, CONFIDENCE, mc.TYPE_FP32, [1])]
 
 
+def _stage_outputs(facts: ModelFacts, labels: ClassLabels | None) -> list[mc.ModelOutput]:
+    """A stage's outputs: PROBS [C] (and CLASS, CONFIDENCE with the in-graph top-1); a segmentation stage's
+    are its graph's (MASK [S, S], CONFIDENCE [1], PIXEL_CONFIDENCE [S, S], PROBS [C, S, S]), without labels:
+    Triton's classification extension reads one score per class."""
+    if facts.task == "segmentation":
+        return facts.output_configs()
+    return [_probs_output(facts.num_classes, labels)] + (_top1_outputs() if facts.top1 else [])
+
+
 def classifier_config(
     name: str, facts: ModelFacts, options: RepositoryOptions, instances: int, queue_delay_us: int, nice: int = 0,
     labels: ClassLabels | None = None,
@@ -60,9 +59,7 @@ def classifier_config(
     """Config of a stage: its graph inputs (IMAGE uint8 [S, S, 3], ...) -> PROBS float32 [C], dynamic batch."""
     config = mc.ModelConfig(name=name, max_batch_size=options.max_batch_size)
     config.input.extend(facts.input_configs())
-    config.output.append(_probs_output(facts.num_classes, labels))
-    if facts.top1:
-        config.output.extend(_top1_outputs())
+    config.output.extend(_stage_outputs(facts, labels))
     config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
     group = config.instance_group.add(count=instances)
     if options.runtime == "python":
@@ -107,8 +104,12 @@ def gate_signal(options: RepositoryOptions, task: str) -> str:
 
 
 def _gate_outputs(first: ModelFacts, count: int, labels: ClassLabels | None) -> list[mc.ModelOutput]:
-    """CLASS (multi-label: LABELS), CONFIDENCE, ROUTE, PROBS and THRESHOLD (the thresholds that applied to
-    each row: the gears move T_0 under overload)."""
+    """CLASS (multi-label: LABELS; segmentation: MASK), CONFIDENCE, ROUTE, PROBS and THRESHOLD (the thresholds
+    that applied to each row: the gears move T_0 under overload)."""
+    if first.task == "segmentation":  # the stages' own MASK [S, S] and PROBS [C, S, S]
+        own = {output.name: output for output in first.output_configs()}
+        return [own[MASK], _top1_outputs()[1], _tensor(mc.ModelOutput, ROUTE, mc.TYPE_INT32, [1]), own[PROBS],
+                _tensor(mc.ModelOutput, THRESHOLD, mc.TYPE_FP64, [count - 1])]
     if first.task == "multilabel":
         answer = [_tensor(mc.ModelOutput, LABELS, mc.TYPE_INT32, [first.num_classes]), _top1_outputs()[1]]
     else:
@@ -169,7 +170,8 @@ def gate_configs(*stages: ModelFacts, options: RepositoryOptions, labels: ClassL
     ensemble = mc.ModelConfig(name=GATE_MODEL, platform="ensemble", max_batch_size=options.max_batch_size)
     ensemble.input.extend(first.input_configs())
     ensemble.output.extend(outputs)
-    handed = [] if settings.little_in_gate else ([CLASS, CONFIDENCE] if first.top1 else []) + [PROBS]  # stage 0's answer
+    top1 = [MASK if first.task == "segmentation" else CLASS, CONFIDENCE] if first.top1 else []
+    handed = [] if settings.little_in_gate else top1 + [PROBS]  # stage 0's answer
     little = None if settings.little_in_gate else ensemble.ensemble_scheduling.step.add(model_name=settings.stage_models[0], model_version=-1)
     step = ensemble.ensemble_scheduling.step.add(model_name=GATE_STEP_MODEL, model_version=-1)
     for name in (i.name for i in first.inputs):
@@ -177,7 +179,7 @@ def gate_configs(*stages: ModelFacts, options: RepositoryOptions, labels: ClassL
         if little is not None:
             little.input_map[name] = name
     for name in handed:
-        output = next(o for o in [*_top1_outputs(), _probs_output(first.num_classes, None)] if o.name == name)
+        output = next(o for o in _stage_outputs(first, None) if o.name == name)
         gate.input.append(_tensor(mc.ModelInput, FIRST_PREFIX + name, output.data_type, list(output.dims)))
         little.output_map[name] = f"little_{name}"
         step.input_map[FIRST_PREFIX + name] = f"little_{name}"

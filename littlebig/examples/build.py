@@ -1,4 +1,5 @@
-"""`littlebig example multilabel|text --out DIR`: build the data, train little and big, export both.
+"""`littlebig example multilabel|text --out DIR`: build the data, train little and big, export both
+(`segmentation`: segpair.py).
 
 DIR gets little.onnx and big.onnx (with .json reports), calib.npz and test.npz (the model inputs by
 name plus `labels`, see data.TensorSet), labels.txt, and example.json: the data source, sizes, MACs
@@ -23,7 +24,7 @@ from .reference import metric, stage_probs
 from .train import TrainOptions, train
 
 ROLES = ("little", "big")
-EXAMPLES = ("multilabel", "text")
+EXAMPLES = ("multilabel", "text", "segmentation")
 
 
 @dataclasses.dataclass
@@ -90,5 +91,9 @@ def text_spec(seed: int = 0, epoch_scale: float = 1.0, source=None, per_section:
 
 
 def build_example(name: str, out: str | Path, seed: int = 0, epoch_scale: float = 1.0, log=print) -> dict:
+    if name == "segmentation":
+        from .segpair import build_segmentation_pair
+
+        return build_segmentation_pair(out, seed, epoch_scale, log=log)
     spec = multilabel_spec(seed, epoch_scale) if name == "multilabel" else text_spec(seed, epoch_scale)
     return build_pair(spec, out, log=log)

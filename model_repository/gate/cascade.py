@@ -122,5 +122,5 @@ class Cascade:
         route = np.where(fallback, len(self.stages) + stage.index - 1, answers.route[rows]).astype(np.int32)
         self.counters.add(self.metrics.fallback, int(fallback.sum()))
         probs = None if answers.probs is None else answers.probs[rows]
-        kept = type(answers)(answers.label[rows], answers.confidence[rows], route, probs, answers.multilabel, answers.thresholds[rows])
+        kept = type(answers)(answers.label[rows], answers.confidence[rows], route, probs, answers.task, answers.thresholds[rows])
         return response(kept, slice(None), wait.want_probs)

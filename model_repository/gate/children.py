@@ -7,7 +7,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .config import CLASS, CONFIDENCE, MULTILABEL_CUT, PROBS
+from .config import CLASS, CONFIDENCE, MASK, MULTILABEL_CUT, PROBS
 from .rows import ChildAnswer, ChildError
 from .signals import FORMULAS
 
@@ -16,23 +16,29 @@ QUEUE_TIMEOUT = "Request timeout expired"  # Triton's error for a call dropped f
 
 class Reader:
     """Turns a stage's outputs into a ChildAnswer, reading only what is needed: with the in-graph top-1
-    (CLASS and CONFIDENCE beside PROBS) and the max_softmax signal, PROBS only when asked for."""
+    (CLASS and CONFIDENCE beside PROBS) and the max_softmax signal, PROBS only when asked for. Segmentation
+    stages always answer MASK and CONFIDENCE (the image-level region confidence) in their graph."""
 
     def __init__(self, config):
         self.multilabel = config.task == "multilabel"
-        self.signal_of = FORMULAS[config.signal]
-        self.top1 = config.children_top1 and config.signal == "max_softmax" and not self.multilabel
+        self.segmentation = config.task == "segmentation"
+        self.signal_of = FORMULAS.get(config.signal)  # None for segmentation: the graph computes it
+        self.top1 = self.segmentation or (config.children_top1 and config.signal == "max_softmax" and not self.multilabel)
+        self.label_name = MASK if self.segmentation else CLASS
 
     def wanted(self, want_probs):
         """The outputs to ask a stage for."""
-        top1 = [CLASS, CONFIDENCE] if self.top1 else []
+        top1 = [self.label_name, CONFIDENCE] if self.top1 else []
         return top1 + ([PROBS] if want_probs or not top1 else [])
 
     def answer(self, output, want_probs):
         """The stage's answer from ``output(name)``, its output arrays."""
         if self.top1:  # copies: the answers are updated in place for escalated rows
             probs = output(PROBS) if want_probs else None
-            return ChildAnswer(output(CLASS)[:, 0].astype(np.int64), output(CONFIDENCE)[:, 0].astype(np.float64), probs)
+            confidence = output(CONFIDENCE)[:, 0].astype(np.float64)
+            if self.segmentation:
+                return ChildAnswer(np.array(output(MASK), dtype=np.int32), confidence, probs)
+            return ChildAnswer(output(CLASS)[:, 0].astype(np.int64), confidence, probs)
         return self.of_probs(output(PROBS))
 
     def of_probs(self, probs):

@@ -13,9 +13,11 @@ import math
 from .signals import DEFAULT_SIGNAL, SIGNALS_OF_TASK
 
 # Tensors. Every stage answers PROBS [C] and, with the in-graph top-1, CLASS [1] and CONFIDENCE [1]. The
-# gate answers CLASS (multi-label: LABELS, multi-hot INT32 [C]), CONFIDENCE (the answering stage's signal),
-# ROUTE (the stage that answered), THRESHOLD (FP64 [K-1], the thresholds that applied) and PROBS.
+# gate answers CLASS (multi-label: LABELS, multi-hot INT32 [C]; segmentation: MASK, INT32 [H, W] class
+# indices), CONFIDENCE (the answering stage's signal), ROUTE (the stage that answered), THRESHOLD (FP64
+# [K-1], the thresholds that applied) and PROBS (segmentation: [C, H, W]).
 PROBS, CLASS, CONFIDENCE, ROUTE, THRESHOLD, LABELS = "PROBS", "CLASS", "CONFIDENCE", "ROUTE", "THRESHOLD", "LABELS"
+MASK = "MASK"
 GATE_OUTPUTS = (CLASS, CONFIDENCE, ROUTE, PROBS, THRESHOLD)
 # Little as an ensemble step before the gate hands its answer over as the gate's inputs LITTLE_CLASS,
 # LITTLE_CONFIDENCE, LITTLE_PROBS.
@@ -23,7 +25,9 @@ FIRST_PREFIX = "LITTLE_"
 # ROUTE: the index of the stage that answered; K + k when stage k answered because stage k + 1 failed
 # (on_big_failure=little). Two stages: 0 little, 1 big, 2 little because big failed.
 ROUTE_LITTLE, ROUTE_BIG, ROUTE_LITTLE_FALLBACK = 0, 1, 2
-TASKS = ("multiclass", "multilabel")
+TASKS = ("multiclass", "multilabel", "segmentation")
+# The tensor that carries each task's answer.
+ANSWER_OF_TASK = {"multiclass": CLASS, "multilabel": LABELS, "segmentation": MASK}
 MULTILABEL_CUT = 0.5  # multi-label answers: the labels with p >= this
 ON_BIG_FAILURE = ("fail", "little")
 REQUEST_PARAMETERS = ("threshold", "thresholds", "on_big_failure")
@@ -167,6 +171,9 @@ class GateConfig:
             raise ConfigError(f"ensemble weight must be in [0, 1], got {self.ensemble_weight}")
         if self.ensemble_weight != 1.0 and len(self.stage_models) != 2:
             raise ConfigError("the ensemble weight (paper Eq. 8) needs exactly two stages")
+        if self.task == "segmentation" and (self.ensemble_weight != 1.0 or self.gears):
+            raise ConfigError("segmentation cascades route whole images on the graph's region confidence: no ensemble "
+                              "weight and no gears (both are made for class probabilities)")
         if self.on_big_failure not in ON_BIG_FAILURE:
             raise ConfigError(f"on_big_failure must be one of {', '.join(ON_BIG_FAILURE)}, got {self.on_big_failure!r}")
         for name in ("child_timeout_ms", "latency_target_ms", "gear_deadline_ms"):

@@ -172,7 +172,7 @@ class TritonPythonModel:
         first = batch.first
         keep_probs = batch.keep_probs or self.cascade.blend
         answers = Answers(first.label, first.confidence, np.zeros(len(first.confidence), dtype=np.int32),
-                          first.probs if keep_probs else None, self.config.task == "multilabel", batch.thresholds)
+                          first.probs if keep_probs else None, self.config.task, batch.thresholds)
         unsure = self.cascade.unsure(self.stages[0], first, batch.thresholds)
         pending = np.flatnonzero(unsure)
         self.counters.add(self.metrics.rows[0], len(unsure) - len(pending))

@@ -4,15 +4,24 @@ counting them."""
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .config import CLASS, CONFIDENCE, LABELS, PROBS, ROUTE, THRESHOLD, RequestError
+from .config import (
+    ANSWER_OF_TASK,
+    CLASS,
+    CONFIDENCE,
+    PROBS,
+    ROUTE,
+    THRESHOLD,
+    RequestError,
+)
 from .rows import ChildError
 
 
 def response(answers, rows, want_probs):
     """The response of the rows ``rows`` (a slice) of ``answers``."""
     label = answers.label[rows]
+    name = ANSWER_OF_TASK[answers.task]  # CLASS [1], LABELS [C] or MASK [H, W] per row
     outputs = [
-        pb_utils.Tensor(LABELS, label) if answers.multilabel else pb_utils.Tensor(CLASS, label.reshape(-1, 1)),
+        pb_utils.Tensor(name, label.reshape(-1, 1) if name == CLASS else np.ascontiguousarray(label)),
         pb_utils.Tensor(CONFIDENCE, answers.confidence[rows].astype(np.float32).reshape(-1, 1)),
         pb_utils.Tensor(ROUTE, answers.route[rows].reshape(-1, 1)),
         pb_utils.Tensor(THRESHOLD, answers.thresholds[rows]),

@@ -38,9 +38,9 @@ class Accepted:
 
 @dataclasses.dataclass
 class ChildAnswer:
-    """One stage's answer on some rows: class (or multi-hot labels), gating signal, PROBS when asked."""
+    """One stage's answer on some rows: class (or multi-hot labels, or a mask), gating signal, PROBS when asked."""
 
-    label: np.ndarray  # int64 [N] (multi-label: int32 [N, C])
+    label: np.ndarray  # int64 [N] (multi-label: int32 [N, C]; segmentation: int32 [N, H, W])
     confidence: np.ndarray  # float64 [N]
     probs: np.ndarray | None  # float32 [N, C]
 
@@ -56,7 +56,7 @@ class Answers:
     confidence: np.ndarray
     route: np.ndarray
     probs: np.ndarray | None  # only when some request asked for PROBS (or the ensemble weight needs them)
-    multilabel: bool
+    task: str  # multiclass, multilabel or segmentation: which output carries ``label`` (ANSWER_OF_TASK)
     thresholds: np.ndarray  # float64 [N, K-1]: the thresholds that applied to each row
 
     def fill(self, rows, answer, route):

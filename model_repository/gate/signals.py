@@ -10,8 +10,11 @@ import numpy as np
 MULTICLASS_SIGNALS = ("max_softmax", "margin", "entropy")
 MULTILABEL_SIGNALS = ("mean_abs_margin",)
 SIGNALS = MULTICLASS_SIGNALS + MULTILABEL_SIGNALS
-SIGNALS_OF_TASK = {"multiclass": MULTICLASS_SIGNALS, "multilabel": MULTILABEL_SIGNALS}
-DEFAULT_SIGNAL = {"multiclass": "max_softmax", "multilabel": "mean_abs_margin"}
+# Segmentation: the stage's graph computes the image-level confidence (CONFIDENCE) from the pixels' max
+# softmax over regions (export/segmentation.py); the gate reads it as it is.
+SEGMENTATION_SIGNALS = ("region_confidence",)
+SIGNALS_OF_TASK = {"multiclass": MULTICLASS_SIGNALS, "multilabel": MULTILABEL_SIGNALS, "segmentation": SEGMENTATION_SIGNALS}
+DEFAULT_SIGNAL = {"multiclass": "max_softmax", "multilabel": "mean_abs_margin", "segmentation": "region_confidence"}
 
 
 def max_softmax(probs: np.ndarray) -> np.ndarray:
