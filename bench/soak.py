@@ -54,7 +54,7 @@ def abort_lines(log: Path) -> list[str]:
     return [line.strip()[:200] for line in text.splitlines() if any(word in line for word in ABORT_WORDS)]
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--little", required=True)
     parser.add_argument("--big", required=True)
@@ -64,8 +64,58 @@ def main(argv=None) -> int:
     parser.add_argument("--data", help="folder of photos (default: random images)")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--out", help="JSON results")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def soak(server, supervisor, load, schedule: Schedule, config_ts: list[float], args) -> tuple[list[dict], int, float]:
+    """Watch the load for ``args.minutes``, switching T every ``args.switch_every_s`` between ``config_ts``
+    and noting each abort the supervisor recovered from; returns the aborts, the switches and the start."""
+    aborts, switches = [], 0
+    started = time.monotonic()
+    end = started + 60.0 * args.minutes
+    next_switch = started + args.switch_every_s
+    while time.monotonic() < end:
+        time.sleep(1.0)
+        restarts = supervisor.recoveries[(SERVER, "restart")]
+        if restarts > len(aborts):
+            aborts.append({"at_s": round(time.monotonic() - started, 1), "log": abort_lines(server.log_file)[-3:]})
+            print(f"[soak] abort {len(aborts)} at +{aborts[-1]['at_s']:.0f}s: {aborts[-1]['log']}", flush=True)
+        if time.monotonic() >= next_switch:
+            t = config_ts[switches % 2]
+            try:
+                switch_threshold(server.grpc_url, t)
+                schedule.switched(t, time.monotonic())
+                switches += 1
+            except Exception as err:  # noqa: BLE001 - a switch during a restart: the next one follows
+                print(f"[soak] switch to T={t:.3f} failed: {err}", flush=True)
+            next_switch += args.switch_every_s
+        minute = int((time.monotonic() - started) // 60)
+        if minute and int((time.monotonic() - 1.0 - started) // 60) != minute:
+            bad = sum(o.status != "ok" for o in load.outcomes)
+            print(f"[soak] {minute} min: {len(load.outcomes)} answered, {load.retries} retried, {bad} failed or wrong, "
+                  f"{switches} switches, {len(aborts)} aborts", flush=True)
+    return aborts, switches, started
+
+
+def summarise(outcomes, aborts: list[dict], started: float, elapsed: float, **facts) -> dict:
+    """The soak's figures: answers by status, latency percentiles, aborts and how long each took to recover."""
+    for abort in aborts:
+        at = started + abort["at_s"]
+        after = [o.done for o in outcomes if o.done > at and o.status == "ok"]
+        abort["recovered_s"] = round(min(after) - at, 1) if after else None
+    latencies = np.array([o.done - o.sent for o in outcomes])
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "wrong", "error")}
+    return {
+        "minutes": round(elapsed / 60, 1), **facts, "answered": len(outcomes), **counts,
+        "unanswered": sum("deadline" in o.detail.lower() for o in outcomes),
+        "requests_per_s": round(len(outcomes) / elapsed, 1),
+        "latency_s": {f"p{q}": round(float(np.percentile(latencies, q)), 4) for q in (50, 90, 99, 100)},
+        "aborts": aborts, "errors": sorted({o.detail[:200] for o in outcomes if o.status != "ok"})[:10],
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="littlebig-soak-"))
     repo = build_repository(args.little, args.big, work / "repo", RepositoryOptions(intra_op_threads=1))
     size = read_gate(repo)[2].wire_size
@@ -74,58 +124,23 @@ def main(argv=None) -> int:
     thresholds = [0.0, 1.0] + [float(np.quantile(conf, q)) for q in (0.2, 0.5, 0.8)]
     config_ts = [float(np.quantile(conf, q)) for q in (0.3, 0.7)]
     schedule = Schedule(read_gate(repo)[2].thresholds[0])
-    aborts, switches = [], 0
     with TritonServer(repo, log_file=work / "tritonserver.log") as server:
         supervisor = Supervisor(server, SupervisorOptions(interval_s=1.0, metrics_file=work / "supervisor.prom"))
         supervisor.start()
         load = Load(server.grpc_url, expected, thresholds, concurrency=args.concurrency, timeout_s=60.0,
                     retry=RetryPolicy(deadline_s=60.0), schedule=schedule).start()
-        started = time.monotonic()
-        end = started + 60.0 * args.minutes
-        next_switch = started + args.switch_every_s
-        while time.monotonic() < end:
-            time.sleep(1.0)
-            restarts = supervisor.recoveries[(SERVER, "restart")]
-            if restarts > len(aborts):
-                aborts.append({"at_s": round(time.monotonic() - started, 1), "log": abort_lines(server.log_file)[-3:]})
-                print(f"[soak] abort {len(aborts)} at +{aborts[-1]['at_s']:.0f}s: {aborts[-1]['log']}", flush=True)
-            if time.monotonic() >= next_switch:
-                t = config_ts[switches % 2]
-                try:
-                    switch_threshold(server.grpc_url, t)
-                    schedule.switched(t, time.monotonic())
-                    switches += 1
-                except Exception as err:  # noqa: BLE001 - a switch during a restart: the next one follows
-                    print(f"[soak] switch to T={t:.3f} failed: {err}", flush=True)
-                next_switch += args.switch_every_s
-            minute = int((time.monotonic() - started) // 60)
-            if minute and int((time.monotonic() - 1.0 - started) // 60) != minute:
-                bad = sum(o.status != "ok" for o in load.outcomes)
-                print(f"[soak] {minute} min: {len(load.outcomes)} answered, {load.retries} retried, {bad} failed or wrong, "
-                      f"{switches} switches, {len(aborts)} aborts", flush=True)
+        aborts, switches, started = soak(server, supervisor, load, schedule, config_ts, args)
         outcomes = load.stop()
         elapsed = time.monotonic() - started
         supervisor.stop()
-    for abort in aborts:
-        at = started + abort["at_s"]
-        after = [o.done for o in outcomes if o.done > at and o.status == "ok"]
-        abort["recovered_s"] = round(min(after) - at, 1) if after else None
-    latencies = np.array([o.done - o.sent for o in outcomes])
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "wrong", "error")}
-    unanswered = sum("deadline" in o.detail.lower() for o in outcomes)
-    result = {
-        "minutes": round(elapsed / 60, 1), "concurrency": args.concurrency, "images": len(expected.images),
-        "data": args.data or "random", "switches": switches, "answered": len(outcomes), **counts, "unanswered": unanswered,
-        "retries": load.retries, "requests_per_s": round(len(outcomes) / elapsed, 1),
-        "latency_s": {f"p{q}": round(float(np.percentile(latencies, q)), 4) for q in (50, 90, 99, 100)},
-        "aborts": aborts, "recoveries": {f"{t}/{a}": c for (t, a), c in supervisor.recoveries.items()},
-        "errors": sorted({o.detail[:200] for o in outcomes if o.status != "ok"})[:10],
-    }
+    result = summarise(outcomes, aborts, started, elapsed, concurrency=args.concurrency, images=len(expected.images),
+                       data=args.data or "random", switches=switches, retries=load.retries,
+                       recoveries={f"{t}/{a}": c for (t, a), c in supervisor.recoveries.items()})
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    return 1 if counts["wrong"] or unanswered else 0
+    return 1 if result["wrong"] or result["unanswered"] else 0
 
 
 if __name__ == "__main__":

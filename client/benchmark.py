@@ -97,16 +97,8 @@ def bench(
     (Triton's statistics) and the latency it adds to little alone at concurrency 1."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with LittleBigClient(url) as client:
-        info = client.gate_info()
-        # A ladder made for the served T is dropped by a switch to another T: restored with it at the end.
-        served = client.gate_config().gears
-        original_gears = ladder_text(served) if served else None
+    info, original_gears, images = _served_and_images(url, data, n_images)
     little_model, big_model = info.little_model, info.big_model
-    paths = list_images(data)[:n_images]
-    if not paths:
-        raise BenchmarkError(f"no images under {data}")
-    images = to_wire_batch(paths, info.wire_size, info.crop_pct)
     shape = (info.wire_size, info.wire_size, 3)
 
     original = info.threshold
@@ -134,12 +126,33 @@ def bench(
     finally:
         switch_threshold(url, original, gears=original_gears)
 
-    report = {
-        "threshold": t,
-        "images": len(images),
+    report = _report(info, t, len(images), peak, latency, costs, added, rows)
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_bench(out, rows)
+    log_summary(peak, latency, costs, added, log)
+    return report
+
+
+def _served_and_images(url: str, data: str | Path, n_images: int):
+    """The gate's facts, the gears ladder to restore after a switch of T, and the images in the wire format."""
+    with LittleBigClient(url) as client:
+        info = client.gate_info()
+        # A ladder made for the served T is dropped by a switch to another T: restored with it at the end.
+        served = client.gate_config().gears
+    paths = list_images(data)[:n_images]
+    if not paths:
+        raise BenchmarkError(f"no images under {data}")
+    return info, (ladder_text(served) if served else None), to_wire_batch(paths, info.wire_size, info.crop_pct)
+
+
+def _report(info, threshold: float, images: int, peak: dict, latency, costs, added, rows: list[dict]) -> dict:
+    """bench.json: the runs, the figures at big's peak and the gate's own cost."""
+    return {
+        "threshold": threshold,
+        "images": images,
         "macs_little": info.macs_little,
         "macs_big": info.macs_big,
-        "big_peak_concurrency": c,
+        "big_peak_concurrency": peak["concurrency"],
         "at_big_peak": {key: peak[key] for key in ("ideal_speedup", "achieved_fraction", "gate_vs_little", "escalation")},
         "latency": latency,
         "gate_cost": {
@@ -148,10 +161,6 @@ def bench(
         },
         "runs": rows,
     }
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_bench(out, rows)
-    log_summary(peak, latency, costs, added, log)
-    return report
 
 
 def measure_rounds(url: str, models: tuple[str, str], input_data: Path, shape: tuple[int, ...], concurrencies: list[int],

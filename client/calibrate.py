@@ -191,9 +191,7 @@ def calibrate(
     _check_options(eval_data, eval_labels_csv, apply, write)
     if accuracy_budget is not None and signal not in (None, "max_softmax"):
         raise CalibrationError(f"{_NO_GEARS}, not {signal}: leave out --accuracy-budget here")
-    for folder in (data, eval_data, unlabelled_data):
-        if folder is not None and not Path(folder).is_dir():  # before asking the server anything
-            raise FileNotFoundError(f"data folder {folder} does not exist")
+    _check_folders(data, eval_data, unlabelled_data)
     info = _served_segmentation(url)
     if info is not None:
         _check_segmentation_options(labels_csv=labels_csv, classes=classes, accuracy_budget=accuracy_budget, signal=signal,
@@ -224,24 +222,37 @@ def calibrate(
         eval_images = image_set(eval_data, eval_labels_csv) if eval_data else None
         return _calibrate_stages(url, collected, images, criterion, out, kwargs=kwargs, eval_images=eval_images, signal=signal,
                                  ensemble_weights=ensemble_weights, apply=apply, write=write, log=log)
+    evaluate = (lambda threshold: _evaluate(url, image_set(eval_data, eval_labels_csv), out / "evaluation.npz", threshold,
+                                            kwargs)) if eval_data is not None else None
+    return _calibrate_two_stages(url, collected, images, extra, criterion, out, accuracy_budget=accuracy_budget,
+                                 ensemble_weights=ensemble_weights, evaluate=evaluate, apply=apply, write=write, log=log)
+
+
+def _check_folders(*folders) -> None:
+    """Every data folder given exists (checked before asking the server anything)."""
+    for folder in folders:
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"data folder {folder} does not exist")
+
+
+def _calibrate_two_stages(url: str, collected, images: ImageSet, extra, criterion: Criterion, out: Path, *,
+                          accuracy_budget, ensemble_weights, evaluate, apply: bool, write, log) -> dict:
+    """Two stages on max_softmax: choose T, report it (table, curves, report.json), evaluate and apply it."""
     s, outcomes, choice = analyse(collected, criterion, extra)
     check_labels_fit(outcomes, collected.little.shape[1], images.mapping)
     budget = gear_ladder.DEFAULT_ACCURACY_BUDGET if accuracy_budget is None else accuracy_budget
     report = build_report(s, outcomes, choice, criterion, images.mapping, budget,
                           None if extra is None else labelfree.union(collected.stages, extra.stages, collected.macs))
     report.update(_two_stage_extras(collected, criterion, ensemble_weights, out))
-
     evaluation = None
-    if eval_data is not None:
-        evaluation = _evaluate(url, image_set(eval_data, eval_labels_csv), out / "evaluation.npz", report["threshold"], kwargs)
-        report["eval"] = evaluation
+    if evaluate is not None:
+        evaluation = report["eval"] = evaluate(report["threshold"])
 
     text = table(s, outcomes, choice.index)
     (out / "table.txt").write_text(text + "\n")
     plot_curves(out / "curves.png", s, outcomes, choice.index, evaluation, level=criterion.confidence_level)
     if outcomes.has_labels:
         plot_confidence_histogram(out / "confidence_histogram.png", outcomes)
-
     if apply:
         gears = gear_ladder.Ladder.from_dict(report["gears"]).config_value() if "gears" in report else None
         report["applied"] = apply_choice(url, report["threshold"], write, gears, audit_promise(report, criterion))
