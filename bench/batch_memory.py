@@ -71,7 +71,7 @@ def cascade(server: TritonServer, folder: Path, files: list[str], batch_size: in
     return {"idle": idle, "peak": sampler.peak() / MIB}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="runs/demo", help="folder with little.onnx and big.onnx")
     parser.add_argument("--data", default="../shared/data/imagenet-sample")
@@ -82,7 +82,11 @@ def main() -> None:
                         help="requests in flight (the gate phase always sends one at a time; above 1 the dynamic "
                         "batchers merge requests into batches up to 64, and onnxruntime's memory grows with the batch)")
     parser.add_argument("--out", default="runs/batch_memory")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

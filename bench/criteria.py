@@ -25,7 +25,7 @@ from littlebig.model_repository.options import RepositoryOptions
 from littlebig.serving.server import TritonServer
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", default="runs/demo", help="folder with little.onnx and big.onnx")
     parser.add_argument("--data", default="../shared/data/imagenet-sample")
@@ -37,7 +37,11 @@ def main() -> None:
     parser.add_argument("--latency-rounds", type=int, default=5)
     parser.add_argument("--latency-seconds", type=float, default=8.0)
     parser.add_argument("--measurement-ms", type=int, default=3000)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
 
     out = Path(args.out)
     options = RepositoryOptions(runtime="python", gate_instances=args.gate_instances, big_nice=args.big_nice)

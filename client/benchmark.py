@@ -92,39 +92,34 @@ def bench(
     gate_cost_batches: tuple[int, ...] = (1, 8, 32),
     log=print,
 ) -> dict:
-    """Measure big, little and the gate at each concurrency; write bench.json, a table and plots.
-    Then, at T = 0, the gate's own cost: its time per execution at each of ``gate_cost_batches``
-    (Triton's statistics) and the latency it adds to little alone at concurrency 1."""
+    """Measure big, little and the gate at each concurrency; write bench.json, a table and plots. Then, at T = 0, the
+    gate's own cost: its time per execution at ``gate_cost_batches`` and the latency it adds to little alone at c = 1."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     info, original_gears, images = _served_and_images(url, data, n_images)
-    little_model, big_model = info.little_model, info.big_model
-    shape = (info.wire_size, info.wire_size, 3)
-
-    original = info.threshold
+    little_model = info.little_model
     if threshold is not None:
         switch_threshold(url, threshold)
-    t = original if threshold is None else threshold
+    t = info.threshold if threshold is None else threshold
     try:
         escalates = data_routes(url, images, t)
         data = float(np.mean(escalates))
         input_data = write_input_data(images, out / "input_data.json", escalates)
         log(f"benchmarking on {len(images)} images (escalation share of the data at T: {data:.3f}), T={t:.6f}, "
             f"concurrency {concurrencies}")
-        runs = measure_rounds(url, (little_model, big_model), input_data, shape, concurrencies, rounds,
-                              measurement_ms, metrics_url, out, log)
+        runs = measure_rounds(url, (little_model, info.big_model), input_data, (info.wire_size, info.wire_size, 3),
+                              concurrencies, rounds, measurement_ms, metrics_url, out, log)
         rows = [summarise(c, runs[c], data) for c in concurrencies]
         for row in rows:
             log(format_row(row))
-
         peak = max(rows, key=lambda r: r["big"]["throughput"])
-        c = peak["concurrency"]
-        latency = route_latency_comparison(url, little_model, images, c, latency_seconds, latency_rounds, log)
+        latency = route_latency_comparison(url, little_model, images, peak["concurrency"], latency_seconds, latency_rounds,
+                                           log)
         costs = [measure_gate_cost(url, little_model, images, b, metrics_url=metrics_url) for b in gate_cost_batches]
         switch_threshold(url, 0.0)
         added = route_latency_comparison(url, little_model, images, 1, latency_seconds, latency_rounds, log)
     finally:
-        switch_threshold(url, original, gears=original_gears)
+        switch_threshold(url, info.threshold, gears=original_gears)
 
     report = _report(info, t, len(images), peak, latency, costs, added, rows)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
