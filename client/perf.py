@@ -48,11 +48,10 @@ def perf_analyzer_command() -> tuple[str, dict[str, str]]:
 def write_input_data(images: np.ndarray, path: Path, escalates: np.ndarray | None = None, draws: int = 256,
                      seed: int = 0) -> Path:
     """perf_analyzer --input-data JSON: ``draws`` images drawn at random from ``images`` (with replacement),
-    raw bytes in base64. perf_analyzer's contexts each walk the entries from the first, so at high
-    concurrency a run sends only a prefix of them: a random prefix held 0.02 escalating images where the
-    data holds 0.125, an easier mix than the data's. With ``escalates`` (each image's route at the
-    benchmarked T) the sequence is balanced instead: every prefix of n entries holds the data's share of
-    escalating images to within one image, each drawn at random from its kind."""
+    raw bytes in base64. run_perf_analyzer's one context sends the entries in order from the first, so a
+    run sends a prefix of them. With ``escalates`` (each image's route at the benchmarked T) the sequence
+    is balanced: every prefix of n entries holds the data's share of escalating images to within one
+    image, each drawn at random from its kind (a random prefix can hold an easier mix than the data's)."""
     encoded = [base64.b64encode(np.ascontiguousarray(img).tobytes()).decode() for img in images]
     rng = np.random.default_rng(seed)
     size = max(draws, len(images))
@@ -113,6 +112,10 @@ def _perf_analyzer_once(model, url, input_data, shape, concurrency, csv_path, me
         binary, "-m", model, "-u", url, "-i", "grpc",
         "--input-data", str(input_data), "--shape", "IMAGE:" + ",".join(map(str, shape)),
         "-b", str(batch_size), "--concurrency-range", f"{concurrency}:{concurrency}",
+        # One sending thread, all requests in flight on its one context: they take the entries in order.
+        # By default (sync) thread t of c sends only entries t, t + c, t + 2c, ... (r24.07 infer_context.cc),
+        # so the threads holding escalating entries run slow and send fewer: 0.02 escalated of 0.125.
+        "--async", "--max-threads", "1",
         "--measurement-interval", str(measurement_ms), "--stability-percentage", "25", "--max-trials", "8",
         "-f", str(csv_path),
     ]

@@ -27,7 +27,7 @@ def test_ideal_speedup_formula():
 
 
 def test_perf_input_data_holds_the_datas_mix_in_every_prefix(tmp_path):
-    """perf_analyzer's contexts send prefixes of the entries: each prefix must hold the data's escalation share."""
+    """perf_analyzer sends a prefix of the entries in order (one context): each prefix holds the data's escalation share."""
     images = np.arange(40 * 2 * 2 * 3).reshape(40, 2, 2, 3).astype(np.uint8)
     escalates = np.zeros(40, bool)
     escalates[[3, 17, 30, 31, 38]] = True  # 0.125
