@@ -70,7 +70,7 @@ def parse_args(argv):
 def soak(server, supervisor, load, schedule: Schedule, config_ts: list[float], args) -> tuple[list[dict], int, float]:
     """Watch the load for ``args.minutes``, switching T every ``args.switch_every_s`` between ``config_ts``
     and noting each abort the supervisor recovered from; returns the aborts, the switches and the start."""
-    aborts, switches = [], 0
+    aborts, switches, printed = [], 0, 0
     started = time.monotonic()
     end = started + 60.0 * args.minutes
     next_switch = started + args.switch_every_s
@@ -90,7 +90,8 @@ def soak(server, supervisor, load, schedule: Schedule, config_ts: list[float], a
                 print(f"[soak] switch to T={t:.3f} failed: {err}", flush=True)
             next_switch += args.switch_every_s
         minute = int((time.monotonic() - started) // 60)
-        if minute and int((time.monotonic() - 1.0 - started) // 60) != minute:
+        if minute > printed:  # once a minute, even when a switch made this pass longer than a second
+            printed = minute
             bad = sum(o.status != "ok" for o in load.outcomes)
             print(f"[soak] {minute} min: {len(load.outcomes)} answered, {load.retries} retried, {bad} failed or wrong, "
                   f"{switches} switches, {len(aborts)} aborts", flush=True)
