@@ -84,11 +84,13 @@ def test_fault_under_load_is_restored(supervised, fault):
     at = time.monotonic()
     inject(server)
     wait_until_recovered(load, at)
-    result = report(load.outcomes, at, sending=load.sending)
+    # Requests inside big's execute when its stub dies are answered (UNAVAILABLE) once the python backend
+    # notices the dead stub, 2-3 s later in 2.51 (docs/benchmarks.md#faults-and-soak); 2 s for the others.
+    result = report(load.outcomes, at, held_s=5.0 if fault == "big stub killed" else 2.0, sending=load.sending)
     print(f"{fault}: {result.line()}")
     assert result.wrong == 0
     if fault != "big stub paused 2 s":  # a paused stub answers when it goes on: its requests wait the pause
-        assert result.unanswered == 0, "requests in flight at the fault still had no answer 2 s later"
+        assert result.unanswered == 0, "requests in flight at the fault still had no answer"
     if recovery is not None:
         assert supervisor.recoveries[recovery] > before.get(recovery, 0)
     # Correct again: the answers of the latest second (32 clients answer many) have no failure.
