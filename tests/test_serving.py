@@ -457,10 +457,3 @@ def test_little_in_the_gate_matches_offline_without_calling_little(pair, offline
         assert stats.get_inference_statistics("little").model_stats[0].execution_count == little_before
         samples = read_samples(running.metrics_url, "littlebig_in_gate", settle=True)
         assert sample_sum(samples, "littlebig_in_gate_seconds_total", stage="little") > 0.0
-
-
-def test_free_ports_are_never_handed_out_twice():
-    from littlebig.serving.server import free_port
-
-    ports = [free_port() for _ in range(300)]
-    assert len(set(ports)) == len(ports)
